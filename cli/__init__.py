@@ -1,0 +1,1 @@
+"""The `product-studio` command line (Typer). Thin: parses, calls the pipeline, prints, exits."""

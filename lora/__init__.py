@@ -1,0 +1,1 @@
+"""LoRA training for Stable Diffusion product styles (`product-studio train-lora`)."""

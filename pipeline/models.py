@@ -1,0 +1,533 @@
+"""The model registry: one owner for locating, loading and keeping every model warm.
+
+Each *role* (``clip``, ``sam``, ``base``, ``inpaint``, ``controlnet_depth``, ``depth``,
+``novel_view``, ``upscaler``, ``captioner``) maps to a :class:`~pipeline.settings.ModelSource`.
+:meth:`ModelRegistry.get` loads a role the first time it is asked for and returns the same object
+afterwards (thread-safe), on the device and dtype chosen once for the process.
+
+Sources are either a local path (a directory in the library's own layout, or a checkpoint file)
+or a Hub repo. Hub repos are looked up in the local HF cache first; when offline
+(``HF_HUB_OFFLINE=1`` or ``runtime.offline: true``) a missing one is a :class:`ModelLoadError`
+naming the role, the source and what to do, never a hang or a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.settings import ROLES, ModelSource, Settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class ModelLoadError(RuntimeError):
+    """A role could not be located or loaded. ``str()`` names role, source and reason."""
+
+    def __init__(self, role: str, source: str, reason: str, hint: str = ""):
+        self.role, self.source, self.reason, self.hint = role, source, reason, hint
+        msg = f"model role '{role}' ({source}): {reason}"
+        super().__init__(msg + (f"\n  hint: {hint}" if hint else ""))
+
+
+# What each role is, for locating files (layout) and for humans (`models list`).
+ROLE_INFO: dict[str, tuple[str, str]] = {
+    "clip": ("transformers", "CLIP image-text model (detection classifier)"),
+    "sam": ("sam", "segment-anything checkpoint (mask proposals)"),
+    "base": ("diffusers", "Stable Diffusion text-to-image pipeline (LoRA training base)"),
+    "inpaint": ("diffusers", "Stable Diffusion inpainting pipeline (enhance, hole filling)"),
+    "controlnet_depth": ("diffusers-model", "ControlNet depth model"),
+    "depth": ("transformers", "monocular depth estimation"),
+    "novel_view": ("diffusers", "Zero123-style novel-view model (rotate)"),
+    "upscaler": ("transformers", "image super-resolution"),
+    "captioner": ("transformers", "image captioning (LoRA dataset captions)"),
+}
+
+_SKIP_WEIGHT_MARKERS = (".fp16.", "non_ema", ".ema.", "onnx", "flax", "openvino")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def select_repo_files(files: list[str], layout: str) -> list[str]:
+    """Which files of a Hub repo to download for ``layout`` (pure; the listing comes from the Hub).
+
+    Keeps configs, tokenizer/processor files and one weight format per folder (safetensors
+    preferred over pickled .bin); drops fp16/EMA/ONNX/Flax variants, single-file checkpoints at
+    the root of a diffusers repo, and formats we never load (.ckpt, .h5, .msgpack, .pt).
+    """
+    keep: list[str] = []
+    weights: dict[str, list[str]] = {}
+    diffusers_repo = "model_index.json" in files
+    for f in files:
+        name = f.rsplit("/", 1)[-1]
+        folder = f.rsplit("/", 1)[0] if "/" in f else ""
+        if name.startswith(".") or f.endswith((".md", ".ckpt", ".h5", ".msgpack", ".pt", ".pth", ".onnx", ".png", ".jpg")):
+            continue
+        if f.endswith(_WEIGHT_SUFFIXES):
+            if any(m in f for m in _SKIP_WEIGHT_MARKERS):
+                continue
+            if layout == "diffusers" and diffusers_repo and folder == "":
+                continue
+            weights.setdefault(folder, []).append(f)
+        elif f.endswith((".json", ".txt", ".model", ".yaml", ".py")) or "tokenizer" in name:
+            keep.append(f)
+    for folder, ws in weights.items():
+        st = [w for w in ws if w.endswith(".safetensors")]
+        keep.extend(st or ws)
+    return sorted(keep)
+
+
+@dataclass
+class ClipBundle:
+    """transformers ``CLIPModel`` (eval) and its ``CLIPProcessor``."""
+
+    model: Any
+    processor: Any
+
+
+@dataclass
+class SamBundle:
+    """segment-anything ``Sam`` (eval, float32) and the architecture it was built with."""
+
+    model: Any
+    model_type: str
+    image_size: int
+
+
+@dataclass
+class HFBundle:
+    """A transformers model (eval) with its processor: depth, upscaler, captioner."""
+
+    model: Any
+    processor: Any
+
+
+@dataclass
+class NovelViewComponents:
+    """The Zero123 layout's components (see :mod:`pipeline.novel_view_layout`)."""
+
+    vae: Any
+    image_encoder: Any
+    unet: Any
+    scheduler: Any
+    feature_extractor: Any
+    cc_projection: Any
+
+
+@dataclass
+class RoleStatus:
+    role: str
+    source: str
+    licence: str
+    available: bool
+    location: str | None
+    detail: str = ""
+
+
+@dataclass
+class Runtime:
+    """Device and dtype chosen once per process."""
+
+    device: "torch.device"
+    dtype: "torch.dtype"
+    offload: str = "off"  # off | model | sequential (diffusers pipelines only)
+
+
+def resolve_runtime(settings: Settings) -> Runtime:
+    """cuda fp16 when a GPU is there (bf16/fp32 if asked), else cpu fp32."""
+    import torch
+
+    dev = settings.runtime.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("*", f"runtime.device={dev}", "CUDA was asked for but torch sees no GPU")
+    device = torch.device(dev)
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if settings.runtime.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = names[settings.runtime.dtype]
+    offload = settings.runtime.cpu_offload
+    if offload == "auto":
+        offload = "off"
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            offload = "model" if total < 12 * 1024**3 else "off"
+    if device.type != "cuda":
+        offload = "off"  # offload moves weights between CPU and GPU; meaningless without a GPU
+    if settings.runtime.threads:
+        torch.set_num_threads(settings.runtime.threads)
+    return Runtime(device=device, dtype=dtype, offload=offload)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+class ModelRegistry:
+    """Loads each role lazily, once per process; keeps it warm. Thread-safe."""
+
+    def __init__(self, settings: Settings):
+        quiet_libraries()
+        self.settings = settings
+        self._runtime: Runtime | None = None
+        self._cache: dict[str, Any] = {}
+        self._locations: dict[str, Path] = {}
+        self._locks = {r: threading.Lock() for r in ROLES}
+        self._rt_lock = threading.Lock()
+        self.load_seconds: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        with self._rt_lock:
+            if self._runtime is None:
+                self._runtime = resolve_runtime(self.settings)
+            return self._runtime
+
+    def source(self, role: str) -> ModelSource:
+        return self.settings.models.source(role)
+
+    def is_loaded(self, role: str) -> bool:
+        return role in self._cache
+
+    def get(self, role: str) -> Any:
+        """The loaded model object for ``role`` (see the bundle classes); loads on first use."""
+        if role not in ROLES:
+            raise KeyError(f"unknown model role {role!r} (roles: {', '.join(ROLES)})")
+        if role in self._cache:
+            return self._cache[role]
+        with self._locks[role]:
+            if role not in self._cache:
+                t0 = time.perf_counter()
+                obj = self._load(role)
+                self.load_seconds[role] = time.perf_counter() - t0
+                self._cache[role] = obj
+        return self._cache[role]
+
+    def unload(self, role: str) -> None:
+        self._cache.pop(role, None)
+
+    # ----------------------------------------------------------------------------------------
+    # Locating files
+
+    def locate(self, role: str, *, download: bool = False) -> Path:
+        """Local path of the role's directory or checkpoint file.
+
+        Local sources must exist. Hub sources come from the HF cache; if missing they are
+        downloaded when ``download`` is true or the process is not offline, else an error.
+        """
+        src = self.source(role)
+        if src.path is not None:
+            p = self.settings.resolve_path(src.path)
+            if not p.exists():
+                raise ModelLoadError(role, str(p), "local path does not exist",
+                                     f"fix models.{role}.path in {self.settings.source_file or 'the settings'}")
+            return p
+        if role in self._locations and not download:
+            return self._locations[role]
+        p = self._hub_locate(role, src, download=download)
+        self._locations[role] = p
+        return p
+
+    def _hub_locate(self, role: str, src: ModelSource, *, download: bool) -> Path:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        offline = self.settings.offline
+        layout = ROLE_INFO[role][0]
+
+        def fetch(local_only: bool) -> Path:
+            if src.filename:
+                return Path(hf_hub_download(src.repo, src.filename, revision=src.revision, local_files_only=local_only))
+            if local_only:
+                return Path(snapshot_download(src.repo, revision=src.revision, local_files_only=True))
+            from huggingface_hub import HfApi
+
+            files = HfApi().list_repo_files(src.repo, revision=src.revision)
+            return Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=select_repo_files(files, layout)))
+
+        try:
+            if not download:
+                try:
+                    return fetch(local_only=True)
+                except LocalEntryNotFoundError:
+                    if offline:
+                        raise
+            if offline:
+                raise LocalEntryNotFoundError("offline")
+            return fetch(local_only=False)
+        except LocalEntryNotFoundError:
+            raise ModelLoadError(role, src.describe(), "not in the local Hugging Face cache and offline mode is on",
+                                 "run `product-studio models pull` where the Hub is reachable, or set "
+                                 f"models.{role}.path to a local copy") from None
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+            raise ModelLoadError(role, src.describe(), f"not found on the Hub: {type(e).__name__}") from None
+        except OSError as e:  # network errors surface as OSError subclasses (requests/httpx)
+            raise ModelLoadError(role, src.describe(), f"download failed: {e}",
+                                 "check the network or set HF_HUB_OFFLINE=1 to use the cache only") from None
+
+    def status(self, role: str) -> RoleStatus:
+        """Whether the role's files are present locally, without loading or downloading."""
+        src = self.source(role)
+        try:
+            if src.path is None and not self._hub_cached(src):
+                return RoleStatus(role, src.describe(), src.licence, False, None, "not in the HF cache")
+            loc = self.locate(role) if src.path is not None else self._hub_cached(src)
+            return RoleStatus(role, src.describe(), src.licence, True, str(loc))
+        except ModelLoadError as e:
+            return RoleStatus(role, src.describe(), src.licence, False, None, e.reason)
+
+    @staticmethod
+    def _hub_cached(src: ModelSource) -> Path | None:
+        from huggingface_hub import try_to_load_from_cache
+
+        name = src.filename or "config.json"
+        hit = try_to_load_from_cache(src.repo, name, revision=src.revision)
+        if src.filename is None and not isinstance(hit, str):
+            hit = try_to_load_from_cache(src.repo, "model_index.json", revision=src.revision)
+        if not isinstance(hit, str):
+            return None
+        return Path(hit) if src.filename else Path(hit).parent
+
+    def provenance(self, role: str) -> dict[str, Any]:
+        """What a record should say about the model that produced it."""
+        src = self.source(role)
+        info: dict[str, Any] = {"role": role, "source": src.describe(), "licence": src.licence}
+        loc = self._locations.get(role) or (self.settings.resolve_path(src.path) if src.path else None)
+        if src.repo and loc is not None:
+            parts = Path(loc).parts
+            if "snapshots" in parts:  # HF cache layout: .../snapshots/<commit>/...
+                info["revision"] = parts[parts.index("snapshots") + 1]
+        return info
+
+    # ----------------------------------------------------------------------------------------
+    # Pulling
+
+    def pull(self, role: str) -> Path:
+        """Download the role into the HF cache (no-op for local sources); SAM .pth -> safetensors."""
+        loc = self.locate(role, download=self.source(role).path is None)
+        if role == "sam" and loc.suffix == ".pth":
+            self.converted_sam_path(loc, create=True)
+        return loc
+
+    def converted_sam_path(self, pth: Path, *, create: bool = False) -> Path | None:
+        """safetensors twin of an official SAM .pth, kept in ``paths.model_cache``."""
+        from safetensors.torch import save_file
+
+        cache = self.settings.resolve_path(self.settings.paths.model_cache) / "sam"
+        target = cache / f"{pth.stem}-{file_sha256(pth)[:12]}.safetensors"
+        if target.exists():
+            return target
+        if not create:
+            return None
+        state = _torch_load_state(pth)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, target)
+        return target
+
+    # ----------------------------------------------------------------------------------------
+    # Loading
+
+    def _load(self, role: str) -> Any:
+        src = self.source(role)
+        loc = self.locate(role)
+        try:
+            return getattr(self, f"_load_{role}")(loc)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any library failure becomes one clear error
+            raise ModelLoadError(role, src.describe(), f"{type(e).__name__}: {e}") from e
+
+    def _place(self, module: Any, *, dtype: "torch.dtype | None" = None, cast: bool = True) -> Any:
+        """Move to the runtime device; cast to ``dtype`` (default runtime dtype) unless ``cast`` is
+        False (diffusers models are loaded in their dtype, which keeps their fp32-pinned layers)."""
+        rt = self.runtime
+        if not cast:
+            return module.to(device=rt.device).eval()
+        return module.to(device=rt.device, dtype=dtype or rt.dtype).eval()
+
+    def _load_clip(self, loc: Path) -> ClipBundle:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(loc, local_files_only=True)
+        return ClipBundle(self._place(model), CLIPProcessor.from_pretrained(loc, local_files_only=True))
+
+    def _load_sam(self, loc: Path) -> SamBundle:
+        from pipeline.sam_loader import build_sam_from_state
+
+        if loc.is_dir():
+            cands = sorted([*loc.glob("*.safetensors"), *loc.glob("*.pth")])
+            if len(cands) != 1:
+                raise ModelLoadError("sam", str(loc), f"expected one .safetensors or .pth file in the folder, found {len(cands)}")
+            loc = cands[0]
+        if loc.suffix == ".pth":
+            loc = self.converted_sam_path(loc) or loc
+        state = load_state_file(loc)
+        model, model_type, image_size = build_sam_from_state(state, self.source("sam").model_type or "auto")
+        # segment-anything's predictor feeds float32 tensors; SAM stays float32 on every device.
+        import torch
+
+        return SamBundle(self._place(model, dtype=torch.float32), model_type, image_size)
+
+    def _configure_pipeline(self, pipe: Any) -> Any:
+        rt = self.runtime
+        pipe.set_progress_bar_config(disable=True)
+        if rt.offload == "model":
+            pipe.enable_model_cpu_offload(device=rt.device)
+        elif rt.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=rt.device)
+        else:
+            pipe.to(rt.device)
+        if self.settings.runtime.vae_tiling:
+            pipe.vae.enable_tiling()
+        return pipe
+
+    def _load_sd(self, loc: Path, cls_name: str) -> Any:
+        import diffusers
+
+        cls = getattr(diffusers, cls_name)
+        pipe = cls.from_pretrained(loc, dtype=self.runtime.dtype, local_files_only=True,
+                                   safety_checker=None, requires_safety_checker=False)
+        return self._configure_pipeline(pipe)
+
+    def _load_base(self, loc: Path) -> Any:
+        return self._load_sd(loc, "StableDiffusionPipeline")
+
+    def _load_inpaint(self, loc: Path) -> Any:
+        return self._load_sd(loc, "StableDiffusionInpaintPipeline")
+
+    def _load_controlnet_depth(self, loc: Path) -> Any:
+        from diffusers import ControlNetModel
+
+        model = ControlNetModel.from_pretrained(loc, dtype=self.runtime.dtype, local_files_only=True)
+        # With CPU offload the pipeline that uses it moves it; otherwise it lives on the device.
+        return model.eval() if self.runtime.offload != "off" else self._place(model, cast=False)
+
+    def _load_hf(self, loc: Path, auto_model: str, auto_processor: str = "AutoImageProcessor",
+                 dtype: "torch.dtype | None" = None) -> HFBundle:
+        import transformers
+
+        model = getattr(transformers, auto_model).from_pretrained(loc, local_files_only=True)
+        proc = getattr(transformers, auto_processor).from_pretrained(loc, local_files_only=True)
+        return HFBundle(self._place(model, dtype=dtype), proc)
+
+    def _load_depth(self, loc: Path) -> HFBundle:
+        return self._load_hf(loc, "AutoModelForDepthEstimation")
+
+    def _load_upscaler(self, loc: Path) -> HFBundle:
+        import torch
+
+        # Swin2SR's residual arithmetic loses visible detail in fp16; it is small, keep fp32.
+        return self._load_hf(loc, "AutoModelForImageToImage", dtype=torch.float32)
+
+    def _load_captioner(self, loc: Path) -> HFBundle:
+        return self._load_hf(loc, "AutoModelForImageTextToText", "AutoProcessor")
+
+    def _load_novel_view(self, loc: Path) -> NovelViewComponents:
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        from pipeline.novel_view_layout import COMPONENTS, CCProjection
+
+        missing = [c for c in COMPONENTS if not (loc / c).is_dir()]
+        if missing:
+            raise ModelLoadError("novel_view", str(loc), f"not a Zero123 layout: missing {', '.join(missing)}/")
+        dt = self.runtime.dtype
+        kw = dict(local_files_only=True)
+        return NovelViewComponents(
+            vae=self._place(AutoencoderKL.from_pretrained(loc / "vae", dtype=dt, **kw), cast=False),
+            image_encoder=self._place(CLIPVisionModelWithProjection.from_pretrained(loc / "image_encoder", **kw)),
+            unet=self._place(UNet2DConditionModel.from_pretrained(loc / "unet", dtype=dt, **kw), cast=False),
+            scheduler=DDIMScheduler.from_pretrained(loc / "scheduler", **kw),
+            feature_extractor=CLIPImageProcessor.from_pretrained(loc / "feature_extractor", **kw),
+            cc_projection=self._place(CCProjection.from_pretrained(loc / "cc_projection", dtype=dt, **kw), cast=False),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    def verify(self, role: str) -> dict[str, Any]:
+        """Load the role (if not yet) and report what was loaded. Raises ModelLoadError."""
+        obj = self.get(role)
+        params = 0
+        for m in _modules_of(obj):
+            params += sum(p.numel() for p in m.parameters())
+        rt = self.runtime
+        return {
+            "role": role,
+            "class": type(getattr(obj, "model", obj)).__name__,
+            "parameters": params,
+            "device": str(rt.device),
+            "dtype": "float32" if role == "sam" else str(rt.dtype).replace("torch.", ""),
+            "seconds": round(self.load_seconds.get(role, 0.0), 3),
+        }
+
+
+def quiet_libraries() -> None:
+    """Library progress bars would interleave with ours (rich) and flood daemon logs."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def _modules_of(obj: Any) -> list[Any]:
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if hasattr(obj, "components"):  # diffusers pipeline
+        return [c for c in obj.components.values() if isinstance(c, torch.nn.Module)]
+    vals = vars(obj).values() if hasattr(obj, "__dict__") else []
+    return [v for v in vals if isinstance(v, torch.nn.Module)]
+
+
+def _torch_load_state(path: Path) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    # weights_only: a checkpoint is data; never let it run code.
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path.name} is not a state dict of tensors")
+    return obj
+
+
+def load_state_file(path: Path) -> dict[str, "torch.Tensor"]:
+    """A state dict from ``.safetensors`` (preferred) or a pickled ``.pth``/``.bin`` (weights only)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if path.suffix in {".pth", ".pt", ".bin"}:
+        return _torch_load_state(path)
+    raise ValueError(f"unsupported checkpoint format {path.suffix!r} (use .safetensors or .pth)")
+
+
+def describe_cache_state(reg: ModelRegistry) -> list[RoleStatus]:
+    return [reg.status(r) for r in ROLES]
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

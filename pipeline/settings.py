@@ -1,0 +1,369 @@
+"""Typed settings: the one place the YAML settings file becomes Python objects.
+
+The file is ``conf/settings.yaml`` unless ``--config PATH`` or ``$PRODUCT_STUDIO_CONFIG`` names
+another. Relative paths in the file are resolved against ``root``, which itself is relative to the
+folder holding the file (``conf/settings.yaml`` says ``root: ..`` so paths read from the repo top).
+
+A bad file raises :class:`SettingsError` naming the file, the field (with its YAML line where it can
+be found) and the reason. Library code raises; only the CLI turns that into an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_CONFIG = "PRODUCT_STUDIO_CONFIG"
+DEFAULT_CONFIG = Path("conf") / "settings.yaml"
+
+ROLES: tuple[str, ...] = (
+    "clip",
+    "sam",
+    "base",
+    "inpaint",
+    "controlnet_depth",
+    "depth",
+    "novel_view",
+    "upscaler",
+    "captioner",
+)
+
+
+class SettingsError(ValueError):
+    """A settings (or rules) file that cannot be used.
+
+    ``problems`` is a list of ``(field, reason, line)``; ``line`` is 1-based or None.
+    """
+
+    def __init__(self, file: str | os.PathLike | None, problems: list[tuple[str, str, int | None]]):
+        self.file = str(file) if file is not None else "<defaults>"
+        self.problems = problems
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        lines = [f"invalid configuration in {self.file}:"]
+        for field, reason, line in self.problems:
+            where = f"{self.file}:{line}" if line else self.file
+            lines.append(f"  {where}: {field or '<top level>'}: {reason}")
+        return "\n".join(lines)
+
+
+class _Strict(BaseModel):
+    # A typo in a settings key must be an error, not a silently ignored field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(_Strict):
+    """Where one model role comes from: a Hub repo (+ revision) or a local directory / file."""
+
+    repo: str | None = Field(None, description="Hugging Face Hub repo id, e.g. openai/clip-vit-base-patch32")
+    revision: str | None = Field(None, description="branch, tag or commit of `repo` (pin a commit for reproducibility)")
+    filename: str | None = Field(None, description="single checkpoint file inside `repo` (SAM .pth/.safetensors)")
+    path: Path | None = Field(None, description="local directory (diffusers/transformers layout) or checkpoint file")
+    model_type: str | None = Field(None, description="SAM only: vit_b | vit_l | vit_h | auto (inferred from the weights)")
+    licence: str = Field("", description="licence note shown by `models list` and written into records")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", v):
+            raise ValueError(f"{v!r} is not a Hub repo id (expected 'owner/name')")
+        return v
+
+    @field_validator("model_type")
+    @classmethod
+    def _sam_type(cls, v: str | None) -> str | None:
+        if v is not None and v not in {"auto", "vit_b", "vit_l", "vit_h"}:
+            raise ValueError(f"{v!r} is not a SAM model type (vit_b, vit_l, vit_h or auto)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        if (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of `repo` (Hub id) or `path` (local directory or file)")
+        if self.path is not None and (self.revision or self.filename):
+            raise ValueError("`revision` and `filename` only apply to a `repo` source")
+        return self
+
+    def describe(self) -> str:
+        if self.repo:
+            s = self.repo + (f"/{self.filename}" if self.filename else "")
+            return s + (f"@{self.revision}" if self.revision else "")
+        return str(self.path)
+
+
+class ModelsSettings(_Strict):
+    """One entry per model role. Defaults are the real checkpoints (never fetched in tests)."""
+
+    clip: ModelSource = ModelSource(repo="openai/clip-vit-base-patch32", licence="MIT")
+    sam: ModelSource = ModelSource(
+        repo="ybelkada/segment-anything",
+        filename="checkpoints/sam_vit_b_01ec64.pth",
+        model_type="vit_b",
+        licence="Apache-2.0",
+    )
+    base: ModelSource = ModelSource(
+        repo="stable-diffusion-v1-5/stable-diffusion-v1-5", licence="CreativeML OpenRAIL-M"
+    )
+    inpaint: ModelSource = ModelSource(
+        repo="stable-diffusion-v1-5/stable-diffusion-inpainting", licence="CreativeML OpenRAIL-M"
+    )
+    controlnet_depth: ModelSource = ModelSource(
+        repo="lllyasviel/control_v11f1p_sd15_depth", licence="CreativeML OpenRAIL-M"
+    )
+    depth: ModelSource = ModelSource(repo="depth-anything/Depth-Anything-V2-Small-hf", licence="Apache-2.0")
+    novel_view: ModelSource = ModelSource(
+        repo="kxic/zero123-xl",
+        licence="check before commercial use: Zero123 weights derive from SD image-variations "
+        "(CreativeML OpenRAIL-M) trained on Objaverse; some novel-view weights are non-commercial",
+    )
+    upscaler: ModelSource = ModelSource(repo="caidas/swin2SR-classical-sr-x4-64", licence="Apache-2.0")
+    captioner: ModelSource = ModelSource(repo="Salesforce/blip-image-captioning-base", licence="BSD-3-Clause")
+
+    def source(self, role: str) -> ModelSource:
+        if role not in ROLES:
+            raise KeyError(f"unknown model role {role!r} (roles: {', '.join(ROLES)})")
+        return getattr(self, role)
+
+
+class PathsSettings(_Strict):
+    inbox: Path = Path("inbox")
+    outbox: Path = Path("outbox")
+    ledger: Path = Path("outbox/.ledger.sqlite3")
+    rules: Path = Path("conf/rules.yaml")
+    # Converted checkpoints (SAM .pth -> safetensors) live here, outside the read-only HF cache.
+    model_cache: Path = Path("~/.cache/product-studio")
+
+
+class RuntimeSettings(_Strict):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    cpu_offload: Literal["auto", "off", "model", "sequential"] = "auto"
+    vae_tiling: bool = False
+    offline: bool | None = Field(None, description="force offline model loading; None follows HF_HUB_OFFLINE")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device (auto, cpu, cuda, cuda:N or mps)")
+        return v
+
+
+class LimitsSettings(_Strict):
+    max_pixels: int = Field(64_000_000, gt=0, description="inputs with more pixels are refused")
+
+
+class ProductClass(_Strict):
+    name: str = Field(min_length=1)
+    prompts: list[str] = Field(default_factory=list, description="extra prompts / synonyms")
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w][\w \-]*", v):
+            raise ValueError(f"class name {v!r} may hold letters, digits, spaces, '-' and '_' only")
+        return v.strip()
+
+
+class DetectSettings(_Strict):
+    classes: list[ProductClass] = Field(
+        default_factory=lambda: [
+            ProductClass(name="handbag", prompts=["purse", "leather bag"]),
+            ProductClass(name="shoe", prompts=["sneaker", "boot"]),
+            ProductClass(name="chair"),
+        ]
+    )
+    background_prompts: list[str] = Field(
+        default_factory=lambda: ["background", "a wall", "a floor", "a table top", "an empty room", "texture"]
+    )
+    margin: float = Field(0.1, ge=0.0, le=1.0, description="best class must beat the runner-up by this much")
+    context_pad: float = Field(0.15, ge=0.0, le=2.0, description="crop padding, share of the box size")
+    points_per_side: int = Field(32, ge=1, le=128, description="SAM automatic mask generator density")
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
+    min_mask_area: float = Field(0.002, ge=0.0, le=1.0, description="share of the image; smaller masks dropped")
+    max_per_class: int = Field(5, ge=1)
+    prefilter: bool = Field(True, description="cheap whole-image + tiles CLIP pass before SAM")
+    prefilter_threshold: float = Field(0.2, ge=0.0, le=1.0)
+    proposals: Literal["guided", "everything"] = "guided"
+
+    @model_validator(mode="after")
+    def _unique(self) -> "DetectSettings":
+        names = [c.name for c in self.classes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"class names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+class EnhanceSettings(_Strict):
+    prompt_template: str = "{tag}, {label}, studio photography, product photography, ultra realistic"
+    negative_prompt: str = "blurry, deformed, lowres, watermark, text"
+    steps: int = Field(30, ge=1, le=500)
+    guidance: float = Field(7.0, ge=0.0, le=50.0)
+    strength: float = Field(0.75, ge=0.0, le=1.0)
+    controlnet_scale: float = Field(0.8, ge=0.0, le=5.0)
+    resolution: int = Field(512, ge=64, le=2048, multiple_of=8)
+    mask_dilation: int = Field(8, ge=0, le=512)
+    mask_feather: int = Field(4, ge=0, le=256)
+    crop_margin: float = Field(0.25, ge=0.0, le=4.0)
+    seed: int = 0
+
+
+class DisplaceSettings(_Strict):
+    fill: Literal["sd", "classical"] = "sd"
+    steps: int = Field(30, ge=1, le=500)
+    guidance: float = Field(2.0, ge=0.0, le=50.0)
+    mask_dilation: int = Field(20, ge=0, le=512)
+    feather: int = Field(3, ge=0, le=256)
+    max_outside_share: float = Field(0.5, ge=0.0, le=1.0)
+    retries: int = Field(2, ge=0, le=20)
+    seed: int = 0
+
+
+class RotateSettings(_Strict):
+    steps: int = Field(75, ge=1, le=500)
+    guidance: float = Field(3.0, ge=0.0, le=50.0)
+    crop_padding: float = Field(0.2, ge=0.0, le=4.0)
+    view_size: int = Field(256, ge=32, le=1024, multiple_of=8)
+    seed: int = 0
+
+
+class Settings(_Strict):
+    """The whole settings file. ``source_file`` and ``base_dir`` are set by :func:`load_settings`."""
+
+    root: Path = Path(".")
+    paths: PathsSettings = PathsSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    limits: LimitsSettings = LimitsSettings()
+    models: ModelsSettings = ModelsSettings()
+    detect: DetectSettings = DetectSettings()
+    enhance: EnhanceSettings = EnhanceSettings()
+    displace: DisplaceSettings = DisplaceSettings()
+    rotate: RotateSettings = RotateSettings()
+
+    source_file: Path | None = Field(None, exclude=True)
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    def resolve_path(self, p: Path | str) -> Path:
+        """Absolute path for a settings path: ``~`` expanded, relative ones against ``root``."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def model_path(self, role: str) -> Path | None:
+        src = self.models.source(role)
+        return self.resolve_path(src.path) if src.path is not None else None
+
+    @property
+    def offline(self) -> bool:
+        if self.runtime.offline is not None:
+            return self.runtime.offline
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at ``loc`` (keys / list indices), or of its nearest parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
+    """Read a YAML file that must hold a mapping. Raises SettingsError on any failure."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(path, [("", "file not found", None)]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(path, [("", f"cannot read file: {e}", None)]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        reason = f"not valid YAML: {getattr(e, 'problem', None) or e}"
+        raise SettingsError(path, [("", reason, mark.line + 1 if mark else None)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(path, [("", f"expected a mapping at the top level, got {type(data).__name__}", 1)])
+    return data, text
+
+
+def validation_problems(err: ValidationError, text: str) -> list[tuple[str, str, int | None]]:
+    """Turn pydantic errors into (dotted field, reason, yaml line) triples."""
+    out = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        field = ".".join(str(x) for x in loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see conf/settings.yaml for the known ones)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if "input" in e and e["type"] not in ("extra_forbidden", "missing") and not isinstance(e["input"], dict) \
+                and repr(e["input"]) not in msg:
+            msg += f" (got {e['input']!r})"
+        out.append((field, msg, yaml_line(text, loc)))
+    return out
+
+
+def config_path(path: str | os.PathLike | None = None) -> Path | None:
+    """Which settings file applies: explicit path, then $PRODUCT_STUDIO_CONFIG, then ./conf/settings.yaml."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Load and validate settings. ``None`` uses :func:`config_path`; no file at all gives defaults."""
+    p = config_path(path)
+    if p is None:
+        s = Settings()
+        s.base_dir = Path.cwd()
+        return s
+    data, text = read_yaml_mapping(p)
+    try:
+        s = Settings.model_validate(data)
+    except ValidationError as e:
+        raise SettingsError(p, validation_problems(e, text)) from None
+    s.source_file = p.resolve()
+    root = s.root.expanduser()
+    s.base_dir = (root if root.is_absolute() else p.resolve().parent / root).resolve()
+    return s
+
+
+def dump_settings(settings: Settings) -> str:
+    """YAML text of the settings (for `make-tiny` and `config show`)."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,34 @@
+"""Session-wide tiny model set: built once (seconds), loaded through the real registry code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach the Hub: everything comes from the tiny set or fails loudly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from pipeline.tiny import make_tiny_set
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny_set(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_dir):
+    from pipeline.settings import load_settings
+
+    return load_settings(tiny_dir / "settings.yaml")
+
+
+@pytest.fixture(scope="session")
+def registry(tiny_settings):
+    from pipeline.models import ModelRegistry
+
+    return ModelRegistry(tiny_settings)

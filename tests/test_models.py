@@ -1,0 +1,167 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models import ModelLoadError, ModelRegistry, select_repo_files
+from pipeline.settings import ROLES, load_settings
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_tiny_role_loads_through_the_registry(registry, role):
+    info = registry.verify(role)
+    assert info["parameters"] > 0
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+def test_roles_are_loaded_once_and_kept_warm(tiny_settings):
+    reg = ModelRegistry(tiny_settings)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(reg.get("clip"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 4 and all(r is results[0] for r in results)
+    assert reg.get("clip") is results[0]
+
+
+def test_tiny_models_run_forward(registry):
+    """The loaded objects are usable as the edit operations will use them."""
+    from segment_anything import SamPredictor
+
+    clip = registry.get("clip")
+    x = clip.processor(text=["a bag", "a shoe"], images=np.zeros((40, 60, 3), np.uint8), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert clip.model(**x).logits_per_image.shape == (1, 2)
+    sam = registry.get("sam")
+    pred = SamPredictor(sam.model)
+    img = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    pred.set_image(img)
+    masks, scores, _ = pred.predict(point_coords=np.array([[20, 20]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 48, 80)
+    nv = registry.get("novel_view")
+    assert nv.unet.config.in_channels == 8
+    assert nv.cc_projection.config.in_channel == nv.image_encoder.config.projection_dim + 4
+    assert nv.cc_projection.config.out_channel == nv.unet.config.cross_attention_dim
+    assert registry.get("inpaint").unet.config.in_channels == 9
+
+
+def test_tiny_layouts_match_real_checkpoints(tiny_dir):
+    import json
+
+    for role in ("base", "inpaint"):
+        idx = json.loads((tiny_dir / role / "model_index.json").read_text())
+        for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            assert comp in idx and (tiny_dir / role / comp).is_dir()
+        assert (tiny_dir / role / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    idx = json.loads((tiny_dir / "novel_view" / "model_index.json").read_text())
+    assert idx["_class_name"] == "Zero1to3StableDiffusionPipeline"
+    for comp in ("unet", "vae", "image_encoder", "feature_extractor", "scheduler", "cc_projection"):
+        assert comp in idx and (tiny_dir / "novel_view" / comp / "").is_dir()
+    assert (tiny_dir / "controlnet_depth" / "config.json").is_file()
+    for role in ("clip", "depth", "upscaler", "captioner"):
+        assert (tiny_dir / role / "config.json").is_file() and (tiny_dir / role / "model.safetensors").is_file()
+    assert (tiny_dir / "sam" / "sam_tiny.safetensors").is_file()
+
+
+def _settings_with(tmp_path, models_yaml: str):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"runtime: {{device: cpu, offline: true}}\npaths: {{model_cache: {tmp_path / 'cache'}}}\nmodels:\n{models_yaml}")
+    return load_settings(p)
+
+
+def test_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    reg = ModelRegistry(_settings_with(tmp_path, "  clip: {repo: openai/clip-vit-base-patch32}\n"))
+    with pytest.raises(ModelLoadError) as ei:
+        reg.get("clip")
+    msg = str(ei.value)
+    assert "'clip'" in msg and "openai/clip-vit-base-patch32" in msg and "offline" in msg
+    assert "models pull" in msg
+    assert reg.status("clip").available is False
+
+
+def test_missing_local_path_names_role(tmp_path):
+    reg = ModelRegistry(_settings_with(tmp_path, f"  depth: {{path: {tmp_path / 'nothing'}}}\n"))
+    with pytest.raises(ModelLoadError, match=r"model role 'depth'.*does not exist"):
+        reg.get("depth")
+
+
+def test_broken_local_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "clip"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    reg = ModelRegistry(_settings_with(tmp_path, f"  clip: {{path: {bad}}}\n"))
+    with pytest.raises(ModelLoadError, match=r"model role 'clip'"):
+        reg.get("clip")
+
+
+def test_sam_pth_loads_with_weights_only_and_converts(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_dir / "sam" / "sam_tiny.safetensors"))
+    pth = tmp_path / "sam_tiny.pth"
+    torch.save(state, pth)
+    reg = ModelRegistry(_settings_with(tmp_path, f"  sam: {{path: {pth}, model_type: auto}}\n"))
+    assert reg.get("sam").model_type == "custom"
+    assert reg.converted_sam_path(pth) is None
+    reg.pull("sam")
+    conv = reg.converted_sam_path(pth)
+    assert conv is not None and conv.suffix == ".safetensors" and conv.parent == tmp_path / "cache" / "sam"
+    reg2 = ModelRegistry(reg.settings)
+    p1 = dict(reg.get("sam").model.named_parameters())
+    for k, v in reg2.get("sam").model.named_parameters():
+        assert torch.equal(v, p1[k])
+
+
+def test_sam_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    pth = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, pth)
+    reg = ModelRegistry(_settings_with(tmp_path, f"  sam: {{path: {pth}}}\n"))
+    with pytest.raises(ModelLoadError, match="'sam'"):
+        reg.get("sam")
+
+
+def test_sam_model_type_mismatch(tmp_path, tiny_dir):
+    reg = ModelRegistry(_settings_with(tmp_path, f"  sam: {{path: {tiny_dir / 'sam'}, model_type: vit_h}}\n"))
+    with pytest.raises(ModelLoadError, match="vit_h"):
+        reg.get("sam")
+
+
+def test_sam_arch_inference_matches_official_vit_b():
+    from segment_anything import sam_model_registry
+
+    from pipeline.sam_loader import infer_arch, standard_type
+
+    with torch.device("meta"):
+        sam = sam_model_registry["vit_b"]()
+    arch = infer_arch(sam.state_dict())
+    assert standard_type(arch) == "vit_b"
+    assert (arch.img_size, arch.window_size, arch.num_heads, arch.global_attn_indexes) == (1024, 14, 12, (2, 5, 8, 11))
+
+
+def test_select_repo_files_prefers_safetensors_and_skips_variants():
+    files = [
+        "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt", "README.md",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.msgpack",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "text_encoder/model.safetensors", "text_encoder/flax_model.msgpack",
+    ]
+    got = select_repo_files(files, "diffusers")
+    assert got == sorted([
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "text_encoder/model.safetensors",
+    ])
+
+
+def test_runtime_is_cpu_fp32_without_gpu(registry):
+    rt = registry.runtime
+    assert rt.device.type == "cpu" and rt.dtype == torch.float32 and rt.offload == "off"

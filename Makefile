@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-# The main job with the default (real) models: fetch them, then process the inbox.
+# The main job with the default (real) models: fetch them, check they load, then process the
+# inbox (detection for now; becomes `product-studio watch` when the daemon lands).
 run: setup
 	$(CLI) models pull
 	$(CLI) models verify
+	$(CLI) detect inbox --out outbox
 
 # Offline demo on a tiny random-weight model set (noise, not quality).
 demo: setup

@@ -216,6 +216,12 @@ class ModelRegistry:
                 self._cache[role] = obj
         return self._cache[role]
 
+    def put(self, role: str, obj: Any) -> None:
+        """Install an already-built object for ``role`` (benchmarks with full-size random weights)."""
+        if role not in ROLES:
+            raise KeyError(f"unknown model role {role!r}")
+        self._cache[role] = obj
+
     def unload(self, role: str) -> None:
         self._cache.pop(role, None)
 

@@ -1,0 +1,564 @@
+"""Product detection with SAM + CLIP, and the cheap "no product" skip.
+
+Flow for one image (RGB, any size, EXIF orientation already applied by :mod:`pipeline.imageio`):
+
+1. **Prefilter** (optional): one CLIP batch over the whole image and a few overlapping tiles,
+   scored against every class and the background prompts. If no class reaches
+   ``prefilter_threshold`` in any view the image is skipped before SAM runs at all.
+2. **Proposals**: ``guided`` computes SAM's image embedding once and decodes masks only for
+   point prompts inside the views where CLIP saw a class (tens of prompts instead of SAM
+   "everything"'s 32x32 = 1024); ``everything`` runs segment-anything's automatic mask generator.
+3. **Classification**: every proposal's box, padded with context, is cropped from the original
+   image (background kept: a masked-out crop can still "look like" the class) and all crops go
+   through CLIP in one batch. Softmax over classes *and* background prompts; a proposal is
+   labelled only when its class clears the class threshold and beats the runner-up (another
+   class or the background total) by ``margin``.
+4. **Post-processing**: tiny masks dropped, same-class overlaps suppressed (IoU) or merged
+   (containment), cross-class duplicates resolved by score, holes filled, top-k per class; final
+   masks at full input resolution.
+
+Nothing found is a result (``skipped=True`` with reason and best score per class), not an error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from pipeline.settings import DetectSettings, ProductClass
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from pipeline.models import ModelRegistry
+
+# Prompt ensemble: each class name and synonym in each template, averaged per class.
+TEMPLATES = ("a photo of a {}.", "a product photo of a {}.", "a close-up photo of the {}.", "{}")
+BACKGROUND = "background"
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class Detection:
+    """One found instance. ``mask``: HxW bool at the input's full resolution (after EXIF orientation).
+    ``box``: (x0, y0, x1, y1) integer pixels, x1/y1 exclusive. ``score``: class probability in [0, 1]."""
+
+    label: str
+    score: float
+    box: tuple[int, int, int, int]
+    mask: np.ndarray
+    margin: float = 0.0
+    source: str = "guided"
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def to_record(self) -> dict[str, Any]:
+        return {"label": self.label, "score": round(self.score, 4), "margin": round(self.margin, 4),
+                "box": list(self.box), "mask_area": self.area, "source": self.source}
+
+
+@dataclass
+class DetectResult:
+    image_size: tuple[int, int]  # (width, height)
+    detections: list[Detection] = field(default_factory=list)
+    skipped: bool = False
+    reason: str | None = None
+    best_scores: dict[str, float] = field(default_factory=dict)
+    prefilter: dict[str, Any] | None = None
+    proposals: int = 0
+    proposal_mode: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "image_size": list(self.image_size),
+            "skipped": self.skipped,
+            "reason": self.reason,
+            "detections": [d.to_record() for d in self.detections],
+            "best_scores": {k: round(v, 4) for k, v in self.best_scores.items()},
+            "prefilter": self.prefilter,
+            "proposals": self.proposals,
+            "proposal_mode": self.proposal_mode,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Decision logic (pure numpy; tested with fixed embeddings)
+
+
+def softmax_probs(image_emb: np.ndarray, text_emb: np.ndarray, logit_scale: float) -> np.ndarray:
+    """[N, D] and [K, D] L2-normalised float embeddings -> [N, K] softmax probabilities."""
+    logits = logit_scale * image_emb @ text_emb.T
+    logits = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def split_background(probs: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, C+B] -> ([N, C] class probabilities, [N] total background probability)."""
+    return probs[:, :n_classes], probs[:, n_classes:].sum(axis=1)
+
+
+def decide(class_probs: np.ndarray, bg_prob: np.ndarray, thresholds: Sequence[float], margin: float):
+    """Per row: (label index or -1, score, margin over the runner-up).
+
+    The runner-up is the best *other* class or the background total, whichever is larger, so a
+    crop that is mostly background, or ambiguous between two classes, is not labelled.
+    """
+    n, c = class_probs.shape
+    labels = np.full(n, -1, dtype=int)
+    scores = np.zeros(n)
+    margins = np.zeros(n)
+    if c == 0:
+        return labels, scores, margins
+    best = class_probs.argmax(axis=1)
+    for i in range(n):
+        b = best[i]
+        p = class_probs[i, b]
+        others = np.delete(class_probs[i], b)
+        runner = max(float(others.max()) if others.size else 0.0, float(bg_prob[i]))
+        scores[i], margins[i] = p, p - runner
+        if p >= thresholds[b] and p - runner >= margin:
+            labels[i] = b
+    return labels, scores, margins
+
+
+def mask_iou_matrix(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[M, H, W] bool -> (IoU [M, M], intersection over the smaller mask [M, M])."""
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    inter = flat @ flat.T
+    area = flat.sum(axis=1)
+    union = area[:, None] + area[None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    small = np.minimum(area[:, None], area[None, :])
+    contain = np.where(small > 0, inter / np.maximum(small, 1), 0.0)
+    return iou, contain
+
+
+def merge_same_class(masks: np.ndarray, scores: np.ndarray, iou_thresh: float = 0.6,
+                     contain_thresh: float = 0.85) -> list[tuple[list[int], float]]:
+    """Group same-class candidates: by score, a candidate overlapping a kept group by IoU above
+    ``iou_thresh`` is suppressed (a duplicate); one mostly inside / around it (containment above
+    ``contain_thresh``) is merged into it (fragments of one product). Returns
+    ``[(member indices, group score)]`` in score order."""
+    order = np.argsort(-scores, kind="stable")
+    iou, contain = mask_iou_matrix(masks)
+    groups: list[tuple[list[int], float]] = []
+    for i in order:
+        for members, _ in groups:
+            head = members[0]
+            if iou[i, head] >= iou_thresh:
+                break  # duplicate of a better proposal
+            if contain[i, head] >= contain_thresh:
+                members.append(int(i))
+                break
+        else:
+            groups.append(([int(i)], float(scores[i])))
+    return groups
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """HxW bool -> same with enclosed holes filled (outer contours drawn solid)."""
+    import cv2
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.zeros(m.shape, np.uint8)
+    cv2.drawContours(out, contours, -1, 1, thickness=cv2.FILLED)
+    return out.astype(bool) | mask
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def pad_box(box: Sequence[float], pad: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """Grow (x0, y0, x1, y1) by ``pad`` x its size on each side, clipped to the image."""
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * pad, (y1 - y0) * pad
+    return (max(0, int(np.floor(x0 - dx))), max(0, int(np.floor(y0 - dy))),
+            min(width, int(np.ceil(x1 + dx))), min(height, int(np.ceil(y1 + dy))))
+
+
+def square_crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
+    """Crop ``box`` and pad it to a square with the crop's mean colour, so CLIP's centre crop keeps
+    all of it (CLIP preprocessing would otherwise cut the ends off elongated products)."""
+    crop = image.crop(tuple(box))
+    w, h = crop.size
+    side = max(w, h, 1)
+    fill = tuple(int(v) for v in np.asarray(crop).reshape(-1, 3).mean(axis=0)) if w * h else (127, 127, 127)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(crop, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def prefilter_views(width: int, height: int, tile: float = 0.6) -> list[tuple[int, int, int, int]]:
+    """Whole image, four overlapping corner tiles (``tile`` of each side) and a centre tile."""
+    tw, th = int(round(width * tile)), int(round(height * tile))
+    views = [(0, 0, width, height)]
+    for x0 in (0, width - tw):
+        for y0 in (0, height - th):
+            views.append((x0, y0, x0 + tw, y0 + th))
+    cx, cy = (width - tw) // 2, (height - th) // 2
+    views.append((cx, cy, cx + tw, cy + th))
+    return views
+
+
+def grid_points(box: Sequence[int], n: int = 3) -> np.ndarray:
+    """n x n point prompts evenly inside ``box`` (centres of an n x n split). [n*n, 2] float (x, y)."""
+    x0, y0, x1, y1 = box
+    fr = (np.arange(n) + 0.5) / n
+    xs, ys = x0 + fr * (x1 - x0), y0 + fr * (y1 - y0)
+    return np.array([(x, y) for y in ys for x in xs], dtype=np.float32)
+
+
+def dedupe_points(points: np.ndarray, min_dist: float) -> np.ndarray:
+    kept: list[np.ndarray] = []
+    for p in points:
+        if all(np.hypot(*(p - q)) >= min_dist for q in kept):
+            kept.append(p)
+    return np.array(kept, dtype=np.float32).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP scoring
+
+
+class Scorer(Protocol):
+    logit_scale: float
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray: ...
+
+
+class ClipScorer:
+    """transformers CLIP behind a small interface: L2-normalised float32 numpy embeddings."""
+
+    def __init__(self, bundle: Any, device: "torch.device"):
+        self.model, self.processor, self.device = bundle.model, bundle.processor, device
+        self.logit_scale = float(self.model.logit_scale.exp().item())
+        self.dtype = next(self.model.parameters()).dtype
+
+    @staticmethod
+    def _features(out: Any) -> "torch.Tensor":
+        # transformers 5 may return a model output with pooler_output instead of a tensor
+        return out if not hasattr(out, "pooler_output") else out.pooler_output
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        batch = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            f = self._features(self.model.get_text_features(**{k: v.to(self.device) for k, v in batch.items()}))
+        f = torch.nn.functional.normalize(f.float(), dim=-1)
+        return f.cpu().numpy()
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        if not images:
+            return np.zeros((0, self.model.config.projection_dim), np.float32)
+        batch = self.processor(images=images, return_tensors="pt")
+        pix = batch["pixel_values"].to(self.device, self.dtype)
+        with torch.inference_mode():
+            f = self._features(self.model.get_image_features(pixel_values=pix))
+        f = torch.nn.functional.normalize(f.float(), dim=-1)
+        return f.cpu().numpy()
+
+
+class TextBank:
+    """Class and background text embeddings, cached per (classes, background prompts)."""
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def get(self, classes: Sequence[ProductClass], background: Sequence[str]) -> np.ndarray:
+        """[C + B, D]: one averaged (re-normalised) ensemble per class, then one row per background prompt."""
+        key = (tuple((c.name, tuple(c.prompts)) for c in classes), tuple(background))
+        if key not in self._cache:
+            rows = []
+            for c in classes:
+                names = [c.name, *c.prompts]
+                emb = self.scorer.encode_texts([t.format(n) for n in names for t in TEMPLATES]).mean(axis=0)
+                rows.append(emb / max(np.linalg.norm(emb), 1e-12))
+            if background:
+                rows.extend(self.scorer.encode_texts([f"a photo of {b}." for b in background]))
+            self._cache[key] = np.stack(rows).astype(np.float32)
+        return self._cache[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# SAM proposals
+
+
+@dataclass
+class Proposals:
+    """Candidate masks. ``masks``: [M, h, w] bool at a working resolution; ``logits``: per
+    candidate low-res logits (guided) for exact full-res upsampling later, or None (everything,
+    whose masks are already full resolution)."""
+
+    masks: np.ndarray
+    boxes: np.ndarray  # [M, 4] float, full-resolution pixel coordinates
+    quality: np.ndarray  # [M] SAM predicted IoU
+    logits: Any = None
+    work_scale: float = 1.0  # working resolution / full resolution
+
+
+class SamProposer:
+    """SAM image embedding once per image; masks decoded for batched point prompts."""
+
+    def __init__(self, sam_bundle: Any, device: "torch.device"):
+        from segment_anything import SamPredictor
+
+        self.sam = sam_bundle.model
+        self.predictor = SamPredictor(self.sam)
+        self.device = device
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        """HxWx3 uint8 RGB. Computes the image embedding (the expensive part), once."""
+        self.predictor.set_image(rgb, image_format="RGB")
+
+    def _upsample(self, low_res: "torch.Tensor", out_hw: tuple[int, int]) -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        p = self.predictor
+        size = self.sam.image_encoder.img_size
+        x = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        x = x[..., : p.input_size[0], : p.input_size[1]]
+        return F.interpolate(x, out_hw, mode="bilinear", align_corners=False)
+
+    def propose(self, points: np.ndarray, pred_iou_thresh: float, stability_thresh: float,
+                work_long_side: int = 512, batch: int = 64) -> Proposals:
+        """Single-point prompts (``[P, 2]`` x, y in original pixels) -> up to 3 candidates each."""
+        import torch
+        from segment_anything.utils.amg import calculate_stability_score
+
+        p = self.predictor
+        H, W = p.original_size
+        scale = min(1.0, work_long_side / max(H, W))
+        work_hw = (max(1, round(H * scale)), max(1, round(W * scale)))
+        keep_logits, keep_q = [], []
+        with torch.inference_mode():
+            for s in range(0, len(points), batch):
+                pts = p.transform.apply_coords(points[s : s + batch], p.original_size)
+                coords = torch.as_tensor(pts, dtype=torch.float32, device=self.device)[:, None, :]
+                labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+                sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+                low, iou = self.sam.mask_decoder(
+                    image_embeddings=p.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+                )
+                low, iou = low.flatten(0, 1), iou.flatten()
+                stab = calculate_stability_score(low, self.sam.mask_threshold, 1.0)
+                ok = (iou >= pred_iou_thresh) & (stab >= stability_thresh)
+                keep_logits.append(low[ok])
+                keep_q.append(iou[ok])
+            if not keep_logits or sum(len(k) for k in keep_logits) == 0:
+                return Proposals(np.zeros((0, *work_hw), bool), np.zeros((0, 4)), np.zeros(0), None, scale)
+            logits = torch.cat(keep_logits)[:, None]
+            work = (self._upsample(logits, work_hw)[:, 0] > self.sam.mask_threshold).cpu().numpy()
+        boxes = []
+        for m in work:
+            b = mask_box(m)
+            boxes.append([v / scale for v in b] if b else [0, 0, 0, 0])
+        return Proposals(work, np.array(boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
+
+    def full_masks(self, logits: "torch.Tensor") -> np.ndarray:
+        """Selected candidates' low-res logits [K, 1, 256, 256] -> [K, H, W] bool at full resolution."""
+        import torch
+
+        with torch.inference_mode():
+            return (self._upsample(logits, tuple(self.predictor.original_size))[:, 0] > self.sam.mask_threshold).cpu().numpy()
+
+
+def everything_proposals(sam_bundle: Any, rgb: np.ndarray, cfg: DetectSettings) -> Proposals:
+    """segment-anything's automatic mask generator (SAM "everything"), full-resolution masks."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    gen = SamAutomaticMaskGenerator(sam_bundle.model, points_per_side=cfg.points_per_side,
+                                    pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh)
+    anns = gen.generate(rgb)
+    H, W = rgb.shape[:2]
+    if not anns:
+        return Proposals(np.zeros((0, H, W), bool), np.zeros((0, 4)), np.zeros(0))
+    masks = np.stack([a["segmentation"] for a in anns])
+    boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns], float)
+    return Proposals(masks, boxes, np.array([a["predicted_iou"] for a in anns]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The detector
+
+
+class Detector:
+    """Detects configured product classes. Holds warm models via the registry; reuse it per process.
+
+    ``scorer`` can be injected (tests use fixed embeddings); by default CLIP from the registry.
+    """
+
+    def __init__(self, registry: "ModelRegistry | None", cfg: DetectSettings, scorer: Scorer | None = None):
+        self.registry = registry
+        self.cfg = cfg
+        self._scorer = scorer
+        self._bank: TextBank | None = None
+        self._proposer: SamProposer | None = None
+
+    @property
+    def scorer(self) -> Scorer:
+        if self._scorer is None:
+            self._scorer = ClipScorer(self.registry.get("clip"), self.registry.runtime.device)
+        return self._scorer
+
+    @property
+    def bank(self) -> TextBank:
+        if self._bank is None:
+            self._bank = TextBank(self.scorer)
+        return self._bank
+
+    @property
+    def proposer(self) -> SamProposer:
+        if self._proposer is None:
+            self._proposer = SamProposer(self.registry.get("sam"), self.registry.runtime.device)
+        return self._proposer
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score_views(self, image: Image.Image, boxes: Sequence[Sequence[int]], classes: Sequence[ProductClass]):
+        """All crops in one CLIP batch -> ([N, C] class probs, [N] background prob)."""
+        text = self.bank.get(classes, self.cfg.background_prompts)
+        emb = self.scorer.encode_images([square_crop(image, b) for b in boxes])
+        probs = softmax_probs(emb, text, self.scorer.logit_scale)
+        return split_background(probs, len(classes))
+
+    # -- main entry --------------------------------------------------------------------------------
+    def detect(self, image: Image.Image, classes: Sequence[ProductClass] | None = None, *,
+               proposals: str | None = None, prefilter: bool | None = None) -> DetectResult:
+        """``image``: PIL RGB or RGBA (alpha ignored), EXIF already applied. Never raises for "nothing found"."""
+        classes = list(classes if classes is not None else self.cfg.classes)
+        mode = proposals or self.cfg.proposals
+        use_prefilter = self.cfg.prefilter if prefilter is None else prefilter
+        rgb_img = image.convert("RGB")
+        W, H = rgb_img.size
+        res = DetectResult(image_size=(W, H), proposal_mode=mode)
+        if not classes:
+            res.skipped, res.reason = True, "no product classes configured"
+            return res
+        names = [c.name for c in classes]
+        thresholds = [c.threshold for c in classes]
+        t0 = time.perf_counter()
+
+        # 1. prefilter: one CLIP batch over the whole image and tiles
+        views = prefilter_views(W, H)
+        positive_views: list[tuple[int, int, int, int]] = [views[0]]
+        if use_prefilter or mode == "guided":
+            cp, bg = self.score_views(rgb_img, views, classes)
+            res.timings["prefilter"] = time.perf_counter() - t0
+            view_best = cp.max(axis=0)
+            res.best_scores = {n: float(v) for n, v in zip(names, view_best)}
+            hit = cp.max(axis=1) >= self.cfg.prefilter_threshold
+            positive_views = [v for v, h in zip(views, hit) if h]
+            res.prefilter = {"enabled": use_prefilter, "views": len(views), "threshold": self.cfg.prefilter_threshold,
+                             "scores": {n: round(float(v), 4) for n, v in zip(names, view_best)},
+                             "positive_views": len(positive_views)}
+            if use_prefilter and not positive_views:
+                res.skipped = True
+                res.reason = (f"no product: prefilter found no class at or above {self.cfg.prefilter_threshold} "
+                              f"in {len(views)} views (best: {_fmt_scores(res.best_scores)})")
+                res.prefilter["decision"] = "skip"
+                res.timings["total"] = time.perf_counter() - t0
+                return res
+            res.prefilter["decision"] = "pass"
+            if not positive_views:  # prefilter disabled: guided prompts cover the whole image
+                positive_views = [views[0]]
+
+        # 2. proposals
+        t1 = time.perf_counter()
+        rgb = np.asarray(rgb_img)
+        if mode == "everything":
+            props = everything_proposals(self.registry.get("sam"), rgb, self.cfg)
+        else:
+            self.proposer.set_image(rgb)
+            res.timings["sam_embedding"] = time.perf_counter() - t1
+            pts = np.concatenate([grid_points(v, 3) for v in positive_views])
+            pts = dedupe_points(pts, 0.04 * max(W, H))
+            props = self.proposer.propose(pts, self.cfg.pred_iou_thresh, self.cfg.stability_score_thresh)
+        res.proposals = len(props.masks)
+        res.timings["proposals"] = time.perf_counter() - t1
+
+        # 3. drop tiny, classify all crops in one batch
+        t2 = time.perf_counter()
+        area = props.masks.reshape(len(props.masks), -1).mean(axis=1) if len(props.masks) else np.zeros(0)
+        keep = np.nonzero((area >= self.cfg.min_mask_area) & (area > 0))[0]
+        detections: list[Detection] = []
+        if len(keep):
+            boxes = [pad_box(props.boxes[i], self.cfg.context_pad, W, H) for i in keep]
+            cp, bg = self.score_views(rgb_img, boxes, classes)
+            labels, scores, margins = decide(cp, bg, thresholds, self.cfg.margin)
+            for j, n in enumerate(names):
+                res.best_scores[n] = max(res.best_scores.get(n, 0.0), float(cp[:, j].max()))
+            res.timings["classify"] = time.perf_counter() - t2
+            detections = self._postprocess(props, keep, labels, scores, margins, names, (H, W), mode)
+        res.timings["total"] = time.perf_counter() - t0
+        res.detections = detections
+        if not detections:
+            res.skipped = True
+            res.reason = (f"no product: none of {len(keep)} proposals passed class threshold and margin "
+                          f"{self.cfg.margin} (best: {_fmt_scores(res.best_scores)})")
+        return res
+
+    def _postprocess(self, props: Proposals, keep: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                     margins: np.ndarray, names: list[str], hw: tuple[int, int], mode: str) -> list[Detection]:
+        cand = []  # (label, member indices into props, score, margin)
+        for c, name in enumerate(names):
+            idx = np.nonzero(labels == c)[0]
+            if not len(idx):
+                continue
+            groups = merge_same_class(props.masks[keep[idx]], scores[idx])
+            for members, sc in groups:
+                cand.append((name, [int(keep[idx[m]]) for m in members], sc, float(margins[idx[members[0]]])))
+        if not cand:
+            return []
+        # Cross-class duplicates: one region, one label (the higher score).
+        cand.sort(key=lambda t: -t[2])
+        heads = np.stack([props.masks[c[1][0]] for c in cand])
+        iou, _ = mask_iou_matrix(heads)
+        chosen: list[int] = []
+        per_class: dict[str, int] = {}
+        for i, (name, members, sc, mg) in enumerate(cand):
+            if any(iou[i, j] >= 0.6 for j in chosen):
+                continue
+            if per_class.get(name, 0) >= self.cfg.max_per_class:
+                continue
+            per_class[name] = per_class.get(name, 0) + 1
+            chosen.append(i)
+        out = []
+        for i in chosen:
+            name, members, sc, mg = cand[i]
+            if props.logits is not None:
+                full = self.proposer.full_masks(props.logits[members]).any(axis=0)
+            else:
+                full = props.masks[members].any(axis=0)
+            full = fill_holes(full)
+            box = mask_box(full)
+            if box is None:
+                continue
+            out.append(Detection(label=name, score=sc, box=box, mask=full, margin=mg, source=mode))
+        return out
+
+
+def _fmt_scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1])) or "none"

@@ -219,13 +219,32 @@ class EnhanceSettings(_Strict):
 
 
 class DisplaceSettings(_Strict):
-    fill: Literal["sd", "classical"] = "sd"
+    """Move a detected product (:mod:`pipeline.displace`). Removal defaults from the seed projects:
+    empty prompt, guidance ~2, strength 1.0, mask dilated by ~20 px."""
+
+    fill: Literal["sd", "classical"] = Field("sd", description="hole fill: SD inpainting, or OpenCV "
+                                             "(no weights; also the fallback)")
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(2.0, ge=0.0, le=50.0)
-    mask_dilation: int = Field(20, ge=0, le=512)
-    feather: int = Field(3, ge=0, le=256)
-    max_outside_share: float = Field(0.5, ge=0.0, le=1.0)
-    retries: int = Field(2, ge=0, le=20)
+    strength: float = Field(1.0, ge=0.0, le=1.0)
+    prompt: str = Field("", description="SD fill prompt; empty removes best")
+    negative_prompt: str = ""
+    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
+    crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
+    mask_dilation: int = Field(20, ge=0, le=512, description="px the hole grows beyond the product mask")
+    fill_blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole "
+                            "edge (clamped to mask_dilation)")
+    classical_method: Literal["ns", "telea"] = Field("ns", description="cv2.inpaint algorithm (ns keeps flat "
+                                                     "backgrounds flat; telea drifts a few levels)")
+    classical_radius: int = Field(5, ge=1, le=64, description="cv2.inpaint neighbourhood radius")
+    feather: int = Field(3, ge=0, le=256, description="px of soft edge outside the pasted product's mask")
+    harmonize_ring: int = Field(0, ge=0, le=256, description="px ring around the pasted product to re-fill; 0 = off")
+    out_of_frame: Literal["clip", "refuse"] = Field("clip", description="product partly leaving the frame: clip it, "
+                                                    "or refuse beyond max_outside_share")
+    max_outside_share: float = Field(0.5, ge=0.0, le=1.0, description="refuse: largest share allowed out of frame")
+    recheck: bool = Field(True, description="CLIP-check the old region after filling (needs the clip role)")
+    recheck_threshold: float = Field(0.5, ge=0.0, le=1.0, description="class probability at which it is still there")
+    retries: int = Field(2, ge=0, le=20, description="SD re-fills with seed+1.. before the classical fallback")
     seed: int = 0
 
 

@@ -212,6 +212,57 @@ def detect_cmd(
 
 
 # ------------------------------------------------------------------------------------------------
+# run (one operation by hand)
+
+
+@app.command("run")
+def run_cmd(
+    image: Path = typer.Argument(..., help="the input image"),
+    op: str = typer.Option(..., "--op", help="the edit operation: displace"),
+    class_name: str = typer.Option(..., "--class", help="product class to edit (the best-scoring instance)"),
+    x: str = typer.Option("0", "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
+    y: str = typer.Option("0", "--y", help="displace: vertical offset, pixels or fraction of the height"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file (white = product); skips detection"),
+    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace hole fill: sd | classical (default: settings)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: the outbox)"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Run one edit on one image. Writes NAME.OP.png (PNG: pixels outside the edit are the input's),
+    NAME.OP.mask.png (every pixel that may differ) and NAME.OP.json (the record, written last).
+
+    Exit 0 when edited or skipped (no product found: the record says why), 4 when the input, mask
+    or offset is bad or the edit is refused."""
+    from pipeline.run_edit import OPS, run_displace
+
+    if op not in OPS:
+        raise fail(f"--op must be one of {', '.join(OPS)} (enhance and rotate are not built yet), not {op!r}", EXIT_CONFIG)
+    if fill_backend not in (None, "sd", "classical"):
+        raise fail(f"--fill must be sd or classical, not {fill_backend!r}", EXIT_CONFIG)
+    s = load_settings_or_exit(config)
+    out_dir = out or s.resolve_path(s.paths.outbox)
+    from pipeline.detect import Detector
+    from pipeline.models import ModelRegistry
+
+    reg = ModelRegistry(s)
+    with model_errors(), console.status(f"{op}: {image.name}..."):
+        outcome = run_displace(s, image, label=class_name, dx=x, dy=y, out_dir=out_dir, mask_path=mask,
+                               fill=fill_backend, registry=reg, detector=Detector(reg, s.detect))
+    rec = outcome.record
+    if outcome.status == "edited":
+        e = rec["edit"]
+        console.print(f"[green]edited[/] {image.name}: {op} {class_name} by ({e.get('offset')}) -> {out_dir / rec['outputs']['image']}")
+        f = e.get("fill") or {}
+        if f.get("fallback"):
+            console.print(f"[yellow]note[/]: classical fill used as fallback: {f.get('fallback_reason')}")
+        if f.get("warning"):
+            console.print(f"[yellow]warning[/]: {f['warning']}")
+    elif outcome.status == "skipped":
+        console.print(f"[yellow]skipped[/] {image.name}: {rec['reason']}")
+    else:
+        raise fail(f"{image.name}: {rec['error']}", EXIT_INPUT)
+
+
+# ------------------------------------------------------------------------------------------------
 # demo
 
 

@@ -218,12 +218,17 @@ def detect_cmd(
 @app.command("run")
 def run_cmd(
     image: Path = typer.Argument(..., help="the input image"),
-    op: str = typer.Option(..., "--op", help="the edit operation: displace"),
+    op: str = typer.Option(..., "--op", help="the edit operation: displace | enhance | rotate"),
     class_name: str = typer.Option(..., "--class", help="product class to edit (the best-scoring instance)"),
-    x: str = typer.Option("0", "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
-    y: str = typer.Option("0", "--y", help="displace: vertical offset, pixels or fraction of the height"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file (white = product); skips detection"),
-    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace hole fill: sd | classical (default: settings)"),
+    x: Optional[str] = typer.Option(None, "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
+    y: Optional[str] = typer.Option(None, "--y", help="displace: vertical offset, pixels or fraction of the height"),
+    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: sd | classical"),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="enhance: LoRA FILE[:WEIGHT] (repeatable)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="enhance: prompt (default: the class template)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed (default: settings)"),
+    azimuth: Optional[float] = typer.Option(None, "--azimuth", help="rotate: degrees, -180..180"),
+    polar: Optional[float] = typer.Option(None, "--polar", help="rotate: degrees"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: the outbox)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
@@ -231,13 +236,25 @@ def run_cmd(
     NAME.OP.mask.png (every pixel that may differ) and NAME.OP.json (the record, written last).
 
     Exit 0 when edited or skipped (no product found: the record says why), 4 when the input, mask
-    or offset is bad or the edit is refused."""
-    from pipeline.run_edit import OPS, run_displace
+    or a parameter is bad or the edit is refused."""
+    from pipeline.run_edit import OPS, op_handler, run_op
 
     if op not in OPS:
-        raise fail(f"--op must be one of {', '.join(OPS)} (enhance and rotate are not built yet), not {op!r}", EXIT_CONFIG)
+        raise fail(f"--op must be one of {', '.join(OPS)}, not {op!r}", EXIT_CONFIG)
+    try:
+        op_handler(op)
+    except ValueError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
     if fill_backend not in (None, "sd", "classical"):
         raise fail(f"--fill must be sd or classical, not {fill_backend!r}", EXIT_CONFIG)
+    given = {"x": x, "y": y, "fill": fill_backend, "loras": lora or None, "prompt": prompt, "seed": seed,
+             "azimuth": azimuth, "polar": polar}
+    per_op = {"displace": ("x", "y", "fill", "seed"), "enhance": ("loras", "prompt", "seed"),
+              "rotate": ("azimuth", "polar", "fill", "seed")}[op]
+    stray = [k for k, v in given.items() if v is not None and k not in per_op]
+    if stray:
+        raise fail(f"--op {op} does not take {', '.join('--' + k.rstrip('s') for k in stray)}", EXIT_CONFIG)
+    options = {k: v for k, v in given.items() if v is not None}
     s = load_settings_or_exit(config)
     out_dir = out or s.resolve_path(s.paths.outbox)
     from pipeline.detect import Detector
@@ -245,17 +262,18 @@ def run_cmd(
 
     reg = ModelRegistry(s)
     with model_errors(), console.status(f"{op}: {image.name}..."):
-        outcome = run_displace(s, image, label=class_name, dx=x, dy=y, out_dir=out_dir, mask_path=mask,
-                               fill=fill_backend, registry=reg, detector=Detector(reg, s.detect))
+        outcome = run_op(s, image, op, label=class_name, out_dir=out_dir, options=options, mask_path=mask,
+                         registry=reg, detector=Detector(reg, s.detect))
     rec = outcome.record
     if outcome.status == "edited":
         e = rec["edit"]
-        console.print(f"[green]edited[/] {image.name}: {op} {class_name} by ({e.get('offset')}) -> {out_dir / rec['outputs']['image']}")
+        console.print(f"[green]edited[/] {image.name}: {op} {class_name} -> {out_dir / rec['outputs']['image']}")
         f = e.get("fill") or {}
         if f.get("fallback"):
             console.print(f"[yellow]note[/]: classical fill used as fallback: {f.get('fallback_reason')}")
-        if f.get("warning"):
-            console.print(f"[yellow]warning[/]: {f['warning']}")
+        for w in [f.get("warning"), *e.get("warnings", [])]:
+            if w:
+                console.print(f"[yellow]warning[/]: {w}")
     elif outcome.status == "skipped":
         console.print(f"[yellow]skipped[/] {image.name}: {rec['reason']}")
     else:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # ``DisplaceSettings.recheck_threshold`` means "the product (or a look-alike) is still there".
 Checker = Callable[[Image.Image, np.ndarray, str], float]
 
-__all__ = ["Checker", "ClipChecker", "displace", "displace_detection"]
+__all__ = ["Checker", "ClipChecker", "displace", "displace_detection", "op_displace"]
 
 
 class ClipChecker:
@@ -268,3 +268,18 @@ def displace_detection(image: Image.Image, detection: "Detection", params: Displ
     """The edit-card form ``(image, detection, params, models) -> Edit`` of :func:`displace`."""
     return displace(image.convert("RGB") if image.mode != "RGB" else image, detection.mask, detection.label,
                     dx, dy, params, registry=models, checker=checker, classes=classes)
+
+
+def op_displace(image: Image.Image, mask: np.ndarray, label: str, options: dict[str, Any], settings: Any,
+                registry: "ModelRegistry | None") -> Edit:
+    """The ``run --op displace`` / rules handler. ``options``: ``x``, ``y`` (pixels or fractions,
+    see :func:`pipeline.composite.parse_offset`), optional ``fill`` (sd | classical) and any other
+    ``displace`` setting to override for this edit."""
+    from pipeline.composite import parse_offset
+    from pipeline.settings import DisplaceSettings
+
+    opts = {k: v for k, v in options.items() if v is not None}
+    dx = parse_offset(opts.pop("x", 0), image.width)
+    dy = parse_offset(opts.pop("y", 0), image.height)
+    params = DisplaceSettings.model_validate({**settings.displace.model_dump(), **opts}) if opts else settings.displace
+    return displace(image, mask, label, dx, dy, params, registry=registry)

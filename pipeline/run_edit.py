@@ -20,7 +20,30 @@ from pipeline.imageio import ImageLoadError, atomic_write_text, load_image, save
 from pipeline.outputs import input_record, now_iso, safe_stem
 from pipeline.settings import ProductClass, Settings
 
-OPS = ("displace",)
+# Each op is a handler ``(image, mask, label, options, settings, registry) -> Edit`` in its own
+# module, imported only when used: ``image`` PIL RGB (EXIF applied), ``mask`` HxW bool product
+# mask, ``options`` the op's CLI/rule parameters (strings or numbers as given; the handler parses
+# and validates them and raises ValueError / EditError with a clear message).
+OP_HANDLERS: dict[str, str] = {
+    "displace": "pipeline.displace:op_displace",
+    "enhance": "pipeline.enhance:op_enhance",
+    "rotate": "pipeline.rotate:op_rotate",
+}
+OPS = tuple(OP_HANDLERS)
+
+
+def op_handler(op: str):
+    """The handler for ``op``; ValueError naming the known ops, or saying the op is not built."""
+    import importlib
+
+    if op not in OP_HANDLERS:
+        raise ValueError(f"unknown operation {op!r} (known: {', '.join(OPS)})")
+    mod, fn = OP_HANDLERS[op].split(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError):
+        raise ValueError(f"operation {op!r} is not available in this version") from None
+
 
 
 @dataclass
@@ -47,24 +70,24 @@ def _write_record(out_dir: Path, name: str, record: dict[str, Any]) -> None:
     atomic_write_text(out_dir / name, json.dumps(record, indent=2, default=str) + "\n")
 
 
-def run_displace(settings: Settings, image_path: Path, *, label: str, dx: str, dy: str, out_dir: Path,
-                 mask_path: Path | None = None, fill: str | None = None, registry: Any = None,
-                 detector: Any = None, checker: Any = None) -> EditOutcome:
-    """Displace the best-scoring ``label`` instance (or the ``mask_path`` region) by (dx, dy).
+def run_op(settings: Settings, image_path: Path, op: str, *, label: str, out_dir: Path,
+           options: dict[str, Any] | None = None, mask_path: Path | None = None, registry: Any = None,
+           detector: Any = None) -> EditOutcome:
+    """Run ``op`` on the best-scoring ``label`` instance (or the ``mask_path`` region).
 
-    ``dx``/``dy``: pixels or fractions of the image size (see :func:`pipeline.composite.parse_offset`).
-    Bad input, a bad mask or offset, and refusals (:class:`~pipeline.edits.EditError`) give a
+    Bad input, a bad mask or parameter, and refusals (:class:`~pipeline.edits.EditError`) give a
     ``failed`` outcome with the reason; no product found gives ``skipped`` with the best scores.
+    Outputs: ``NAME.OP.png``, ``NAME.OP.mask.png`` and ``NAME.OP.json`` (last).
     """
-    from pipeline.composite import parse_offset
-    from pipeline.displace import displace
     from pipeline.edits import EditError
 
+    handler = op_handler(op)
+    options = dict(options or {})
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_stem(image_path.name)
-    rec_name = f"{stem}.displace.json"
-    base: dict[str, Any] = {"op": "displace", "pipeline_version": PIPELINE_VERSION, "created": now_iso(),
+    rec_name = f"{stem}.{op}.json"
+    base: dict[str, Any] = {"op": op, "options": options, "pipeline_version": PIPELINE_VERSION, "created": now_iso(),
                             "settings_file": str(settings.source_file) if settings.source_file else None}
     try:
         loaded = load_image(image_path, max_pixels=settings.limits.max_pixels)
@@ -75,7 +98,6 @@ def run_displace(settings: Settings, image_path: Path, *, label: str, dx: str, d
     base["input"] = input_record(loaded)
     image = loaded.image.convert("RGB")
     try:
-        ox, oy = parse_offset(dx, image.width), parse_offset(dy, image.height)
         if mask_path is not None:
             mask = load_mask(mask_path, image.size, settings.limits.max_pixels)
             base["product"] = {"source": "mask file", "mask_file": str(mask_path), "label": label}
@@ -96,14 +118,13 @@ def run_displace(settings: Settings, image_path: Path, *, label: str, dx: str, d
             best = max(mine, key=lambda d: d.score)
             mask = best.mask
             base["product"] = {**best.to_record(), "proposals": best.source, "source": "detection"}
-        params = settings.displace if fill is None else settings.displace.model_copy(update={"fill": fill})
-        edit = displace(image, mask, label, ox, oy, params, registry=registry, checker=checker)
+        edit = handler(image, mask, label, options, settings, registry)
     except (EditError, ValueError) as e:
         rec = {**base, "status": "failed", "error": str(e)}
         _write_record(out_dir, rec_name, rec)
         return EditOutcome("failed", rec)
-    out_img = out_dir / f"{stem}.displace.png"
-    out_mask = out_dir / f"{stem}.displace.mask.png"
+    out_img = out_dir / f"{stem}.{op}.png"
+    out_mask = out_dir / f"{stem}.{op}.mask.png"
     save_image(edit.image, out_img, icc_profile=loaded.icc_profile)
     save_image(edit.edit_mask, out_mask)
     rec = {**base, "status": "edited", "edit": edit.record,

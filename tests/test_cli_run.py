@@ -74,3 +74,10 @@ def test_run_refusals_and_bad_arguments(tiny_dir, tmp_path):
     assert r.exit_code == 4
     r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "teleport", "--class", "bag", "--config", cfg])
     assert r.exit_code == 2 and "--op" in r.output
+
+
+def test_run_rejects_options_of_other_ops(tiny_dir, tmp_path):
+    _scene(tmp_path)
+    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "bag", "--azimuth", "30",
+                            "--config", str(tiny_dir / "settings.yaml")])
+    assert r.exit_code == 2 and "--azimuth" in r.output

@@ -1,0 +1,513 @@
+"""Detection cost: our skip and product paths against the seed-style SAM-everything + CLIP baseline.
+
+Models are full-size **random-weight** SAM ViT-B and CLIP ViT-B/32 (seeded), built in-process and
+installed into a :class:`~pipeline.models.ModelRegistry`, so the product's own :class:`Detector`
+runs on them unchanged. Random weights make detections meaningless, so settings force each path;
+what is measured is cost, which for dense models does not depend on the weights' values.
+
+Cases (one warm-up each, then the median of ``repeats`` timed runs, interleaved round by round so
+that a machine slowing down affects every case alike; a baseline whose first run exceeds
+``SLOW_BASELINE_S`` is run only that once, and the output says so):
+
+``ours_skip``
+    ``Detector.detect`` deciding "no product": one CLIP batch over the whole image and 5 tiles,
+    no SAM. Forced with ``prefilter_threshold=1.0`` (no class probability reaches it).
+``ours_product``
+    ``Detector.detect(proposals="guided")`` run to the end: prefilter CLIP batch, SAM image
+    embedding once, mask decoding for the guided point prompts, one CLIP batch over every proposal's
+    crop, post-processing and full-resolution masks. Forced with every threshold at 0, margin 0 and
+    no background prompts, so every proposal is classified and the best class always wins.
+``baseline``
+    The seed-style approach: segment-anything's automatic mask generator with a 32x32 point grid
+    (1024 prompts; IoU and stability thresholds 0 so random weights still yield masks), then for
+    *each* mask its box cropped from the image and run through CLIP on its own (one forward per
+    crop) against class text embeddings computed once, as the public SAM+CLIP tool does.
+``floor``
+    The least our product path could cost for the same work: SAM image encoder once, the mask
+    decoder for exactly the prompts ``ours_product`` decoded, one CLIP batch of exactly the crops it
+    classified. No prefilter, cropping, thresholds, upsampling or post-processing.
+
+Ratios: ``baseline / ours_skip`` (goal >= 50), ``baseline / ours_product`` (goal >= 5) and
+``ours_product / floor`` (how close the product path is to its minimum). The baseline is also
+reported as a lower bound without its mask post-processing, because with random weights that part
+is inflated (see :meth:`DetectBench.baseline`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from bench import malloc_mode
+from pipeline.detect import ClipScorer, Detector, softmax_probs
+from pipeline.models import ClipBundle, ModelRegistry, SamBundle
+from pipeline.settings import DetectSettings, Settings
+
+CASES = ("ours_skip", "ours_product", "baseline", "floor")
+SKIP_GOAL = 50.0
+PRODUCT_GOAL = 5.0
+# Above this, one baseline run is all the budget allows (and a warm-up would add nothing: first-call
+# overheads are well under a second, and its models are already warm from the other cases).
+SLOW_BASELINE_S = 60.0
+DEFAULT_SIZE = (1024, 768)
+TINY_SIZE = (256, 192)
+SEED = 0
+
+
+class BenchError(RuntimeError):
+    """A forced path did not happen, so the timing would measure something else."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` -> ``(1024, 768)`` (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like WIDTHxHEIGHT, e.g. 1024x768 (got {text!r})") from None
+    if w < 16 or h < 16:
+        raise ValueError(f"size {w}x{h} is too small (at least 16x16)")
+    return w, h
+
+
+def synthetic_image(width: int, height: int) -> np.ndarray:
+    """Deterministic ``HxWx3`` uint8 RGB: a diagonal gradient with a filled rectangle and an
+    ellipse, so SAM and the crops see some structure (the models' cost does not depend on it)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([255 * xx / max(width - 1, 1), 255 * yy / max(height - 1, 1),
+                    np.full_like(xx, 96.0) + 64 * (xx + yy) / max(width + height - 2, 1)], axis=-1)
+    img[int(0.25 * height):int(0.7 * height), int(0.15 * width):int(0.45 * width)] = (200, 40, 40)
+    cy, cx, ry, rx = 0.55 * height, 0.7 * width, 0.22 * height, 0.14 * width
+    img[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0] = (30, 60, 190)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def skip_settings() -> DetectSettings:
+    """Default classes and background prompts; no class can reach a prefilter threshold of 1.0."""
+    return DetectSettings.model_validate({**DetectSettings().model_dump(), "prefilter": True,
+                                          "prefilter_threshold": 1.0})
+
+
+def product_settings() -> DetectSettings:
+    """Default classes with every gate open, so random weights still run the path to the end."""
+    base = DetectSettings().model_dump()
+    return DetectSettings.model_validate({
+        **base,
+        "classes": [{**c, "threshold": 0.0} for c in base["classes"]],
+        "background_prompts": [], "margin": 0.0, "prefilter": True, "prefilter_threshold": 0.0,
+        "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+    })
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+def build_full_registry(device: str = "auto", seed: int = SEED) -> ModelRegistry:
+    """Registry holding full-size random-weight SAM ViT-B and CLIP ViT-B/32 (never a checkpoint)."""
+    import torch
+    from segment_anything import sam_model_registry
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from pipeline.tiny import _clip_tokenizer
+
+    settings = Settings()
+    settings.runtime.device = device
+    settings.runtime.offline = True  # nothing here may reach the Hub
+    registry = ModelRegistry(settings)
+    rt = registry.runtime
+
+    torch.manual_seed(seed)
+    sam = sam_model_registry["vit_b"](checkpoint=None)
+    # segment-anything's predictor feeds float32; the registry keeps SAM float32 on every device.
+    registry.put("sam", SamBundle(sam.to(device=rt.device, dtype=torch.float32).eval(), "vit_b", 1024))
+
+    tok = _clip_tokenizer()
+    # CLIPConfig() is ViT-B/32 (vision 768 x 12 layers, patch 32 at 224; text 512; projection 512).
+    # Only the vocabulary and special ids follow the small offline tokenizer: the text side runs once
+    # per class set and is cached, so its size does not matter here.
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    torch.manual_seed(seed + 1)
+    clip = CLIPModel(cfg)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        tokenizer=tok,
+    )
+    registry.put("clip", ClipBundle(clip.to(device=rt.device, dtype=rt.dtype).eval(), processor))
+    return registry
+
+
+def build_tiny_registry(tiny_dir: str | Path, device: str = "auto") -> ModelRegistry:
+    """Registry over a tiny set written by :func:`pipeline.tiny.make_tiny_set` (smoke runs, tests)."""
+    from pipeline.settings import load_settings
+
+    settings = load_settings(Path(tiny_dir) / "settings.yaml")
+    settings.runtime.device = device
+    registry = ModelRegistry(settings)
+    for role in ("clip", "sam"):
+        registry.get(role)  # load outside every timing
+    return registry
+
+
+# ------------------------------------------------------------------------------------------------
+# The cases
+
+
+class DetectBench:
+    """The four cases over one image and one set of warm models. Each case method runs once,
+    checks that its forced path really happened (raises :class:`BenchError` if not) and returns
+    what it did (counts, stage times)."""
+
+    def __init__(self, registry: ModelRegistry, rgb: np.ndarray, points_per_side: int = 32):
+        from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+        self.rgb = rgb
+        self.image = Image.fromarray(rgb)
+        self.device = registry.runtime.device
+        self.sam = registry.get("sam").model
+        # One scorer shared by every case: same model, same preprocessing, and one place to record
+        # which crops the product path classified (the floor repeats exactly those).
+        self.scorer = ClipScorer(registry.get("clip"), self.device)
+        self.skip_det = Detector(registry, skip_settings(), scorer=self.scorer)
+        self.product_det = Detector(registry, product_settings(), scorer=self.scorer)
+        self.classes = self.product_det.cfg.classes
+        # The tool embeds its class prompts once per run, not per crop: computed here, untimed.
+        self.text = self.product_det.bank.get(self.classes, [])
+        self.points_per_side = points_per_side
+        self.generator = SamAutomaticMaskGenerator(self.sam, points_per_side=points_per_side,
+                                                   pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        self._stage_s: dict[str, float] = {}
+        self._time_stage(self.generator.predictor, "set_image", "encode")
+        self._time_stage(self.generator.predictor, "predict_torch", "decode")
+        self.floor_predictor = SamPredictor(self.sam)
+        self.probe: dict[str, Any] | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _time_stage(self, obj: Any, method: str, stage: str) -> None:
+        inner = getattr(obj, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.sync()
+            self._stage_s[stage] = self._stage_s.get(stage, 0.0) + time.perf_counter() - t0
+            return out
+
+        setattr(obj, method, timed)
+
+    # -- cases -----------------------------------------------------------------------------------
+    def ours_skip(self) -> dict[str, Any]:
+        """Our "no product" decision: one CLIP batch (whole image + 5 tiles) scored against every
+        class and background prompt; SAM never runs."""
+        res = self.skip_det.detect(self.image)
+        pf = res.prefilter or {}
+        if not (res.skipped and pf.get("decision") == "skip" and "prefilter" in (res.reason or "")):
+            raise BenchError(f"ours_skip: the prefilter did not skip the image (reason: {res.reason!r})")
+        if "sam_embedding" in res.timings or res.proposals:
+            raise BenchError("ours_skip: SAM ran although the prefilter skipped")
+        return {"skipped": True, "reason": res.reason, "clip_views": pf.get("views", 0),
+                "timings": dict(res.timings)}
+
+    def ours_product(self) -> dict[str, Any]:
+        """Our product path end to end: prefilter CLIP batch, SAM embedding once, guided prompts
+        decoded, every proposal's crop classified in one CLIP batch, post-processing, full masks."""
+        res = self.product_det.detect(self.image, proposals="guided")
+        if res.skipped or not res.proposals or "classify" not in res.timings or not res.detections:
+            raise BenchError(f"ours_product: the path did not run to the end (proposals {res.proposals}, "
+                             f"detections {len(res.detections)}, reason {res.reason!r})")
+        return {"proposals": res.proposals, "detections": len(res.detections),
+                "clip_views": (res.prefilter or {}).get("views", 0), "timings": dict(res.timings)}
+
+    def probe_product(self) -> dict[str, Any]:
+        """One ``ours_product`` run (the warm-up) that also records the point prompts SAM decoded
+        and the crops CLIP classified, which the floor repeats."""
+        det = self.product_det
+        proposer, scorer = det.proposer, det.scorer
+        points: list[np.ndarray] = []
+        batches: list[list[Image.Image]] = []
+        propose, encode = proposer.propose, scorer.encode_images
+
+        def record_propose(pts: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+            points.append(np.array(pts, dtype=np.float32))
+            return propose(pts, *args, **kwargs)
+
+        def record_encode(images: list[Image.Image]) -> np.ndarray:
+            batches.append(list(images))
+            return encode(images)
+
+        proposer.propose, scorer.encode_images = record_propose, record_encode
+        try:
+            out = self.ours_product()
+        finally:
+            del proposer.propose, scorer.encode_images
+        if len(points) != 1 or len(batches) != 2:
+            raise BenchError(f"ours_product: expected 1 SAM prompt batch and 2 CLIP batches (prefilter, "
+                             f"proposals), saw {len(points)} and {len(batches)}")
+        self.probe = {"points": np.concatenate(points), "crops": batches[1]}
+        return {**out, "prompts": len(self.probe["points"]), "crops": len(self.probe["crops"])}
+
+    def floor(self) -> dict[str, Any]:
+        """The minimum for our product path's work: SAM image encoder once, mask decoder for exactly
+        the prompts ours_product decoded (one batch, low-res logits only), one CLIP batch of exactly
+        the crops it classified. No prefilter, cropping, thresholds or post-processing."""
+        import torch
+
+        if self.probe is None:
+            raise BenchError("floor: run probe_product first (it records the prompts and crops)")
+        pts, crops = self.probe["points"], self.probe["crops"]
+        p = self.floor_predictor
+        p.set_image(self.rgb, image_format="RGB")
+        with torch.inference_mode():
+            coords = torch.as_tensor(p.transform.apply_coords(pts, p.original_size), dtype=torch.float32,
+                                     device=self.device)[:, None, :]
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+            sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            self.sam.mask_decoder(image_embeddings=p.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=True)
+        self.scorer.encode_images(crops)
+        return {"prompts": len(pts), "crops": len(crops)}
+
+    def baseline(self) -> dict[str, Any]:
+        """Seed-style SAM "everything" + CLIP: the automatic mask generator over a 32x32 grid
+        (1024 prompts, thresholds 0), then each mask's box cropped and classified by CLIP one
+        forward at a time against the class text embeddings (computed once, untimed).
+
+        Stage times: ``encode`` (SAM image encoder), ``decode`` (mask decoder for every prompt,
+        upsampled to full resolution), ``post`` (the generator's stability scores, RLE encoding,
+        NMS and mask decoding) and ``classify`` (the per-crop CLIP forwards). With random weights the
+        masks are pixel noise, whose RLEs are huge, so ``post`` costs far more than it would with
+        real weights, while NMS leaves few masks, so ``classify`` costs far less; ``model_s``
+        (encode + decode + classify) is a lower bound for the baseline either way.
+        """
+        self._stage_s.clear()
+        t0 = time.perf_counter()
+        anns = self.generator.generate(self.rgb)
+        self.sync()
+        t1 = time.perf_counter()
+        labels = []
+        for a in anns:
+            x, y, w, h = (int(round(v)) for v in a["bbox"])
+            # A degenerate mask has an empty box; the tool still pays one forward for it.
+            crop = self.image.crop((x, y, x + max(w, 1), y + max(h, 1)))
+            probs = softmax_probs(self.scorer.encode_images([crop]), self.text, self.scorer.logit_scale)
+            labels.append(int(probs[0].argmax()))
+        self.sync()
+        t2 = time.perf_counter()
+        if not anns:
+            raise BenchError("baseline: the automatic mask generator produced no masks")
+        encode, decode = self._stage_s.get("encode", 0.0), self._stage_s.get("decode", 0.0)
+        segment, classify = t1 - t0, t2 - t1
+        return {"prompts": self.points_per_side ** 2, "masks": len(anns), "crops": len(labels),
+                "timings": {"encode": encode, "decode": decode, "post": max(0.0, segment - encode - decode),
+                            "classify": classify},
+                "model_s": encode + decode + classify}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+def _median_details(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-run details -> one dict: float stage times as medians, everything else from the last run."""
+    out = dict(runs[-1])
+    for key, val in runs[-1].items():
+        if isinstance(val, dict) and all(isinstance(v, float) for v in val.values()):
+            out[key] = {k: statistics.median(r[key].get(k, 0.0) for r in runs) for k in val}
+        elif isinstance(val, float):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def _peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto",
+               tiny_dir: str | Path | None = None, points_per_side: int | None = None,
+               slow_baseline_s: float = SLOW_BASELINE_S, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every case side by side and return the result dict (see the module docstring).
+
+    ``tiny_dir``: use that tiny model set instead of full-size random weights (smoke runs; its
+    ``detect.points_per_side`` then sizes the baseline grid unless ``points_per_side`` is given).
+    """
+    import torch
+
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    say = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    if tiny_dir is not None:
+        registry = build_tiny_registry(tiny_dir, device)
+        models = f"tiny random-weight set ({tiny_dir})"
+        pps = points_per_side or registry.settings.detect.points_per_side
+    else:
+        say("building full-size random-weight SAM ViT-B and CLIP ViT-B/32 ...")
+        registry = build_full_registry(device)
+        models = "full-size random weights: SAM ViT-B, CLIP ViT-B/32"
+        pps = points_per_side or 32
+    rgb = synthetic_image(*size)
+    bench = DetectBench(registry, rgb, pps)
+
+    def timed(case: str, fn: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        t0 = time.perf_counter()
+        out = fn()
+        bench.sync()
+        dt = time.perf_counter() - t0
+        say(f"  {case:<13} {dt:9.3f} s")
+        return dt, out
+
+    times: dict[str, list[float]] = {c: [] for c in CASES}
+    details: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
+
+    say("warm-up round (not counted)")
+    timed("ours_skip", bench.ours_skip)
+    _, probe = timed("ours_product", bench.probe_product)
+    timed("floor", bench.floor)
+    dt, out = timed("baseline", bench.baseline)
+    baseline_single = dt > slow_baseline_s
+    if baseline_single:
+        times["baseline"].append(dt)
+        details["baseline"].append(out)
+        baseline_note = (f"baseline ran once: its first run took {dt:.1f} s (> {slow_baseline_s:.0f} s); its models "
+                         "were already warm from the other cases, so that run is counted")
+        say("  " + baseline_note)
+    else:
+        baseline_note = f"baseline: median of {repeats} runs after a warm-up"
+
+    for r in range(repeats):
+        say(f"round {r + 1}/{repeats}")
+        for case in CASES:
+            if case == "baseline" and baseline_single:
+                continue
+            dt, out = timed(case, getattr(bench, case))
+            times[case].append(dt)
+            details[case].append(out)
+
+    med = {c: statistics.median(times[c]) for c in CASES}
+    cases: dict[str, Any] = {}
+    for c in CASES:
+        doc = (getattr(DetectBench, c).__doc__ or "").strip().split("\n\n")[0]
+        cases[c] = {"median_s": med[c], "runs_s": times[c], "measures": " ".join(doc.split()),
+                    **_median_details(details[c])}
+    cases["ours_product"]["prompts"] = probe["prompts"]
+    cases["ours_product"]["crops"] = probe["crops"]
+    baseline_model = statistics.median(d["model_s"] for d in details["baseline"])
+
+    def ratio(num: float, den: float, goal: float | None) -> dict[str, Any]:
+        value = num / den if den > 0 else float("inf")
+        return {"value": value, "goal": goal, "met": None if goal is None else value >= goal}
+
+    ratios = {
+        "baseline/ours_skip": ratio(med["baseline"], med["ours_skip"], SKIP_GOAL),
+        "baseline/ours_product": ratio(med["baseline"], med["ours_product"], PRODUCT_GOAL),
+        "ours_product/floor": ratio(med["ours_product"], med["floor"], None),
+        "baseline_model/ours_skip": ratio(baseline_model, med["ours_skip"], SKIP_GOAL),
+        "baseline_model/ours_product": ratio(baseline_model, med["ours_product"], PRODUCT_GOAL),
+    }
+    context = {
+        "models": models,
+        "device": str(bench.device) + (f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "image_size": list(size),
+        "repeats": repeats,
+        "baseline_runs": len(times["baseline"]),
+        "baseline_note": baseline_note,
+        "baseline_points_per_side": pps,
+        "malloc": malloc_mode(),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "total_s": time.perf_counter() - t_start,
+    }
+    return {"benchmark": "detect", "context": context, "cases": cases, "ratios": ratios}
+
+
+def render(result: dict[str, Any], console: Any = None) -> None:
+    """Print the result as tables (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console()
+    ctx, cases, ratios = result["context"], result["cases"], result["ratios"]
+
+    t = Table(title="detect: cost per image (median seconds; absolute times are context only)")
+    for col, kw in (("case", {}), ("median s", {"justify": "right"}), ("runs", {"justify": "right"}),
+                    ("work", {}), ("stages (median s)", {})):
+        t.add_column(col, **kw)
+
+    def stages(c: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:.2f}" for k, v in c.get("timings", {}).items())
+
+    sk, pr, bl, fl = (cases[c] for c in CASES)
+    t.add_row("ours_skip", f"{sk['median_s']:.3f}", str(len(sk["runs_s"])),
+              f"1 CLIP batch of {sk['clip_views']} views; skipped by prefilter", stages(sk))
+    t.add_row("ours_product", f"{pr['median_s']:.3f}", str(len(pr["runs_s"])),
+              f"CLIP {pr['clip_views']} views + SAM embed + {pr['prompts']} prompts -> {pr['proposals']} proposals; "
+              f"1 CLIP batch of {pr['crops']} crops; {pr['detections']} detections", stages(pr))
+    t.add_row("baseline", f"{bl['median_s']:.3f}", str(len(bl["runs_s"])),
+              f"SAM everything {bl['prompts']} prompts -> {bl['masks']} masks; {bl['crops']} CLIP forwards of 1 crop",
+              stages(bl))
+    t.add_row("floor", f"{fl['median_s']:.3f}", str(len(fl["runs_s"])),
+              f"SAM embed + {fl['prompts']} prompts decoded; 1 CLIP batch of {fl['crops']} crops", stages(fl))
+    con.print(t)
+    con.print("stages as each path reports them; the Detector's `proposals` includes its `sam_embedding`.")
+
+    r = Table(title="ratios (measured side by side in this run)")
+    for col in ("ratio", "value", "goal", "met"):
+        r.add_column(col, justify="right" if col != "ratio" else "left")
+    labels = {"baseline_model/ours_skip": "baseline lower bound*/ours_skip",
+              "baseline_model/ours_product": "baseline lower bound*/ours_product"}
+    for name, v in ratios.items():
+        met = "" if v["met"] is None else ("[green]yes[/green]" if v["met"] else "[red]NO[/red]")
+        goal = "" if v["goal"] is None else f">= {v['goal']:g}"
+        r.add_row(labels.get(name, name), f"{v['value']:.1f}x", goal, met)
+    con.print(r)
+    con.print("* lower bound: baseline encode + decode + classify, without the mask generator's post-processing "
+              "(RLE/NMS), which random-weight noise masks inflate; with real weights the baseline would also "
+              f"classify far more than {bl['masks']} mask(s).")
+    con.print(f"context: {ctx['models']}; device {ctx['device']}, {ctx['cpu_count']} CPUs, torch {ctx['torch']} "
+              f"with {ctx['torch_threads']} threads; image {ctx['image_size'][0]}x{ctx['image_size'][1]}; "
+              f"{ctx['repeats']} repeats; {ctx['baseline_note']}; malloc: {ctx['malloc']}; peak RSS {ctx['peak_rss_mib']:.0f} MiB; "
+              f"total {ctx['total_s']:.0f} s")
+
+
+def run_from_options(opts: Any) -> dict[str, Any]:
+    """``python -m bench detect``: run with the CLI options, print the tables, return the result."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    size = opts.size or (TINY_SIZE if opts.tiny else DEFAULT_SIZE)
+    common = dict(repeats=opts.repeats, size=size, device=opts.device, log=lambda m: err.print(m, highlight=False))
+    if opts.tiny:
+        from pipeline.tiny import make_tiny_set
+
+        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
+            err.print("building the tiny model set (clip, sam) ...")
+            make_tiny_set(d, roles=["clip", "sam"])
+            result = run_detect(tiny_dir=d, **common)
+    else:
+        result = run_detect(**common)
+    render(result)
+    return result

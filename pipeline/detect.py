@@ -75,6 +75,7 @@ class DetectResult:
     best_scores: dict[str, float] = field(default_factory=dict)
     prefilter: dict[str, Any] | None = None
     proposals: int = 0
+    classified: int = 0  # proposals left after size filter and box NMS, each one CLIP crop
     proposal_mode: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -87,6 +88,7 @@ class DetectResult:
             "best_scores": {k: round(v, 4) for k, v in self.best_scores.items()},
             "prefilter": self.prefilter,
             "proposals": self.proposals,
+            "classified": self.classified,
             "proposal_mode": self.proposal_mode,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
@@ -169,6 +171,20 @@ def merge_same_class(masks: np.ndarray, scores: np.ndarray, iou_thresh: float = 
         else:
             groups.append(([int(i)], float(scores[i])))
     return groups
+
+
+def box_nms(boxes: np.ndarray, quality: np.ndarray, keep: np.ndarray, iou: float) -> np.ndarray:
+    """Indices of ``keep`` left after class-agnostic box NMS by SAM's predicted quality, as SAM's
+    own automatic generator does (threshold 0.7): near-duplicate proposals (three multimask outputs
+    of neighbouring prompts often coincide) would otherwise each cost a CLIP crop."""
+    if len(keep) <= 1:
+        return keep
+    import torch
+    from torchvision.ops import nms
+
+    b = torch.as_tensor(boxes[keep], dtype=torch.float32)
+    q = torch.as_tensor(quality[keep], dtype=torch.float32)
+    return np.sort(keep[nms(b, q, iou).numpy()])
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -507,6 +523,8 @@ class Detector:
         t2 = time.perf_counter()
         area = props.masks.reshape(len(props.masks), -1).mean(axis=1) if len(props.masks) else np.zeros(0)
         keep = np.nonzero((area >= self.cfg.min_mask_area) & (area > 0))[0]
+        keep = box_nms(props.boxes, props.quality, keep, 0.7)
+        res.classified = len(keep)
         detections: list[Detection] = []
         if len(keep):
             boxes = [pad_box(props.boxes[i], self.cfg.context_pad, W, H) for i in keep]

@@ -117,8 +117,10 @@ def test_labels_merging_and_suppression_known_exactly():
     assert np.array_equal(by["handbag"].mask, square)  # union of square + fragment, eroded suppressed
     assert np.array_equal(by["shoe"].mask, ellipse)
     assert by["handbag"].score > 0.9 and by["handbag"].margin > 0.5
-    # every crop of the image went through CLIP in one batch: 6 prefilter views, then 5 proposals
-    assert det.scorer.image_batches == [6, 5]
+    # every crop went through CLIP in one batch: 6 prefilter views, then the proposals left after
+    # the size filter (speck) and box NMS (the eroded near-duplicate)
+    assert det.scorer.image_batches == [6, 4]
+    assert res.proposals == 6 and res.classified == 4
     assert prop.set_image_calls == 1
 
 

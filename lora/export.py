@@ -1,0 +1,174 @@
+"""Writing a trained LoRA: diffusers format, kohya/A1111 format, manifest, and the rule snippet.
+
+- **diffusers** (``NAME.safetensors``): what ``pipe.load_lora_weights(FILE)`` reads. Keys
+  ``unet.<module>.lora_A.weight`` / ``lora_B`` (and ``text_encoder.`` ones), with diffusers'
+  ``lora_adapter_metadata`` (rank, alpha, target modules) so alpha != rank loads at the right scale.
+- **kohya** (``NAME.kohya.safetensors``): what A1111, ComfyUI and kohya sd-scripts read (and
+  diffusers too). Per module ``lora_unet_<module with _>.lora_down.weight`` (= peft ``lora_A``,
+  ``[rank, in(, k, k)]``), ``.lora_up.weight`` (= ``lora_B``, ``[out, rank(, 1, 1)]``) and
+  ``.alpha`` (0-dim float); text encoder modules use the ``lora_te_`` prefix. SD 1.x kohya LoRAs
+  are trained on the diffusers UNet, so module paths are the diffusers ones with dots as ``_``.
+  ``ss_*`` metadata is what A1111's LoRA browser shows (``ss_tag_frequency`` gives the tag).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from pipeline.imageio import atomic_write_text
+from pipeline.models import file_sha256
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+KOHYA_UNET_PREFIX = "lora_unet"
+KOHYA_TE_PREFIX = "lora_te"
+
+
+def peft_to_kohya(state: dict[str, "torch.Tensor"], prefix: str, alpha: float) -> dict[str, "torch.Tensor"]:
+    """peft LoRA state dict (``<module>.lora_A.weight`` / ``lora_B``, adapter name removed, as
+    ``peft.get_peft_model_state_dict`` returns it) -> kohya keys under ``prefix`` (``lora_unet`` or
+    ``lora_te``). Tensors are kept as they are (dtype, shape); ``alpha`` becomes one 0-dim float32
+    ``.alpha`` tensor per module; text-encoder modules are named from ``text_model.`` as in the
+    original CLIP checkpoint. Raises ValueError for a key that is not a LoRA A/B weight."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    modules = set()
+    for key, t in state.items():
+        for peft_kind, kohya_kind in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight")):
+            if key.endswith(peft_kind):
+                module = key[: -len(peft_kind)]
+                if prefix == KOHYA_TE_PREFIX and not module.startswith("text_model."):
+                    # transformers 5 dropped CLIPTextModel's `text_model.` level; kohya, A1111 and
+                    # ComfyUI name text-encoder layers from the original checkpoint, which has it.
+                    module = "text_model." + module
+                name = f"{prefix}_{module.replace('.', '_')}"
+                out[f"{name}.{kohya_kind}"] = t.detach().contiguous()
+                modules.add(name)
+                break
+        else:
+            raise ValueError(f"not a LoRA A/B weight: {key} (DoRA and other variants are not exported)")
+    for name in modules:
+        if f"{name}.lora_down.weight" not in out or f"{name}.lora_up.weight" not in out:
+            raise ValueError(f"{name}: lora_A and lora_B must both be present")
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def _atomic_replace_from(tmp_file: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp_file, target)
+
+
+def lora_state_dict(module: Any) -> dict[str, "torch.Tensor"]:
+    """The ``default`` LoRA adapter's weights of a peft-injected module, keyed as
+    ``peft.get_peft_model_state_dict`` keys them (``<module>.lora_A.weight``, adapter name removed)."""
+    out = {}
+    for name, p in module.named_parameters():
+        if ".lora_A.default." in name or ".lora_B.default." in name:
+            out[name.replace(".default.", ".")] = p.detach()
+    return out
+
+
+def save_diffusers_lora(path: Path, unet_state: dict[str, "torch.Tensor"], unet_config: dict[str, Any],
+                        te_state: dict[str, "torch.Tensor"] | None = None,
+                        te_config: dict[str, Any] | None = None) -> Path:
+    """Write a diffusers-format LoRA file from peft-keyed state dicts (:func:`lora_state_dict`) and
+    their ``LoraConfig.to_dict()`` (stored as diffusers' adapter metadata, so rank and alpha load
+    exactly). The file appears atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    # peft key names as they are: convert_state_dict_to_diffusers would rename only the attention
+    # layers to the old ``.lora.down`` spelling, and diffusers then loads a mix of both spellings
+    # incompletely (the attention part of a `transformer`/`all` LoRA was silently dropped).
+    kwargs: dict[str, Any] = {"unet_lora_layers": unet_state, "unet_lora_adapter_metadata": dict(unet_config)}
+    if te_state:
+        kwargs["text_encoder_lora_layers"] = te_state
+        kwargs["text_encoder_lora_adapter_metadata"] = dict(te_config or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # save_lora_weights writes straight to its final name; write beside, then rename, so a crash
+    # never leaves a truncated LoRA where the daemon's rules point.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as d:
+        StableDiffusionPipeline.save_lora_weights(d, weight_name=path.name, safe_serialization=True, **kwargs)
+        _atomic_replace_from(Path(d) / path.name, path)
+    return path
+
+
+def save_kohya_lora(path: Path, unet_state: dict[str, "torch.Tensor"], alpha: float,
+                    te_state: dict[str, "torch.Tensor"] | None = None,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write the kohya/A1111 format (see the module docstring) from peft-keyed state dicts.
+    ``metadata`` values are stringified (safetensors metadata is str -> str)."""
+    from safetensors.torch import save_file
+
+    tensors = peft_to_kohya(unet_state, KOHYA_UNET_PREFIX, alpha)
+    if te_state:
+        tensors.update(peft_to_kohya(te_state, KOHYA_TE_PREFIX, alpha))
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kohya-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        _atomic_replace_from(Path(tmp), path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def kohya_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``ss_*`` keys A1111 / ComfyUI LoRA browsers read, from the run's manifest."""
+    ds = manifest["dataset"]
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": manifest["rank"],
+        "ss_network_alpha": manifest["alpha"],
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": manifest["name"],
+        "ss_sd_model_name": manifest["base_model"].get("source", ""),
+        "ss_resolution": f"({manifest['resolution']}, {manifest['resolution']})",
+        "ss_num_train_images": ds["samples_per_epoch"],
+        "ss_max_train_steps": manifest["steps"],
+        "ss_learning_rate": manifest["learning_rate"],
+        "ss_seed": manifest["seed"],
+        "ss_tag_frequency": {"product-studio": {manifest["tag"]: ds["images"]}},
+        "ss_dataset_hash": ds["sha256"],
+        "ps_activation_tag": manifest["tag"],
+    }
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def lora_files_record(path: Path) -> dict[str, Any]:
+    return {"file": Path(path).name, "sha256": file_sha256(Path(path)), "bytes": Path(path).stat().st_size}
+
+
+def rule_snippet(lora_file: Path, class_name: str, tag: str, weight: float = 1.0, *,
+                 class_is_guess: bool = False) -> str:
+    """The rules-file YAML that enhances ``class_name`` products with this LoRA.
+
+    Shape: ``rules: - match: {class: NAME} actions: - enhance: {loras: [{path, weight}], tag}``.
+    The path is absolute so the snippet works in any rules file."""
+    data = {"rules": [{
+        "name": f"{class_name} in the {tag} style",
+        "match": {"class": class_name},
+        "actions": [{"enhance": {"loras": [{"path": str(Path(lora_file).resolve()), "weight": float(weight)}],
+                                 "tag": tag}}],
+    }]}
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=1000)
+    if class_is_guess:
+        text = f"# set `class` to the product class this style is for (classes: see conf/settings.yaml)\n{text}"
+    return text

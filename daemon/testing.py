@@ -1,0 +1,181 @@
+"""A model-free processor and helpers for testing the daemon (and for dry runs of the plumbing).
+
+``PassThroughProcessor`` follows the processor contract of :mod:`pipeline.process` without any
+model: it loads the input with the safe loader and writes its pixels to ``OUT/STEM.png`` plus the
+record ``OUT/STEM.json`` (last, atomically). Bad inputs get ``OUT/failed/STEM.json``. Names steer
+it in tests: ``noproduct`` -> skipped, ``flaky`` -> raises on the first attempt, ``boom`` -> always
+raises, ``perm`` -> raises a permanent error.
+
+Use it with ``product-studio watch --processor daemon.testing:make_passthrough``. Environment:
+``PRODUCT_STUDIO_TEST_DELAY`` (seconds spent "processing" each image) and
+``PRODUCT_STUDIO_TEST_WRITE_DELAY`` (seconds spent writing the output image in chunks, to leave a
+partial temp file behind when killed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipeline.imageio import ImageLoadError, atomic_write_text, load_image, save_image
+from pipeline.outputs import now_iso, write_failure
+from pipeline.settings import Settings, SettingsError, read_yaml_mapping
+
+
+class PermanentTestError(ValueError):
+    permanent = True
+
+
+class PassThroughProcessor:
+    def __init__(self, settings: Settings, rules_path: Path | None, *, delay: float = 0.0,
+                 write_delay: float = 0.0):
+        self.settings = settings
+        self.delay = delay
+        self.write_delay = write_delay
+        self.calls: list[str] = []
+        self._raised: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.rules: dict[str, Any] = {}
+        self.rules_hash = "none"
+        if rules_path is not None:
+            self.reload_rules(rules_path)
+
+    def reload_rules(self, path: Path) -> str:
+        data, text = read_yaml_mapping(Path(path))
+        rules = data.get("rules", [])
+        if not isinstance(rules, list):
+            raise SettingsError(path, [("rules", f"expected a list, got {type(rules).__name__}", None)])
+        self.rules = data
+        self.rules_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return self.rules_hash
+
+    def process(self, path: Path, outbox: Path, *, sha256: str, stem: str) -> dict:
+        name = Path(path).name
+        with self._lock:
+            self.calls.append(name)
+        base = {"pipeline_version": "test", "created": now_iso(), "rules": {"sha256": self.rules_hash},
+                "pid": os.getpid()}
+        if "boom" in name:
+            raise RuntimeError("boom (test processor: always fails)")
+        if "perm" in name:
+            raise PermanentTestError("bad parameter (test processor: permanent error)")
+        if "flaky" in name:
+            with self._lock:
+                self._raised[sha256] += 1
+                first = self._raised[sha256] == 1
+            if first:
+                raise RuntimeError("flaky (test processor: fails on the first attempt)")
+        t0 = time.perf_counter()
+        try:
+            loaded = load_image(path, max_pixels=self.settings.limits.max_pixels)
+        except ImageLoadError as e:
+            return write_failure(outbox / "failed", stem, str(path), str(e), {**base, "stage": "load"})
+        t_load = time.perf_counter() - t0
+        if self.delay:
+            time.sleep(self.delay)
+        inp = {"name": name, "path": str(path), "sha256": loaded.sha256, "size": list(loaded.size)}
+        if "noproduct" in name:
+            rec = {**base, "status": "skipped", "reason": "no product (test processor)", "input": inp}
+            atomic_write_text(outbox / "skipped" / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
+            return rec
+        out = outbox / f"{stem}.png"
+        if self.write_delay:
+            _slow_save(loaded.image, out, self.write_delay)
+        else:
+            save_image(loaded.image, out)
+        rec = {**base, "status": "edited", "input": inp, "outputs": {"image": out.name},
+               "timings": {"load": round(t_load, 4), "write": round(time.perf_counter() - t0 - t_load, 4)}}
+        atomic_write_text(outbox / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
+        return rec
+
+
+def _slow_save(image: Any, target: Path, seconds: float) -> None:
+    # Same temp naming and rename as pipeline.imageio's atomic writer, spread over `seconds`.
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = buf.getvalue()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        n = 5
+        for i in range(n):
+            fh.write(data[i * len(data) // n:(i + 1) * len(data) // n])
+            fh.flush()
+            time.sleep(seconds / n)
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def make_passthrough(settings: Settings, rules_path: Path | None) -> PassThroughProcessor:
+    return PassThroughProcessor(settings, rules_path,
+                                delay=float(os.environ.get("PRODUCT_STUDIO_TEST_DELAY", "0") or 0),
+                                write_delay=float(os.environ.get("PRODUCT_STUDIO_TEST_WRITE_DELAY", "0") or 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Test helpers
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
+    """A small PNG whose pixels (and so bytes) differ per ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, message: str = "", interval: float = 0.05) -> Any:
+    """Poll ``cond`` until truthy and return its value; fail (AssertionError) after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message or cond}")
+        time.sleep(interval)
+
+
+class TimeLimitExceeded(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Fail with :class:`TimeLimitExceeded` if the block runs longer than ``seconds`` (SIGALRM; main thread)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _alarm(signum: int, frame: Any) -> None:
+        raise TimeLimitExceeded(f"test exceeded its {seconds:.0f}s time limit (hung thread?)")
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def outcome_records(outbox: Path) -> dict[str, list[Path]]:
+    """Every JSON record in the outbox by outcome folder."""
+    def records(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
+
+    return {"edited": records(outbox), "skipped": records(outbox / "skipped"), "failed": records(outbox / "failed")}

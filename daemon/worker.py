@@ -1,0 +1,354 @@
+"""The worker: claims ledger rows one at a time and runs the (warm) processor on each.
+
+Per image, whatever happens, the row ends terminal or is rescheduled, and the worker goes on:
+
+- the processor returns a record: ``edited -> done``, ``skipped``, ``failed`` (bad input or
+  parameters: the processor wrote ``outbox/failed/STEM.json``);
+- it raises: *permanent* errors (:class:`~pipeline.imageio.ImageLoadError`,
+  :class:`~pipeline.settings.SettingsError`, anything with ``permanent = True``) fail the image at
+  once; anything else is *transient* (bugs, CUDA OOM, a busy disk): retried with capped exponential
+  backoff up to ``max_attempts``, then failed. Either way the daemon writes
+  ``outbox/failed/STEM.json`` itself, record last, atomically. GPU memory is released after every
+  failure;
+- a model that cannot be loaded (:class:`~pipeline.models.ModelLoadError`) is *fatal*: the image
+  is requeued and the daemon stops (exit 3), since every later image would fail the same way.
+
+Only then is the input disposed of (archived / deleted / left), and that is recorded last, so a
+crash at any point is resumed correctly (see :mod:`daemon.ledger`).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from daemon.intake import hash_file
+from daemon.ledger import Row
+from daemon.logs import log_event
+from pipeline.outputs import write_failure
+
+if TYPE_CHECKING:
+    from daemon.service import Daemon
+
+OUTCOME_STATE = {"edited": "done", "skipped": "skipped", "failed": "failed"}
+STATE_OUTCOME = {v: k for k, v in OUTCOME_STATE.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Error classes
+
+
+def is_permanent(exc: BaseException) -> bool:
+    if getattr(exc, "permanent", False):
+        return True
+    from pipeline.imageio import ImageLoadError
+    from pipeline.settings import SettingsError
+
+    return isinstance(exc, (ImageLoadError, SettingsError))
+
+
+def is_fatal(exc: BaseException) -> bool:
+    models = sys.modules.get("pipeline.models")
+    err = getattr(models, "ModelLoadError", None)
+    return bool(err and isinstance(exc, err))
+
+
+def free_gpu() -> None:
+    """Release cached GPU memory after a failure (only if torch is already loaded: never import it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Disposition
+
+
+def archive_target(archive: Path, name: str, sha256: str, same_content: Any = None) -> Path:
+    """Where ``name`` (inbox-relative) goes in ``archive``: the same relative path, or with
+    ``-<sha8>`` (then ``-N``) before the suffix when a *different* file already holds that name."""
+    rel = Path(name)
+    base = archive / rel
+
+    def cands() -> Iterator[Path]:
+        yield base
+        yield base.with_name(f"{rel.stem}-{sha256[:8]}{rel.suffix}")
+        for i in range(2, 1000):
+            yield base.with_name(f"{rel.stem}-{sha256[:8]}-{i}{rel.suffix}")
+
+    for c in cands():
+        if not os.path.lexists(c):
+            return c
+        # A copy of this very content (an earlier crash mid-move) may be replaced.
+        try:
+            if c.is_file() and not c.is_symlink() and hash_file(c) == sha256:
+                return c
+        except OSError:
+            continue
+    raise OSError(f"no free name for {name} in {archive}")
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Atomic move into place; across filesystems: copy to a hidden temp beside ``dst``, fsync, rename,
+    then remove the source (a crash in between leaves a full copy, never a partial one)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.unlink(src)
+
+
+def dispose_input(src: Path, name: str, sha256: str, outcome: str, mode: str, archive: Path) -> str:
+    """Apply the disposition to an input that has its outcome. Returns what was done:
+    ``archived:PATH``, ``deleted``, ``left`` or ``gone`` (nothing there any more).
+
+    ``delete`` never deletes a failed input: it is archived, so it can be fixed and dropped again."""
+    if not os.path.lexists(src):
+        return "gone"
+    if mode == "leave":
+        return "left"
+    if mode == "delete" and outcome != "failed":
+        os.unlink(src)
+        return "deleted"
+    target = archive_target(archive, name, sha256)
+    move_file(src, target)
+    return f"archived:{target}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker thread
+
+
+class Worker:
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+        self.log = daemon.log
+        self.wake = threading.Event()
+        self.stop_requested = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="product-studio-worker", daemon=True)
+        self._lock = threading.Lock()
+        self.current: Row | None = None
+        self.abandoned = False  # set by a stop that gave up waiting: the row was requeued
+        self.rules_dirty = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def _run(self) -> None:
+        while not self.stop_requested.is_set():
+            row = None
+            try:
+                self.wake.clear()
+                self._reload_rules_if_asked()
+                if self.stop_requested.is_set():
+                    break
+                row = self.d.ledger.claim(self.d.rules_hash)
+                if row is None:
+                    due = self.d.ledger.next_due()
+                    wait = 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
+                    self.wake.wait(wait)
+                    continue
+                self._handle(row)
+            except Exception as e:
+                # Bookkeeping errors (ledger, disk full, ...) must not end the worker. The image is
+                # tried again later; if even that cannot be recorded, the next start resumes it.
+                log_event(self.log, logging.ERROR, "worker_error", "worker error", exc_info=True)
+                if row is not None and not self._abandoned():
+                    try:
+                        self.d.ledger.retry_later(row.id, describe(e), time.time() + 5.0)
+                    except Exception:
+                        pass
+                self.stop_requested.wait(1.0)
+            finally:
+                if row is not None:
+                    with self._lock:
+                        self.current = None
+                    self.d.status.update(current=None)
+                    self.d.metrics.in_progress(0)
+
+    # -- rules -----------------------------------------------------------------------------------
+    def request_rules_reload(self) -> None:
+        self.rules_dirty = True
+        self.wake.set()
+
+    def _reload_rules_if_asked(self) -> None:
+        # Runs between images on the worker thread, so the processor never switches rules mid-image.
+        if not self.rules_dirty:
+            return
+        self.rules_dirty = False
+        self.d.reload_rules()
+
+    # -- one image -------------------------------------------------------------------------------
+    def _handle(self, row: Row) -> None:
+        d = self.d
+        with self._lock:
+            self.current = row
+            self.abandoned = False
+        d.metrics.in_progress(1)
+        d.status.update(current={"name": row.name, "stem": row.stem, "source": row.source, "attempt": row.attempts,
+                                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        d.metrics.observe("queue", max(0.0, time.time() - row.arrived))
+        src = Path(row.source)
+        if row.attempts > d.ds.max_attempts:
+            # Only reachable through crashes: each start resumed it and each attempt killed the process.
+            self._fail(row, f"gave up after {row.attempts - 1} attempts that ended with the daemon stopping "
+                            "(crash or kill) while processing this image", final_attempts=row.attempts - 1)
+            return
+        if not os.path.lexists(src):
+            # Removed or moved before its turn. If it was moved within the inbox, intake finds it
+            # there and queues it again; if it was removed, there is no input left to account for.
+            d.ledger.delete(row.id)
+            log_event(self.log, logging.WARNING, "withdrawn", "%s left the inbox before it was processed",
+                      row.name, stem=row.stem)
+            return
+        t = time.perf_counter()
+        try:
+            sha = hash_file(src)
+        except OSError as e:
+            self._transient(row, e)
+            return
+        d.metrics.observe("hash", time.perf_counter() - t)
+        if sha != row.sha256:
+            # Overwritten after intake: the content this row stands for is gone; the new content is
+            # nominated again and gets its own row.
+            d.ledger.delete(row.id)
+            log_event(self.log, logging.WARNING, "changed", "%s changed after intake; taken again as new content",
+                      row.name, stem=row.stem)
+            d.intake.notify(src)
+            return
+
+        t = time.perf_counter()
+        try:
+            record = d.processor.process(src, d.paths.outbox, sha256=row.sha256, stem=row.stem)
+            status = record.get("status") if isinstance(record, dict) else None
+            if status not in OUTCOME_STATE:
+                raise RuntimeError(f"processor returned a record with status {status!r} "
+                                   "(expected edited, skipped or failed)")
+        except Exception as e:
+            seconds = time.perf_counter() - t
+            free_gpu()
+            if self._abandoned():
+                return
+            d.metrics.observe("process", seconds)
+            if is_fatal(e):
+                d.ledger.requeue(row.id)
+                d.fatal(e)
+                return
+            if is_permanent(e):
+                self._fail(row, describe(e), seconds=seconds)
+            else:
+                self._transient(row, e, seconds=seconds)
+            return
+        seconds = time.perf_counter() - t
+        if self._abandoned():
+            return
+        d.metrics.observe("process", seconds)
+        for stage, s in (record.get("timings") or {}).items():
+            if isinstance(s, (int, float)) and stage not in ("total", "queue", "hash", "process", "dispose"):
+                d.metrics.observe(stage, s)
+        state = OUTCOME_STATE[status]
+        error = record.get("error") if state == "failed" else None
+        d.ledger.finish(row.id, state, error=error, record=self._record_path(row.stem, status), seconds=seconds)
+        if state == "failed":
+            free_gpu()
+            d.status.error(row.name, row.stem, str(error), final=True)
+        self._finish(row, status, seconds)
+
+    def _abandoned(self) -> bool:
+        with self._lock:
+            return self.abandoned
+
+    def _record_path(self, stem: str, status: str) -> str | None:
+        folder = {"edited": "", "skipped": "skipped", "failed": "failed"}[status]
+        p = self.d.paths.outbox / folder / f"{stem}.json"
+        return str(p) if p.exists() else None
+
+    def _transient(self, row: Row, exc: BaseException, seconds: float | None = None) -> None:
+        d = self.d
+        err = describe(exc)
+        if row.attempts >= d.ds.max_attempts:
+            log_event(self.log, logging.ERROR, "attempts_exhausted", "%s failed %d times, giving up: %s", row.name,
+                      row.attempts, err, stem=row.stem, exc_info=exc)
+            self._fail(row, f"gave up after {row.attempts} attempts: {err}", seconds=seconds,
+                       final_attempts=row.attempts, logged=True)
+            return
+        delay = min(d.ds.retry_backoff_seconds * 2 ** (row.attempts - 1), d.ds.retry_backoff_max_seconds)
+        d.ledger.retry_later(row.id, err, time.time() + delay)
+        d.metrics.outcome("retried")
+        d.status.error(row.name, row.stem, err, final=False)
+        log_event(self.log, logging.WARNING, "retry", "%s: attempt %d/%d failed (%s); retrying in %.1fs", row.name,
+                  row.attempts, d.ds.max_attempts, err, delay, stem=row.stem, exc_info=exc)
+
+    def _fail(self, row: Row, error: str, *, seconds: float | None = None, final_attempts: int | None = None,
+              logged: bool = False) -> None:
+        """The daemon's own failure record (record last, atomic), then the ledger, then disposition."""
+        d = self.d
+        extra = {"sha256": row.sha256, "name": row.name, "attempts": final_attempts or row.attempts,
+                 "rules": {"sha256": d.rules_hash}, "stage": "daemon"}
+        write_failure(d.paths.outbox / "failed", row.stem, row.source, error, extra)
+        d.ledger.finish(row.id, "failed", error=error, record=str(d.paths.outbox / "failed" / f"{row.stem}.json"),
+                        seconds=seconds)
+        d.status.error(row.name, row.stem, error, final=True)
+        if not logged:
+            log_event(self.log, logging.ERROR, "failed", "%s failed: %s", row.name, error, stem=row.stem)
+        self._finish(row, "failed", seconds or 0.0, quiet=True)
+
+    def _finish(self, row: Row, outcome: str, seconds: float, quiet: bool = False) -> None:
+        d = self.d
+        t = time.perf_counter()
+        # Re-read: intake may have recorded a rename of the input while it was being processed.
+        row = d.ledger.get(row.id) or row
+        try:
+            what = dispose_input(Path(row.source), row.name, row.sha256, outcome, d.ds.disposition, d.paths.archive)
+        except OSError as e:
+            what = None
+            log_event(self.log, logging.ERROR, "dispose_error", "cannot move %s out of the inbox: %s (retried at "
+                      "the next start)", row.name, e, stem=row.stem)
+        if what is not None:
+            d.ledger.set_disposition(row.id, what)
+        d.metrics.observe("dispose", time.perf_counter() - t)
+        d.count_outcome(outcome)
+        if not quiet:
+            level = logging.WARNING if outcome == "failed" else logging.INFO
+            log_event(self.log, level, "processed", "%s: %s in %.2fs", row.name, outcome, seconds, stem=row.stem,
+                      outcome=outcome, attempts=row.attempts, disposition=what)

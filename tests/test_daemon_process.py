@@ -1,0 +1,182 @@
+"""The `watch` command as a real process: kill -9 mid-image then restart, SIGTERM, a second signal.
+
+Runs ``python -m cli.daemon_cmd watch`` with the model-free pass-through processor
+(``--processor daemon.testing:make_passthrough``); every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.ledger import Ledger, read_summary
+from daemon.lock import lock_holder
+from daemon.testing import outcome_records, png_bytes, time_limit, wait_for
+from pipeline.imageio import load_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _time_limit():
+    with time_limit(60):
+        yield
+
+
+class Proc:
+    def __init__(self, root: Path, delay: float = 0.0, write_delay: float = 0.0, tag: str = "run"):
+        self.root = root
+        self.log_path = root / f"daemon-{tag}.log"
+        env = {**os.environ, "PRODUCT_STUDIO_TEST_DELAY": str(delay), "PRODUCT_STUDIO_TEST_WRITE_DELAY": str(write_delay),
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("PRODUCT_STUDIO_CONFIG", None)
+        self.log = open(self.log_path, "wb")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "cli.daemon_cmd", "watch", "--config", str(root / "settings.yaml"),
+             "--processor", "daemon.testing:make_passthrough", "--settle", "0.2", "--rescan", "1",
+             "--log-format", "json", "--retry-backoff", "0.05"],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def status(self) -> dict | None:
+        for f in (self.root / "outbox").glob(".daemon-*.status.json"):
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+            if data.get("pid") == self.p.pid:
+                return data
+        return None
+
+    def wait_running(self) -> None:
+        wait_for(lambda: (self.status() or {}).get("state") == "running" or self.p.poll() is not None, 20,
+                 "the daemon to start")
+        assert self.p.poll() is None, self.output()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.p.wait(timeout)
+        finally:
+            self.log.close()
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "settings.yaml").write_text("root: .\npaths:\n  inbox: inbox\n  outbox: outbox\n")
+    procs: list[Proc] = []
+    yield tmp_path, procs
+    for p in procs:
+        p.kill()
+
+
+def start(root_procs, **kw) -> Proc:
+    root, procs = root_procs
+    p = Proc(root, tag=str(len(procs)), **kw)
+    procs.append(p)
+    p.wait_running()
+    return p
+
+
+def summary(root: Path) -> dict:
+    return read_summary(root / "outbox" / ".ledger.sqlite3")
+
+
+def temp_files(outbox: Path) -> list[Path]:
+    """Partial outputs (atomic-writer temps of images and records), not the status file's own."""
+    return [p for p in outbox.rglob(".*") if ".tmp-" in p.name and ".status.json" not in p.name]
+
+
+def test_kill_9_mid_image_then_restart_accounts_for_every_input_once(root):
+    tmp, _ = root
+    inputs = {f"in{i}": png_bytes(i, size=(64, 48)) for i in range(4)}
+    for stem, data in inputs.items():
+        (tmp / "inbox" / f"{stem}.png").write_bytes(data)
+    p = start(root, write_delay=1.0)
+    # Kill while an output image is half written (its temp file exists, the record does not).
+    wait_for(lambda: temp_files(tmp / "outbox"), 15, "an output being written")
+    p.p.send_signal(signal.SIGKILL)
+    assert p.wait(10) == -signal.SIGKILL
+    s = summary(tmp)
+    assert s["counts"]["running"] == 1 and temp_files(tmp / "outbox")
+    killed = s["running"][0]["stem"]
+
+    p2 = start(root)
+    wait_for(lambda: summary(tmp)["counts"]["done"] == 4, 20, "all four done after the restart")
+    p2.p.send_signal(signal.SIGTERM)
+    assert p2.wait(15) == 0, p2.output()
+
+    recs = outcome_records(tmp / "outbox")
+    assert sorted(r.stem for r in recs["edited"]) == sorted(inputs) and not recs["skipped"] and not recs["failed"]
+    for stem, data in inputs.items():
+        rec = json.loads((tmp / "outbox" / f"{stem}.json").read_text())
+        assert rec["status"] == "edited" and rec["input"]["name"] == f"{stem}.png"
+        out = np.asarray(load_image(tmp / "outbox" / f"{stem}.png").image)
+        assert np.array_equal(out, np.asarray(load_image(data).image))
+        assert (tmp / "outbox" / "archive" / f"{stem}.png").read_bytes() == data
+    assert temp_files(tmp / "outbox") == [], "partial files left in the outbox"
+    assert not any((tmp / "inbox").iterdir())
+    led = Ledger(tmp / "outbox" / ".ledger.sqlite3").open()
+    rows = {r.stem: r for r in led.rows()}
+    led.close()
+    assert len(rows) == 4 and all(r.state == "done" for r in rows.values())
+    assert rows[killed].attempts == 2 and all(r.attempts == 1 for s, r in rows.items() if s != killed)
+    assert '"event": "resumed"' in p2.output() and '"event": "temp_removed"' in p2.output()
+
+
+def test_sigterm_finishes_the_current_image_and_exits_cleanly(root):
+    tmp, _ = root
+    (tmp / "inbox" / "a.png").write_bytes(png_bytes(1))
+    p = start(root, delay=1.0)
+    wait_for(lambda: (p.status() or {}).get("current"), 10, "a being processed")
+    t = time.monotonic()
+    p.p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0, p.output()
+    assert time.monotonic() - t < 8
+    s = summary(tmp)
+    assert s["counts"]["done"] == 1 and s["counts"]["running"] == s["counts"]["pending"] == 0
+    assert (tmp / "outbox" / "a.json").exists() and (tmp / "outbox" / "archive" / "a.png").exists()
+    (status_file,) = (tmp / "outbox").glob(".daemon-*.status.json")
+    assert json.loads(status_file.read_text())["state"] == "stopped"
+    assert lock_holder(status_file.with_name(status_file.name.replace(".status.json", ".lock"))) is None
+    lines = [json.loads(line) for line in p.output().splitlines() if line.strip()]  # --log-format json
+    events = [e["event"] for e in lines]
+    assert all({"ts", "level", "event", "msg"} <= set(e) for e in lines)
+    assert events.index("signal") < events.index("processed") < events.index("stopped")
+
+
+def test_a_second_signal_exits_at_once_and_the_image_is_resumed(root):
+    tmp, _ = root
+    (tmp / "inbox" / "a.png").write_bytes(png_bytes(1))
+    p = start(root, delay=20.0)
+    wait_for(lambda: (p.status() or {}).get("current"), 10, "a being processed")
+    t = time.monotonic()
+    p.p.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    p.p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 130, p.output()
+    assert time.monotonic() - t < 5
+    assert summary(tmp)["counts"]["running"] == 1 and not (tmp / "outbox" / "a.json").exists()
+
+    p2 = start(root)
+    wait_for(lambda: summary(tmp)["counts"]["done"] == 1, 15, "a done after the restart")
+    p2.p.send_signal(signal.SIGINT)
+    assert p2.wait(15) == 0, p2.output()
+    assert [r.stem for r in outcome_records(tmp / "outbox")["edited"]] == ["a"]

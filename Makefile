@@ -18,16 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-# The main job with the default (real) models: fetch them, check they load, then process the
-# inbox (detection for now; becomes `product-studio watch` when the daemon lands).
+# The main job with the default (real) models: fetch them, check they load, then watch inbox/
+# and process every image into outbox/ with conf/rules.yaml (Ctrl-C stops cleanly).
 run: setup
 	$(CLI) models pull
 	$(CLI) models verify
-	$(CLI) detect inbox --out outbox
+	$(CLI) watch
 
 # Offline demo on a tiny random-weight model set (noise, not quality).
 demo: setup
 	HF_HUB_OFFLINE=1 $(CLI) demo
+
+# Benchmarks: full-size random-weight models on this machine; ratios measured side by side.
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -217,10 +217,10 @@ def detect_cmd(
 
 @app.command("run")
 def run_cmd(
-    image: Path = typer.Argument(..., help="the input image"),
-    op: str = typer.Option(..., "--op", help="the edit operation: displace | enhance | rotate"),
-    class_name: str = typer.Option(..., "--class", help="product class to edit (the best-scoring instance)"),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file (white = product); skips detection"),
+    paths: List[Path] = typer.Argument(..., help="images, folders (their images) or catalog CSVs"),
+    op: Optional[str] = typer.Option(None, "--op", help="one operation by hand (displace | enhance | rotate) instead of the rules"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="with --op: the product class to edit"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="with --op: product mask file (white = product); skips detection"),
     x: Optional[str] = typer.Option(None, "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
     y: Optional[str] = typer.Option(None, "--y", help="displace: vertical offset, pixels or fraction of the height"),
     fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: sd | classical"),
@@ -229,14 +229,33 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (default: settings)"),
     azimuth: Optional[float] = typer.Option(None, "--azimuth", help="rotate: degrees, -180..180"),
     polar: Optional[float] = typer.Option(None, "--polar", help="rotate: degrees"),
+    rules: Optional[Path] = typer.Option(None, "--rules", help="rule file (default: paths.rules from the settings)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="detect and plan only: masks, overlays and the actions that would run"),
+    on_conflict: str = typer.Option("suffix", "--on-conflict", help="existing outputs: suffix | skip | overwrite"),
+    recursive: bool = typer.Option(False, "--recursive", "-R", help="descend into sub-folders"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: the outbox)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Run one edit on one image. Writes NAME.OP.png (PNG: pixels outside the edit are the input's),
-    NAME.OP.mask.png (every pixel that may differ) and NAME.OP.json (the record, written last).
+    """Run the rules over images, folders or a catalog CSV (path, optional class, action, sku
+    columns), or with --op one operation by hand.
 
-    Exit 0 when edited or skipped (no product found: the record says why), 4 when the input, mask
-    or a parameter is bad or the edit is refused."""
+    Rules mode writes per input STEM.png / STEM.mask.png / STEM.overlay.png / STEM.json (edited),
+    skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and OUT/report.html (contact
+    sheet). --op mode writes STEM.OP.png, STEM.OP.mask.png and STEM.OP.json.
+    Exit 0 when every input was processed (skipped counts), 4 if any failed."""
+    if op is None:
+        if class_name or mask:
+            raise fail("--class and --mask go with --op (one operation by hand)", EXIT_CONFIG)
+        if any(v is not None for v in (x, y, fill_backend, lora or None, prompt, seed, azimuth, polar)):
+            raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
+                       EXIT_CONFIG)
+        _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config)
+        return
+    if class_name is None:
+        raise fail("--op needs --class NAME", EXIT_CONFIG)
+    if len(paths) != 1 or paths[0].is_dir():
+        raise fail("--op takes exactly one image", EXIT_CONFIG)
+    image = paths[0]
     from pipeline.run_edit import OPS, op_handler, run_op
 
     if op not in OPS:
@@ -280,6 +299,110 @@ def run_cmd(
         raise fail(f"{image.name}: {rec['error']}", EXIT_INPUT)
 
 
+def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
+               out: Optional[Path], config: Optional[Path]) -> None:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from pipeline.catalog import Manifest, choose_stem, collect_items, manifest_entry, safe_item_stem, write_report
+    from pipeline.process import Processor
+    from pipeline.rules import load_rules
+    from pipeline.settings import SettingsError
+
+    if on_conflict not in ("suffix", "skip", "overwrite"):
+        raise fail(f"--on-conflict must be suffix, skip or overwrite, not {on_conflict!r}", EXIT_CONFIG)
+    s = load_settings_or_exit(config)
+    rules_path = rules or s.resolve_path(s.paths.rules)
+    try:
+        ruleset = load_rules(rules_path, s)
+        items = collect_items(paths, recursive)
+    except SettingsError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    except (ValueError, OSError) as e:
+        raise fail(str(e), EXIT_INPUT) from None
+    if not items:
+        console.print("no input images found: nothing to do")
+        return
+    out_dir = out or s.resolve_path(s.paths.outbox)
+    inbox = s.resolve_path(s.paths.inbox)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = Processor(s, ruleset)
+    manifest = Manifest(out_dir / "manifest.jsonl")
+    entries, taken = [], set()
+    stage: dict[str, float] = {}
+    with model_errors(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=console, transient=False) as prog:
+        task = prog.add_task("run" + (" (dry run)" if dry_run else ""), total=len(items), rate="")
+        t_start = time.perf_counter()
+        for n, item in enumerate(items, 1):
+            t0 = time.perf_counter()
+            stem = choose_stem(out_dir, safe_item_stem(item), on_conflict, taken)
+            if stem is None:
+                ent = manifest_entry(item, None, None, 0.0, status="exists")
+            else:
+                taken.add(stem)
+                rec = proc.process(item.path, out_dir, stem=stem, dry_run=dry_run, classes=item.classes,
+                                   actions=item.actions)
+                for k, v in (rec.get("timings") or {}).items():
+                    if k != "total":
+                        stage[k] = stage.get(k, 0.0) + v
+                ent = manifest_entry(item, stem, rec, time.perf_counter() - t0)
+            manifest.add(ent)
+            entries.append(ent)
+            rate = n / max(time.perf_counter() - t_start, 1e-9)
+            prog.update(task, advance=1, description=f"{item.path.name[:30]}: {ent['status']}", rate=f"{rate:.2f} img/s")
+    manifest.close()
+    report = write_report(out_dir, entries)
+    counts: dict[str, int] = {}
+    for ent in entries:
+        counts[ent["status"]] = counts.get(ent["status"], 0) + 1
+    t = Table("outcome", "images")
+    for k in ("edited", "planned", "skipped", "failed", "exists"):
+        if counts.get(k):
+            t.add_row(k, str(counts[k]))
+    console.print(t)
+    if stage:
+        console.print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in stage.items()))
+    console.print(f"outputs in {out_dir}; contact sheet {report}; rules {ruleset.path} ({ruleset.sha256[:12]})")
+    if any(Path(item.path).resolve().is_relative_to(inbox) for item in items) and out_dir.resolve().is_relative_to(inbox):
+        console.print("[yellow]warning[/]: the output folder is inside the inbox")
+    if counts.get("failed"):
+        raise typer.Exit(EXIT_INPUT)
+
+
+# ------------------------------------------------------------------------------------------------
+# rules
+
+rules_app = typer.Typer(help="Rule files: class -> action routing.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("check")
+def rules_check(
+    file: Optional[Path] = typer.Argument(None, help="rule file (default: paths.rules from the settings)"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Validate a rule file and print what each class will get. Exit 2 (with file, line, field
+    and reason) when it is invalid."""
+    from pipeline.rules import load_rules
+    from pipeline.settings import SettingsError
+
+    s = load_settings_or_exit(config)
+    path = file or s.resolve_path(s.paths.rules)
+    try:
+        rs = load_rules(path, s)
+    except SettingsError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    console.print(f"[green]ok[/] {path}  (sha256 {rs.sha256[:12]}, {len(rs.file.rules)} rules, no match: {rs.no_match})")
+    for cls, lines in rs.describe():
+        console.print(f"[bold]{cls}[/]")
+        for line in lines:
+            console.print(f"  {line}", soft_wrap=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # demo
 
@@ -293,22 +416,29 @@ def demo_cmd(
     import tempfile
 
     from pipeline.samples import write_samples
-    from pipeline.settings import load_settings
     from pipeline.tiny import make_tiny_set
 
     root = directory or Path(tempfile.mkdtemp(prefix="product-studio-demo-"))
     console.print(f"[bold]demo folder[/] {root}")
     console.print("1. building a tiny random-weight model set (real layouts, random weights)...")
     cfg = make_tiny_set(root / "models")
-    settings = load_settings(cfg)
     inbox, outbox = root / "inbox", root / "outbox"
     console.print("2. writing sample photos into the inbox...")
-    samples = write_samples(inbox)
-    console.print("3. detecting products (SAM + CLIP) on every inbox image...")
-    run_detection(settings, samples, outbox, None, None, None)
-    console.print(f"\n[bold]outputs[/]: {outbox}  (per image: .json record, .overlay.png, mask PNGs)")
+    write_samples(inbox)
+    console.print("3. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
+    _run_rules([inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox, cfg)
+    console.print(f"\n[bold]outputs[/]: {outbox}  (per image: .png result, .mask.png, .overlay.png, .json record;"
+                  " skipped/ and failed/ hold the others)")
+    console.print(f"[bold]contact sheet[/]: {outbox / 'report.html'}")
     console.print("[yellow]These are tiny random models: labels, masks and scores are noise, not quality.[/] "
                   "Run with real models: `make run`.")
+
+
+# Command groups kept in their own modules (they import nothing heavy at import time).
+from cli import daemon_cmd, lora_cmd  # noqa: E402
+
+lora_cmd.register(app)
+daemon_cmd.register(app)
 
 
 def main() -> None:

@@ -67,6 +67,8 @@ class ModelSource(_Strict):
     path: Path | None = Field(None, description="local directory (diffusers/transformers layout) or checkpoint file")
     model_type: str | None = Field(None, description="SAM only: vit_b | vit_l | vit_h | auto (inferred from the weights)")
     licence: str = Field("", description="licence note shown by `models list` and written into records")
+    commercial: bool | None = Field(None, description="False for weights under a non-commercial licence (refused "
+                                    "when `commercial_use: true`); True if cleared; None = not known")
 
     @field_validator("repo")
     @classmethod
@@ -205,17 +207,76 @@ class DetectSettings(_Strict):
 
 
 class EnhanceSettings(_Strict):
-    prompt_template: str = "{tag}, {label}, studio photography, product photography, ultra realistic"
+    """Restyle or clean up a detected product in place (:mod:`pipeline.enhance`): SD inpainting with
+    ControlNet depth on a crop around the product; only the dilated product mask is written back."""
+
+    class ClassStyle(_Strict):
+        """Per-class look: prompt, activation tag and LoRA files (``FILE[:WEIGHT]``, relative paths
+        against ``root``). Unset fields fall back to the ``enhance`` ones."""
+
+        prompt_template: str | None = Field(None, description="overrides enhance.prompt_template")
+        negative_prompt: str | None = Field(None, description="overrides enhance.negative_prompt")
+        tag: str | None = Field(None, description="LoRA activation tag, filled into {tag}")
+        loras: list[str | dict[str, Any]] = Field(default_factory=list, description="LoRA .safetensors files: "
+                                                  "FILE, FILE:WEIGHT or {path: FILE, weight: W}")
+
+        @field_validator("prompt_template")
+        @classmethod
+        def _template(cls, v: str | None) -> str | None:
+            return None if v is None else EnhanceSettings.check_template(v)
+
+        @field_validator("loras")
+        @classmethod
+        def _loras(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+            from pipeline.lora_weights import split_entry
+
+            for item in v:
+                split_entry(item)  # syntax and weight range only; the file is checked when used
+            return v
+
+    prompt_template: str = Field("{tag}, {label}, studio photography, product photography, ultra realistic",
+                                 description="placeholders {tag} and {label}; empty comma items are dropped")
     negative_prompt: str = "blurry, deformed, lowres, watermark, text"
+    tag: str = Field("", description="default LoRA activation tag (classes.NAME.tag overrides)")
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(7.0, ge=0.0, le=50.0)
-    strength: float = Field(0.75, ge=0.0, le=1.0)
+    strength: float = Field(0.75, gt=0.0, le=1.0, description="share of the schedule re-noised; steps x strength "
+                            "must be at least 1")
+    controlnet: bool = Field(True, description="ControlNet depth keeps the product's shape; off = plain inpainting")
     controlnet_scale: float = Field(0.8, ge=0.0, le=5.0)
-    resolution: int = Field(512, ge=64, le=2048, multiple_of=8)
-    mask_dilation: int = Field(8, ge=0, le=512)
-    mask_feather: int = Field(4, ge=0, le=256)
-    crop_margin: float = Field(0.25, ge=0.0, le=4.0)
+    mode: Literal["crop", "whole"] = Field("crop", description="crop: product box + margin at `resolution`; "
+                                           "whole: the whole photo at its own size (up to whole_max_side)")
+    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the crop mode work size")
+    whole_max_side: int = Field(2048, ge=64, le=8192, multiple_of=8, description="whole mode: longer photos are "
+                                "scaled down to this long side")
+    mask_dilation: int = Field(8, ge=0, le=512, description="px the edited region grows beyond the product mask")
+    mask_feather: int = Field(4, ge=0, le=256, description="px over which the result fades into the original at "
+                              "the edge of the dilated mask")
+    crop_margin: float = Field(0.25, ge=0.0, le=4.0, description="context around the product, share of its box size")
     seed: int = 0
+    classes: dict[str, ClassStyle] = Field(default_factory=dict, description="per-class prompt, tag and LoRAs")
+
+    @staticmethod
+    def check_template(v: str) -> str:
+        """A prompt template may hold only the placeholders {tag} and {label}."""
+        bad = sorted(set(re.findall(r"\{([^{}]*)\}", v)) - {"tag", "label"})
+        if bad:
+            raise ValueError(f"unknown placeholder(s) {', '.join('{' + b + '}' for b in bad)} "
+                             "(a prompt template may use {tag} and {label})")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return cls.check_template(v)
+
+    @model_validator(mode="after")
+    def _some_denoising(self) -> "EnhanceSettings":
+        # diffusers runs int(steps * strength) steps; zero would fail inside the model call.
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps={self.steps} x strength={self.strength} leaves no denoising step "
+                             "(int(steps x strength) must be at least 1); raise either")
+        return self
 
 
 class DisplaceSettings(_Strict):
@@ -249,17 +310,66 @@ class DisplaceSettings(_Strict):
 
 
 class RotateSettings(_Strict):
-    steps: int = Field(75, ge=1, le=500)
-    guidance: float = Field(3.0, ge=0.0, le=50.0)
-    crop_padding: float = Field(0.2, ge=0.0, le=4.0)
-    view_size: int = Field(256, ge=32, le=1024, multiple_of=8)
+    """Show a detected product from another viewpoint (:mod:`pipeline.rotate`). Novel-view defaults
+    from the Zero123 reference demo (guidance 3, 75 DDIM steps, eta 1, 256 px views); removal
+    defaults as for displace (SD fill, empty prompt, guidance ~2, strength 1.0, ~20 px dilation)."""
+
+    # -- the novel view (Zero123) --
+    steps: int = Field(75, ge=1, le=500, description="DDIM steps of the novel-view model")
+    guidance: float = Field(3.0, ge=0.0, le=50.0, description="classifier-free guidance (1 = off)")
+    eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta (1.0 as the reference demo; 0 = deterministic DDIM)")
+    crop_padding: float = Field(0.2, ge=0.0, le=4.0, description="white margin around the product in the model "
+                                "input, share of its box's long side on each side")
+    view_size: int = Field(256, ge=32, le=1024, multiple_of=8, description="novel-view model input/output size, px")
+    radius: float = Field(0.0, ge=-0.5, le=0.5, description="relative camera distance change (+ = farther)")
+    max_polar: float = Field(90.0, gt=0.0, le=90.0, description="largest |polar| accepted, degrees")
+    warn_azimuth: float = Field(90.0, ge=0.0, le=180.0, description="|azimuth| at or above this adds a warning "
+                                "(large turns distort)")
+    # -- the new view: upscale and matte --
+    upscale: Literal["auto", "always", "off"] = Field("auto", description="upscaler role on the new view: auto = "
+                                                     "only when the product would be enlarged")
+    matte_threshold: int = Field(24, ge=1, le=254, description="distance from white (max over R, G, B) above which "
+                                 "a view pixel is the product")
+    matte_refine: bool = Field(True, description="refine the view's matte with SAM (box prompt)")
+    matte_edge: int = Field(1, ge=0, le=16, description="px of soft alpha at the matte's edge (view resolution)")
+    # -- placement and compositing --
+    anchor: Literal["bottom-center", "center", "keep-box"] = Field(
+        "bottom-center", description="bottom-center: same bottom and centre x as the old box; center: same centre; "
+        "keep-box: scaled to fit inside the old box, bottom-centred in it")
+    scale_by: Literal["height", "width"] = Field("height", description="match the old product's height or width "
+                                                 "(keep-box ignores this)")
+    feather: int = Field(3, ge=0, le=256, description="px of soft edge outside the pasted product")
+    poisson: bool = Field(False, description="Poisson-blend the new product into the background (cv2.seamlessClone)")
+    # -- removing the old product (pipeline.inpaint.fill) --
+    fill: Literal["sd", "classical"] = Field("sd", description="hole fill: SD inpainting, or OpenCV (no weights)")
+    fill_steps: int = Field(30, ge=1, le=500)
+    fill_guidance: float = Field(2.0, ge=0.0, le=50.0)
+    fill_strength: float = Field(1.0, ge=0.0, le=1.0)
+    fill_prompt: str = Field("", description="SD fill prompt; empty removes best")
+    fill_negative_prompt: str = ""
+    fill_resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
+    fill_crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
+    mask_dilation: int = Field(20, ge=0, le=512, description="px the hole grows beyond the old product mask")
+    fill_blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole edge")
+    classical_method: Literal["ns", "telea"] = "ns"
+    classical_radius: int = Field(5, ge=1, le=64)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_fill_denoising(self) -> "RotateSettings":
+        # diffusers runs int(steps * strength) steps; zero would fail inside the SD fill.
+        if self.fill == "sd" and int(self.fill_steps * self.fill_strength) < 1:
+            raise ValueError(f"fill_steps={self.fill_steps} x fill_strength={self.fill_strength} leaves no "
+                             "denoising step for the sd fill; raise either (or use fill: classical)")
+        return self
 
 
 class Settings(_Strict):
     """The whole settings file. ``source_file`` and ``base_dir`` are set by :func:`load_settings`."""
 
     root: Path = Path(".")
+    commercial_use: bool = Field(False, description="outputs are for commercial use: refuse models marked "
+                                 "`commercial: false`")
     paths: PathsSettings = PathsSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     limits: LimitsSettings = LimitsSettings()

@@ -295,9 +295,21 @@ def tiny_settings_dict(out: Path) -> dict:
             "min_mask_area": 0.0, "prefilter_threshold": 0.0,
         },
         "enhance": {"steps": 2, "resolution": 64},
-        "displace": {"steps": 2},
-        "rotate": {"steps": 2, "view_size": 64},
+        "displace": {"steps": 2, "resolution": 64},
+        "rotate": {"steps": 2, "view_size": 64, "fill_resolution": 64},
     }
+
+
+TINY_RULES = {
+    "version": 1,
+    "rules": [
+        {"name": "bags move right", "match": {"class": "handbag"},
+         "actions": [{"displace": {"x": "10%", "y": 0, "fill": "classical"}}]},
+        {"name": "shoes move left", "match": {"class": "shoe"},
+         "actions": [{"displace": {"x": "-10%", "y": 0, "fill": "classical"}}]},
+    ],
+    "no_match": "skip",
+}
 
 
 def make_tiny_set(out: str | Path, roles: list[str] | None = None) -> Path:
@@ -312,6 +324,9 @@ def make_tiny_set(out: str | Path, roles: list[str] | None = None) -> Path:
     for role in list(BUILDERS) if roles is None else roles:
         rel, build = BUILDERS[role]
         build(out / rel)
+    rules = out / "rules.yaml"
+    rules.write_text("# Rules for the tiny set: every stage runs offline in seconds (outputs are noise).\n"
+                     + yaml.safe_dump(TINY_RULES, sort_keys=False))
     settings = out / "settings.yaml"
     header = "# Tiny random-weight model set written by `product-studio models make-tiny`.\n" \
              "# It exercises every code path offline; its outputs are noise, not quality.\n"

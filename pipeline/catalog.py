@@ -1,0 +1,231 @@
+"""Catalog runs: many inputs (files, folders, a CSV of SKUs) through the rules, with a JSONL
+manifest and a static HTML contact sheet (``report.html``) for review."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.imageio import is_image_name
+from pipeline.outputs import safe_stem
+from pipeline.rules import ACTIONS
+
+
+@dataclass
+class CatalogItem:
+    """One input. ``classes``/``actions``: per-row overrides from a catalog CSV (None = rules)."""
+
+    path: Path
+    classes: list[str] | None = None
+    actions: list[tuple[str, dict[str, Any]]] | None = None
+    sku: str | None = None
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_action(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``"displace x=-10% y=0; enhance seed=3"`` -> ``[("displace", {...}), ("enhance", {...})]``."""
+    out = []
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        words = shlex.split(part)
+        op, params = words[0], {}
+        if op not in ACTIONS:
+            raise ValueError(f"unknown action {op!r} (known: {', '.join(ACTIONS)})")
+        for w in words[1:]:
+            if "=" not in w:
+                raise ValueError(f"action parameter {w!r} is not KEY=VALUE")
+            k, v = w.split("=", 1)
+            params[k] = _value(v)
+        out.append((op, params))
+    return out
+
+
+def read_catalog_csv(path: Path) -> list[CatalogItem]:
+    """A CSV with a ``path`` (or ``image``) column, optional ``class`` (names separated by ``|``),
+    ``action`` (see :func:`parse_action`) and ``sku``. Relative paths resolve against the CSV's
+    folder. Raises ValueError naming the row for a bad row."""
+    items = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        key = cols.get("path") or cols.get("image")
+        if key is None:
+            raise ValueError(f"{path}: catalog CSV needs a 'path' (or 'image') column; found {', '.join(cols) or 'none'}")
+        for n, row in enumerate(reader, start=2):
+            raw = (row.get(key) or "").strip()
+            if not raw:
+                raise ValueError(f"{path}:{n}: empty path")
+            p = Path(raw).expanduser()
+            p = p if p.is_absolute() else path.parent / p
+            cls = (row.get(cols.get("class", "")) or "").strip() if "class" in cols else ""
+            act = (row.get(cols.get("action", "")) or "").strip() if "action" in cols else ""
+            try:
+                actions = parse_action(act) if act else None
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            sku = (row.get(cols["sku"]) or "").strip() if "sku" in cols else None
+            items.append(CatalogItem(p, [c.strip() for c in cls.split("|") if c.strip()] or None, actions, sku or None))
+    return items
+
+
+def collect_items(paths: Iterable[Path], recursive: bool = False) -> list[CatalogItem]:
+    """Files as given, folders expanded to their images (recursive on request; hidden files and
+    ``._*`` skipped), ``.csv`` files read as catalogs."""
+    items: list[CatalogItem] = []
+    for p in paths:
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            files = sorted(f for f in it if f.is_file() and is_image_name(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            items.extend(CatalogItem(f) for f in files)
+        elif p.suffix.lower() == ".csv":
+            items.extend(read_catalog_csv(p))
+        else:
+            items.append(CatalogItem(p))
+    return items
+
+
+def output_exists(out: Path, stem: str) -> bool:
+    return any((d / f"{stem}.json").exists() for d in (out, out / "skipped", out / "failed"))
+
+
+def choose_stem(out: Path, stem: str, policy: str, taken: set[str]) -> str | None:
+    """Output stem under the conflict policy: ``suffix`` -> STEM-1, STEM-2, ...; ``skip`` -> None
+    when outputs exist; ``overwrite`` -> STEM. Stems used earlier in this run always get a suffix."""
+    if policy not in ("suffix", "skip", "overwrite"):
+        raise ValueError(f"conflict policy must be suffix, skip or overwrite, not {policy!r}")
+    if stem in taken:
+        policy = "suffix"
+    elif not output_exists(out, stem):
+        return stem
+    if policy == "skip":
+        return None
+    if policy == "overwrite":
+        return stem
+    i = 1
+    while output_exists(out, f"{stem}-{i}") or f"{stem}-{i}" in taken:
+        i += 1
+    return f"{stem}-{i}"
+
+
+class Manifest:
+    """``OUT/manifest.jsonl``: one line per input, appended and flushed as each one finishes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self._f.write(json.dumps(entry, default=str) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def manifest_entry(item: CatalogItem, stem: str | None, record: dict[str, Any] | None, seconds: float,
+                   status: str | None = None) -> dict[str, Any]:
+    rec = record or {}
+    status = status or rec.get("status", "failed")
+    folder = {"skipped": "skipped/", "failed": "failed/"}.get(status, "")
+    return {
+        "input": str(item.path), "sku": item.sku, "stem": stem, "status": status,
+        "sha256": (rec.get("input") or {}).get("sha256"),
+        "record": f"{folder}{stem}.json" if stem and record else None,
+        "reason": (rec.get("detect") or {}).get("reason") if status == "skipped" else None,
+        "error": rec.get("error"), "seconds": round(seconds, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Contact sheet
+
+
+def _thumb(src: Path, dst: Path, size: int = 320) -> str | None:
+    from pipeline.imageio import ImageLoadError, load_image, save_image
+
+    try:
+        im = load_image(src).image.convert("RGB")
+    except (ImageLoadError, OSError):
+        return None
+    im.thumbnail((size, size))
+    save_image(im, dst, quality=85)
+    return dst.name
+
+
+def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product Studio run") -> Path:
+    """``OUT/report.html``: static, self-contained apart from relative thumbnails in ``OUT/thumbs/``.
+
+    Per image: input | overlay | output, classes and scores, actions, QA figures and timings;
+    skipped and failed images in their own sections with the reason."""
+    thumbs = out / "thumbs"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    sections: dict[str, list[str]] = {"edited": [], "planned": [], "skipped": [], "failed": [], "exists": []}
+    e = html.escape
+    for ent in entries:
+        status, stem = ent["status"], ent.get("stem")
+        rec: dict[str, Any] = {}
+        if ent.get("record") and (out / ent["record"]).exists():
+            rec = json.loads((out / ent["record"]).read_text())
+        folder = out / {"skipped": "skipped", "failed": "failed"}.get(status, "")
+        cells = []
+        for kind, src in (("input", Path(ent["input"])),
+                          ("overlay", folder / f"{stem}.overlay.png" if stem else None),
+                          ("output", out / f"{stem}.png" if stem and status == "edited" else None)):
+            name = _thumb(src, thumbs / f"{stem}.{kind}.jpg") if src is not None and src.exists() else None
+            cells.append(f'<td><img src="thumbs/{e(name)}" alt="{kind}" loading="lazy"></td>' if name else "<td>-</td>")
+        det = rec.get("detect") or {}
+        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in det.get("detections", [])) or "-"
+        best = ", ".join(f"{k} {v:.2f}" for k, v in (det.get("best_scores") or {}).items())
+        acts = rec.get("actions") or rec.get("plan") or []
+        act_txt = "; ".join(f"{a['op']} {a['label']} ({a.get('rule_name') or 'rule ' + str(a.get('rule'))})" for a in acts) or "-"
+        qa = []
+        for a in rec.get("actions") or []:
+            r = a.get("record") or {}
+            fill = r.get("fill") or {}
+            if fill.get("scores"):
+                qa.append(f"re-check {fill['scores'][-1]:.2f}" + (" (fallback)" if fill.get("fallback") else ""))
+            if r.get("warnings"):
+                qa.extend(r["warnings"])
+        timing = ", ".join(f"{k} {v:.2f}s" for k, v in (rec.get("timings") or {}).items())
+        why = ent.get("reason") or ent.get("error") or det.get("reason") or ""
+        info = (f"<td><b>{e(Path(ent['input']).name)}</b>{' / ' + e(ent['sku']) if ent.get('sku') else ''}"
+                f"<br>found: {e(found)}<br>best: {e(best)}<br>actions: {e(act_txt)}"
+                f"{'<br>QA: ' + e('; '.join(qa)) if qa else ''}{'<br>why: ' + e(why) if why else ''}"
+                f"<br><small>{e(timing)}</small></td>")
+        sections.setdefault(status, []).append(f"<tr>{cells[0]}{cells[1]}{cells[2]}{info}</tr>")
+    counts = ", ".join(f"{k} {len(v)}" for k, v in sections.items() if v)
+    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;width:100%}"
+             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}img{max-width:320px}"
+             "h2{margin-top:1.5em}</style></head><body>",
+             f"<h1>{e(title)}</h1><p id=\"summary\">{e(counts)}</p>"]
+    for name, rows in sections.items():
+        if not rows:
+            continue
+        parts.append(f'<h2 id="{name}">{name.capitalize()} ({len(rows)})</h2>'
+                     "<table><tr><th>input</th><th>overlay</th><th>output</th><th>details</th></tr>"
+                     + "".join(rows) + "</table>")
+    parts.append("</body></html>")
+    from pipeline.imageio import atomic_write_text
+
+    return atomic_write_text(out / "report.html", "\n".join(parts) + "\n")
+
+
+def safe_item_stem(item: CatalogItem) -> str:
+    return safe_stem(item.sku or item.path.name)

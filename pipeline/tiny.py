@@ -303,10 +303,12 @@ def tiny_settings_dict(out: Path) -> dict:
 TINY_RULES = {
     "version": 1,
     "rules": [
+        {"name": "bags get the look", "match": {"class": "handbag"},
+         "actions": [{"enhance": {"tag": "tinystyle"}}], "continue": True},
         {"name": "bags move right", "match": {"class": "handbag"},
          "actions": [{"displace": {"x": "10%", "y": 0, "fill": "classical"}}]},
-        {"name": "shoes move left", "match": {"class": "shoe"},
-         "actions": [{"displace": {"x": "-10%", "y": 0, "fill": "classical"}}]},
+        {"name": "shoes turn", "match": {"class": "shoe"},
+         "actions": [{"rotate": {"azimuth": 30, "polar": 0, "fill": "classical"}}]},
     ],
     "no_match": "skip",
 }

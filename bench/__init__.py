@@ -13,6 +13,7 @@ import platform
 # name -> "module:function"; each function takes the parsed CLI options and returns a result dict.
 BENCHMARKS: dict[str, str] = {
     "detect": "bench.detect:run_from_options",
+    "enhance": "bench.enhance:run_from_options",
 }
 
 _malloc = "default"

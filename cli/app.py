@@ -226,6 +226,7 @@ def run_cmd(
     fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: sd | classical"),
     lora: Optional[List[str]] = typer.Option(None, "--lora", help="enhance: LoRA FILE[:WEIGHT] (repeatable)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="enhance: prompt (default: the class template)"),
+    tag: Optional[str] = typer.Option(None, "--tag", help="enhance: LoRA activation tag for the prompt's {tag}"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (default: settings)"),
     azimuth: Optional[float] = typer.Option(None, "--azimuth", help="rotate: degrees, -180..180"),
     polar: Optional[float] = typer.Option(None, "--polar", help="rotate: degrees"),
@@ -246,7 +247,7 @@ def run_cmd(
     if op is None:
         if class_name or mask:
             raise fail("--class and --mask go with --op (one operation by hand)", EXIT_CONFIG)
-        if any(v is not None for v in (x, y, fill_backend, lora or None, prompt, seed, azimuth, polar)):
+        if any(v is not None for v in (x, y, fill_backend, lora or None, prompt, tag, seed, azimuth, polar)):
             raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
                        EXIT_CONFIG)
         _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config)
@@ -266,9 +267,9 @@ def run_cmd(
         raise fail(str(e), EXIT_CONFIG) from None
     if fill_backend not in (None, "sd", "classical"):
         raise fail(f"--fill must be sd or classical, not {fill_backend!r}", EXIT_CONFIG)
-    given = {"x": x, "y": y, "fill": fill_backend, "loras": lora or None, "prompt": prompt, "seed": seed,
+    given = {"x": x, "y": y, "fill": fill_backend, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar}
-    per_op = {"displace": ("x", "y", "fill", "seed"), "enhance": ("loras", "prompt", "seed"),
+    per_op = {"displace": ("x", "y", "fill", "seed"), "enhance": ("loras", "prompt", "tag", "seed"),
               "rotate": ("azimuth", "polar", "fill", "seed")}[op]
     stray = [k for k, v in given.items() if v is not None and k not in per_op]
     if stray:

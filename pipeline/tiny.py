@@ -183,12 +183,22 @@ def make_controlnet_depth(out: Path) -> None:
     """diffusers ControlNetModel layout (config.json + diffusion_pytorch_model.safetensors)."""
     from diffusers import ControlNetModel
 
+    import torch
+
     _seeded(4)
-    ControlNetModel(
+    cn = ControlNetModel(
         block_out_channels=(32, 64), layers_per_block=1, in_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=CROSS_DIM,
         conditioning_embedding_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=32,
-    ).save_pretrained(out, safe_serialization=True)
+    )
+    # ControlNet's "zero convolutions" start at zero, so a fresh one changes nothing; random small
+    # values make the depth conditioning really reach the UNet in every test.
+    zero_convs = [cn.controlnet_cond_embedding.conv_out, *cn.controlnet_down_blocks, cn.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0, 0.02)
+            conv.bias.normal_(0, 0.02)
+    cn.save_pretrained(out, safe_serialization=True)
 
 
 def make_depth(out: Path) -> None:

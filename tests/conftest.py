@@ -32,3 +32,15 @@ def registry(tiny_settings):
     from pipeline.models import ModelRegistry
 
     return ModelRegistry(tiny_settings)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    # The tiny models gain nothing from intra-op threads, while on a busy 2-CPU runner OpenMP's
+    # spin-waiting made model tests several times slower.
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,7 +1,6 @@
 """Detection: decision logic with fixed embeddings (labels known exactly), and the real code path
 end to end on tiny models."""
 
-import json
 
 import numpy as np
 import pytest

@@ -19,16 +19,6 @@ H, W = 72, 96
 BG = (90, 140, 60)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The tiny 64 px models gain nothing from intra-op threads, while on a busy 2-CPU runner
-    # OpenMP's spin-waiting made these tests ~8x slower. Restored for the other modules.
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def product_mask(cx=30, cy=36, r=12):

@@ -33,14 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 H, W = 72, 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The tiny 64 px models gain nothing from intra-op threads; on a busy 2-CPU runner OpenMP's
-    # spin-waiting made such tests several times slower. Restored for the other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def product_mask(cx=40, cy=36, r=12, h=H, w=W):

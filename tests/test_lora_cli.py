@@ -17,14 +17,6 @@ runner = CliRunner()
 TAG = "ppzocketv2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def photo(seed: int, size=(48, 40)) -> Image.Image:

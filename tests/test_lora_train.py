@@ -22,16 +22,6 @@ from lora.dataset import (
 TAG = "ppzocketv2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-CPU runner OpenMP spin-waiting
-    # slows them down several times. Restored for the other modules.
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def product_photo(seed: int, size=(48, 40)) -> Image.Image:

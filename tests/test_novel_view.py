@@ -17,13 +17,6 @@ from pipeline.novel_view import NovelViewPipeline, check_pose, pose_embedding
 from pipeline.settings import load_settings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads; OpenMP spin-waits slow busy runners.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

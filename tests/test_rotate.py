@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -22,13 +21,6 @@ H, W = 90, 120
 OBJ = (0, 0, 255)  # the stand-in view's object colour; nothing else in the scenes is this blue
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads; OpenMP spin-waits slow busy runners.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def scene(cx=50, cy=45, rx=14, ry=20, seed=0):

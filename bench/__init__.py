@@ -14,6 +14,7 @@ import platform
 BENCHMARKS: dict[str, str] = {
     "detect": "bench.detect:run_from_options",
     "enhance": "bench.enhance:run_from_options",
+    "daemon": "bench.daemon:run_from_options",
 }
 
 _malloc = "default"

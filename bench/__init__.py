@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "detect": "bench.detect:run_from_options",
     "enhance": "bench.enhance:run_from_options",
     "daemon": "bench.daemon:run_from_options",
+    "warm": "bench.warm:run_from_options",
 }
 
 _malloc = "default"

@@ -7,7 +7,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from cli.common import EXIT_CONFIG, EXIT_INPUT, EXIT_MODEL, ConfigOption, console, fail, load_settings_or_exit, model_errors
+from cli.common import (EXIT_CONFIG, EXIT_INPUT, EXIT_MODEL, ActorsOption, AddressOption, ConfigOption, CpusPerActorOption,
+                        EngineOption, GpusPerActorOption, MaxInFlightOption, console, fail, load_settings_or_exit,
+                        model_errors, pool_options)
 
 app = typer.Typer(
     name="product-studio",
@@ -235,10 +237,19 @@ def run_cmd(
     on_conflict: str = typer.Option("suffix", "--on-conflict", help="existing outputs: suffix | skip | overwrite"),
     recursive: bool = typer.Option(False, "--recursive", "-R", help="descend into sub-folders"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: the outbox)"),
+    engine: str = EngineOption,
+    address: Optional[str] = AddressOption,
+    actors: Optional[int] = ActorsOption,
+    max_in_flight: Optional[int] = MaxInFlightOption,
+    cpus_per_actor: Optional[float] = CpusPerActorOption,
+    gpus_per_actor: Optional[float] = GpusPerActorOption,
+    processor: Optional[str] = typer.Option(None, "--processor", hidden=True,
+                                            help="MODULE:FACTORY(settings, rules) building the processor (tests)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Run the rules over images, folders or a catalog CSV (path, optional class, action, sku
-    columns), or with --op one operation by hand.
+    columns), or with --op one operation by hand. --engine ray spreads the images over a pool of
+    Ray actors (this machine, or a cluster with --address; see docs/ray.md).
 
     Rules mode writes per input STEM.png / STEM.mask.png / STEM.overlay.png / STEM.json (edited),
     skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and OUT/report.html (contact
@@ -250,8 +261,11 @@ def run_cmd(
         if any(v is not None for v in (x, y, fill_backend, lora or None, prompt, tag, seed, azimuth, polar)):
             raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
                        EXIT_CONFIG)
-        _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config)
+        opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
+        _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config, pool=opts, processor=processor)
         return
+    if engine != "local":
+        raise fail("--engine ray runs the rules over many images; --op runs one edit here", EXIT_CONFIG)
     if class_name is None:
         raise fail("--op needs --class NAME", EXIT_CONFIG)
     if len(paths) != 1 or paths[0].is_dir():
@@ -300,15 +314,40 @@ def run_cmd(
         raise fail(f"{image.name}: {rec['error']}", EXIT_INPUT)
 
 
+def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -> tuple[Any, int]:
+    """The processor for a catalog run and how many images it takes at once: the local one (1), or
+    a Ray pool (its in-flight bound). Exits 2 when Ray is missing or cannot start, 3 when a model
+    cannot be loaded (on an actor's warm-up too)."""
+    if pool is None:
+        if processor:
+            from cli.daemon_cmd import _load_factory
+
+            return _load_factory(processor)(s, ruleset), 1
+        from pipeline.process import Processor
+
+        return Processor(s, ruleset), 1
+    from pipeline.ray_engine import EngineError, RayProcessor
+
+    try:
+        with model_errors(), console.status("starting the Ray pool (actors load their models)..."):
+            proc = RayProcessor(s, ruleset, pool)
+    except EngineError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    console.print(proc.describe())
+    for note in proc.sizing.notes:
+        console.print(f"[yellow]note[/]: {note}")
+    return proc, proc.concurrency
+
+
 def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
-               out: Optional[Path], config: Optional[Path]) -> None:
+               out: Optional[Path], config: Optional[Path], *, pool: Any = None, processor: Optional[str] = None) -> None:
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.catalog import Manifest, choose_stem, collect_items, manifest_entry, safe_item_stem, write_report
-    from pipeline.process import Processor
+    from pipeline.catalog import (CatalogJob, Manifest, choose_stem, collect_items, manifest_entry, process_jobs,
+                                  safe_item_stem, write_report)
     from pipeline.rules import load_rules
     from pipeline.settings import SettingsError
 
@@ -329,36 +368,50 @@ def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_confl
     out_dir = out or s.resolve_path(s.paths.outbox)
     inbox = s.resolve_path(s.paths.inbox)
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = Processor(s, ruleset)
+    proc, concurrency = _make_processor(s, ruleset, pool, processor)
     manifest = Manifest(out_dir / "manifest.jsonl")
-    entries, taken = [], set()
+    # Stems are chosen up front, in input order, so they do not depend on which image finishes first.
+    jobs: list[CatalogJob] = []
+    order: dict[int, int] = {}  # job index -> input position (the report lists inputs in order)
+    entries: list[tuple[int, dict]] = []
+    taken: set[str] = set()
     stage: dict[str, float] = {}
-    with model_errors(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                  console=console, transient=False) as prog:
-        task = prog.add_task("run" + (" (dry run)" if dry_run else ""), total=len(items), rate="")
-        t_start = time.perf_counter()
-        for n, item in enumerate(items, 1):
-            t0 = time.perf_counter()
-            stem = choose_stem(out_dir, safe_item_stem(item), on_conflict, taken)
-            if stem is None:
-                ent = manifest_entry(item, None, None, 0.0, status="exists")
-            else:
+    try:
+        with model_errors(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      console=console, transient=False) as prog:
+            task = prog.add_task("run" + (" (dry run)" if dry_run else ""), total=len(items), rate="")
+            t_start = time.perf_counter()
+
+            def finished(pos: int, name: str, ent: dict) -> None:
+                manifest.add(ent)
+                entries.append((pos, ent))
+                rate = len(entries) / max(time.perf_counter() - t_start, 1e-9)
+                prog.update(task, advance=1, description=f"{name[:30]}: {ent['status']}", rate=f"{rate:.2f} img/s")
+
+            for pos, item in enumerate(items):
+                stem = choose_stem(out_dir, safe_item_stem(item), on_conflict, taken)
+                if stem is None:
+                    finished(pos, item.path.name, manifest_entry(item, None, None, 0.0, status="exists"))
+                    continue
                 taken.add(stem)
-                rec = proc.process(item.path, out_dir, stem=stem, dry_run=dry_run, classes=item.classes,
-                                   actions=item.actions)
+                order[len(jobs)] = pos
+                jobs.append(CatalogJob(len(jobs), item, stem))
+            for job, rec, seconds in process_jobs(proc, jobs, out_dir, dry_run=dry_run, concurrency=concurrency,
+                                                  max_deaths=getattr(proc, "max_deaths", 3)):
                 for k, v in (rec.get("timings") or {}).items():
                     if k != "total":
                         stage[k] = stage.get(k, 0.0) + v
-                ent = manifest_entry(item, stem, rec, time.perf_counter() - t0)
-            manifest.add(ent)
-            entries.append(ent)
-            rate = n / max(time.perf_counter() - t_start, 1e-9)
-            prog.update(task, advance=1, description=f"{item.path.name[:30]}: {ent['status']}", rate=f"{rate:.2f} img/s")
-    manifest.close()
-    report = write_report(out_dir, entries)
+                finished(order[job.index], job.item.path.name, manifest_entry(job.item, job.stem, rec, seconds))
+    finally:
+        manifest.close()
+        close = getattr(proc, "close", None)
+        if callable(close):
+            close()
+    entries_in_order = [ent for _, ent in sorted(entries, key=lambda e: e[0])]
+    report = write_report(out_dir, entries_in_order)
     counts: dict[str, int] = {}
-    for ent in entries:
+    for ent in entries_in_order:
         counts[ent["status"]] = counts.get(ent["status"], 0) + 1
     t = Table("outcome", "images")
     for k in ("edited", "planned", "skipped", "failed", "exists"):

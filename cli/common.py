@@ -25,8 +25,47 @@ ConfigOption = typer.Option(
 )
 
 
+# --engine and the Ray pool's flags, shared by `run` and `watch` (docs/ray.md).
+EngineOption = typer.Option("local", "--engine", help="local (in this process) | ray (a pool of Ray actors; docs/ray.md)")
+AddressOption = typer.Option(None, "--address", help="with --engine ray: Ray cluster to join (e.g. HOST:6379 or "
+                             "'auto'); default: start a local Ray instance with this machine's CPUs")
+ActorsOption = typer.Option(None, "--actors", help="with --engine ray: number of actors (default: one per GPU, "
+                            "else CPUs / --cpus-per-actor)")
+MaxInFlightOption = typer.Option(None, "--max-in-flight", help="with --engine ray: images read and in flight at "
+                                 "most (default: 2 x actors)")
+CpusPerActorOption = typer.Option(None, "--cpus-per-actor", help="with --engine ray: CPUs (torch threads) per actor "
+                                  "(default: 1 with GPUs, else up to 4)")
+GpusPerActorOption = typer.Option(None, "--gpus-per-actor", help="with --engine ray: GPUs per actor (default: 1 "
+                                  "when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU)")
+
+
+def pool_options(engine: str, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor,
+                 processor: str | None = None):
+    """The Ray pool's options from the flags; None for the local engine. Exits 2 on bad values or
+    Ray flags given without ``--engine ray``. Imports nothing of Ray (that happens at pool start)."""
+    if engine not in ("local", "ray"):
+        raise fail(f"--engine must be local or ray, not {engine!r}", EXIT_CONFIG)
+    flags = {"--address": address, "--actors": actors, "--max-in-flight": max_in_flight,
+             "--cpus-per-actor": cpus_per_actor, "--gpus-per-actor": gpus_per_actor}
+    if engine == "local":
+        stray = [k for k, v in flags.items() if v is not None]
+        if stray:
+            raise fail(f"{', '.join(stray)} go with --engine ray", EXIT_CONFIG)
+        return None
+    from pipeline.ray_engine import EngineError, PoolOptions
+
+    try:
+        return PoolOptions(address=address, actors=actors, max_in_flight=max_in_flight, cpus_per_actor=cpus_per_actor,
+                           gpus_per_actor=gpus_per_actor, processor_factory=processor)
+    except EngineError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+
+
 def fail(message: str, code: int) -> "typer.Exit":
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # Messages are plain text (paths, install hints like 'product-studio[ray]'), never markup.
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 

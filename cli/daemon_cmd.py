@@ -10,7 +10,9 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import EXIT_CONFIG, EXIT_MODEL, ConfigOption, console, fail, load_settings_or_exit
+from cli.common import (EXIT_CONFIG, EXIT_MODEL, ActorsOption, AddressOption, ConfigOption, CpusPerActorOption,
+                        EngineOption, GpusPerActorOption, MaxInFlightOption, console, fail, load_settings_or_exit,
+                        pool_options)
 
 EXIT_LOCKED = 5  # another daemon already watches this inbox
 
@@ -89,8 +91,15 @@ def watch_cmd(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on this port "
                                                "(needs prometheus_client)"),
     metrics_host: Optional[str] = typer.Option(None, "--metrics-host", help="metrics bind address (default: 127.0.0.1)"),
+    engine: str = EngineOption,
+    address: Optional[str] = AddressOption,
+    actors: Optional[int] = ActorsOption,
+    max_in_flight: Optional[int] = MaxInFlightOption,
+    cpus_per_actor: Optional[float] = CpusPerActorOption,
+    gpus_per_actor: Optional[float] = GpusPerActorOption,
     processor: Optional[str] = typer.Option(None, "--processor", hidden=True,
-                                            help="MODULE:FACTORY(settings, rules_path) instead of pipeline.process"),
+                                            help="MODULE:FACTORY(settings, rules_path) instead of pipeline.process "
+                                                 "(with --engine ray: what each actor builds, FACTORY(settings, rules))"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Watch the inbox and process every image once: edited -> OUTBOX/STEM.*, skipped ->
@@ -99,7 +108,9 @@ def watch_cmd(
     Files are taken once complete (unchanged for --settle); the SQLite ledger makes each input count
     once across crashes and restarts (same content again = duplicate, not reprocessed). Rule file
     edits apply while running (a bad edit is refused, the old rules stay). SIGINT/SIGTERM finish
-    the current image and exit 0; a second signal exits at once (130).
+    the current image and exit 0; a second signal exits at once (130). --engine ray processes up to
+    --max-in-flight images at once on a pool of Ray actors (docs/ray.md); the ledger, intake and
+    outputs stay here.
 
     Exit 2: bad settings, rules or folder layout (e.g. outbox inside the inbox); 3: a model cannot
     be loaded; 5: another daemon already watches this inbox."""
@@ -109,6 +120,7 @@ def watch_cmd(
     from daemon.service import Daemon
     from pipeline.settings import SettingsError
 
+    pool = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
     s = load_settings_or_exit(config)
     _apply_paths(s, inbox, outbox, ledger)
     ds = _daemon_settings({
@@ -124,17 +136,29 @@ def watch_cmd(
     # The built-in default rule path may simply not exist yet: run without rules (the processor's
     # default) and pick the file up when it appears. A rule file the user named must exist.
     factory_rules = rules_path if (explicit or rules_path.exists()) else None
-    if processor:
-        factory = _load_factory(processor)
+    if pool is not None:
+        from pipeline.ray_engine import RayProcessor
+
+        def make() -> Any:
+            # The coordinator validates and ships the rules; the actors load the models.
+            return RayProcessor(s, factory_rules, pool)
     else:
-        from pipeline.process import make_processor as factory
+        factory = _load_factory(processor) if processor else None
+        if factory is None:
+            from pipeline.process import make_processor as factory
+
+        def make() -> Any:
+            return factory(s, factory_rules)
     configure_logging(ds.log_format, ds.log_level)
-    daemon = Daemon(s, lambda: factory(s, factory_rules), ds, rules_path=rules_path)
+    daemon = Daemon(s, make, ds, rules_path=rules_path)
     from cli.common import model_errors
+    from pipeline.ray_engine import EngineError
 
     try:
         with model_errors():
             code = daemon.run_forever()
+    except EngineError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
     except DaemonConfigError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     except DaemonLockedError as e:

@@ -17,7 +17,7 @@ Guarantees (each covered by tests/test_daemon*.py):
   the inbox, or the inbox inside them) are refused before start. The inbox is only written to move
   (or delete) inputs that have their outcome.
 - One daemon per inbox (lock naming the holder's pid). SIGINT/SIGTERM: stop taking work, finish
-  the current image (or requeue it after ``stop_grace_seconds``), exit 0; a second signal exits at
+  the current image(s) (or requeue them after ``stop_grace_seconds``), exit 0; a second signal exits at
   once (exit 130; the image is resumed at the next start).
 - A rule-file edit is validated by the processor before it is used; a bad edit is logged and
   refused, the last good rules stay in force.
@@ -160,6 +160,9 @@ class Daemon:
             warm_up = getattr(self.processor, "warm_up", None)
             if callable(warm_up):
                 warm_up()  # optional: load models now, so a missing one fails the start, not image 1
+            describe = getattr(self.processor, "describe", None)
+            if callable(describe):
+                log_event(self.log, logging.INFO, "engine", "%s", describe())
             self.status.rules = {"path": str(self.paths.rules) if self.paths.rules else None,
                                  "hash": self.processor.rules_hash, "last_error": None, "reloaded_at": None}
             self._recover()
@@ -197,17 +200,13 @@ class Daemon:
             self._intake_thread.join(timeout=10)
         self.worker.stop_requested.set()
         self.worker.wake.set()
-        current = self.worker.current
-        if current is not None:
+        for current in self.worker.running_rows():
             log_event(self.log, logging.INFO, "stopping", "stopping: finishing %s (up to %.0fs)", current.name,
                       grace, stem=current.stem)
-        self.worker.thread.join(timeout=grace)
+        self.worker.join(timeout=grace)
         clean = True
-        if self.worker.thread.is_alive():
-            with self.worker._lock:
-                row = self.worker.current
-                self.worker.abandoned = True
-            if row is not None:
+        if self.worker.alive():
+            for row in self.worker.abandon_running():
                 self.ledger.requeue(row.id)
                 clean = False
                 log_event(self.log, logging.WARNING, "requeued", "%s did not finish within %.0fs; requeued for the "
@@ -273,9 +272,19 @@ class Daemon:
                 self.metrics.close()
             except Exception:
                 pass
+        # A processor holding outside resources (the Ray engine's actors, and the local Ray instance
+        # it started) lets them go; an abandoned thread waiting on an actor then gets an error and
+        # records nothing (its row was requeued).
+        close = getattr(self.processor, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                log_event(self.log, logging.WARNING, "processor_close", "processor did not close cleanly",
+                          exc_info=True)
         # The ledger stays usable for an abandoned worker thread until the process exits; it is
         # closed only when the worker is really gone.
-        if not self.worker.thread.is_alive():
+        if not self.worker.alive():
             self.ledger.close()
         if self._lock is not None:
             self._lock.release()
@@ -403,8 +412,7 @@ class Daemon:
         # not yet moved out because of a crash). Once a row's input was moved out, a file at the
         # same path is a new arrival and is judged below.
         if same is not None and (same.state in ACTIVE or same.disposition in (None, "left")):
-            current = self.worker.current
-            if same.state in ACTIVE or (current is not None and current.id == same.id):
+            if same.state in ACTIVE or self.worker.is_running(same.id):
                 return True
             if same.disposition is None and self.ds.disposition != "leave":
                 outcome = {"done": "edited", "skipped": "skipped", "failed": "failed"}[same.state]

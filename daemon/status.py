@@ -31,6 +31,7 @@ class StatusBoard:
         self._static = dict(static)
         self.state = "starting"
         self.current: dict[str, Any] | None = None
+        self.in_flight = 0  # images being processed now (more than one with the Ray engine)
         self.last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.rules: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
@@ -68,6 +69,7 @@ class StatusBoard:
                 "updated_at": _iso(time.time()),
                 "updated_ts": time.time(),
                 "current": self.current,
+                "in_flight": self.in_flight,
                 "queue_depth": self.queue_depth,
                 "intake_pending": self.intake_pending,
                 "processed_since_start": self.processed,

@@ -99,6 +99,37 @@ class PassThroughProcessor:
         return rec
 
 
+CRASH_DIR_ENV = "PRODUCT_STUDIO_TEST_CRASH_DIR"
+
+
+def make_crashing_processor(settings: Settings, rules: Any) -> Any:
+    """The real :class:`~pipeline.process.Processor`, except that its *process dies* (``os._exit(1)``,
+    no exception, no cleanup: like a segfault or an OOM kill) on inputs named ``*crash-always*``
+    every time, and on ``*crash-once*`` the first time per content. For the Ray engine's tests,
+    as an actor's processor factory (``--processor daemon.testing:make_crashing_processor``).
+
+    "First time" must survive the death, so it is a marker file per content hash in the folder
+    named by ``$PRODUCT_STUDIO_TEST_CRASH_DIR`` (set before Ray starts, so workers inherit it)."""
+    from pipeline.process import Processor
+
+    class CrashingProcessor(Processor):
+        def process(self, path: Path, outbox: Path, **kw: Any) -> dict:
+            name = Path(path).name
+            if "crash-always" in name:
+                os._exit(1)
+            if "crash-once" in name:
+                folder = os.environ.get(CRASH_DIR_ENV)
+                if not folder:
+                    raise RuntimeError(f"crash-once inputs need ${CRASH_DIR_ENV} (a folder for the markers)")
+                marker = Path(folder) / f"crashed-{hashlib.sha256(Path(path).read_bytes()).hexdigest()}"
+                if not marker.exists():
+                    marker.touch()
+                    os._exit(1)
+            return super().process(path, outbox, **kw)
+
+    return CrashingProcessor(settings, rules)
+
+
 def _slow_save(image: Any, target: Path, seconds: float) -> None:
     # Same temp naming and rename as pipeline.imageio's atomic writer, spread over `seconds`.
     buf = io.BytesIO()

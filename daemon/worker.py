@@ -1,4 +1,12 @@
-"""The worker: claims ledger rows one at a time and runs the (warm) processor on each.
+"""The worker: claims ledger rows and runs the (warm) processor on each.
+
+With the local processor one thread claims one row at a time. A processor that can take several
+images at once (the Ray engine: ``processor.concurrency`` = its in-flight bound) gets that many
+dispatcher threads, each running the same claim -> process -> finish loop, so every guarantee below
+holds per row: a claim is one ledger transaction (no row is taken twice), every running row is
+recorded before work starts (a crash resumes it), a stop waits for or requeues every running row,
+and a rule-file reload still happens only between images: claims pause until no image is in flight,
+the rules switch, and dispatch resumes.
 
 Per image, whatever happens, the row ends terminal or is rescheduled, and the worker goes on:
 
@@ -11,7 +19,10 @@ Per image, whatever happens, the row ends terminal or is rescheduled, and the wo
   ``outbox/failed/STEM.json`` itself, record last, atomically. GPU memory is released after every
   failure;
 - a model that cannot be loaded (:class:`~pipeline.models.ModelLoadError`) is *fatal*: the image
-  is requeued and the daemon stops (exit 3), since every later image would fail the same way.
+  is requeued and the daemon stops (exit 3), since every later image would fail the same way;
+- the worker *process* died holding the image (Ray engine; an exception with ``worker_died``): the
+  attempt counts and the image is retried like a transient error (Ray restarts the actor); after
+  ``max_attempts`` it fails with "worker process died N times on this image".
 
 Only then is the input disposed of (archived / deleted / left), and that is recorded last, so a
 crash at any point is resumed correctly (see :mod:`daemon.ledger`).
@@ -161,29 +172,75 @@ class Worker:
         self.log = daemon.log
         self.wake = threading.Event()
         self.stop_requested = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="product-studio-worker", daemon=True)
-        self._lock = threading.Lock()
-        self.current: Row | None = None
-        self.abandoned = False  # set by a stop that gave up waiting: the row was requeued
+        # The first dispatcher thread exists from the start (callers may join or poll it); more are
+        # added at start() when the processor takes several images at once.
+        self.threads: list[threading.Thread] = [self._new_thread(0)]
+        self._cond = threading.Condition()
+        self._running: dict[int, Row] = {}   # row id -> row, in the order they started
+        self._info: dict[int, dict[str, Any]] = {}
+        self._abandoned_ids: set[int] = set()  # rows a stop gave up waiting for (requeued)
+        self._deaths: dict[int, int] = {}      # row id -> worker deaths seen while processing it
         self.rules_dirty = False
 
+    def _new_thread(self, i: int) -> threading.Thread:
+        name = "product-studio-worker" + (f"-{i}" if i else "")
+        return threading.Thread(target=self._run, name=name, daemon=True)
+
     def start(self) -> None:
-        self.thread.start()
+        n = max(1, int(getattr(self.d.processor, "concurrency", 1) or 1))
+        self.threads += [self._new_thread(i) for i in range(len(self.threads), n)]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The first dispatcher thread (the only one with the local processor)."""
+        return self.threads[0]
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def join(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(timeout=max(0.0, end - time.monotonic()))
+
+    @property
+    def current(self) -> Row | None:
+        """The longest-running image in flight, or None when idle."""
+        with self._cond:
+            return next(iter(self._running.values()), None)
+
+    def running_rows(self) -> list[Row]:
+        with self._cond:
+            return list(self._running.values())
+
+    def is_running(self, row_id: int) -> bool:
+        with self._cond:
+            return row_id in self._running
 
     @property
     def busy(self) -> bool:
-        return self.current is not None
+        with self._cond:
+            return bool(self._running)
+
+    def abandon_running(self) -> list[Row]:
+        """For a stop that gave up waiting: mark every running row abandoned (its thread will record
+        nothing more) and return them, for the caller to requeue."""
+        with self._cond:
+            rows = list(self._running.values())
+            self._abandoned_ids.update(r.id for r in rows)
+            return rows
 
     def _run(self) -> None:
         while not self.stop_requested.is_set():
             row = None
             try:
                 self.wake.clear()
-                self._reload_rules_if_asked()
-                if self.stop_requested.is_set():
-                    break
-                row = self.d.ledger.claim(self.d.rules_hash)
+                row = self._claim()
                 if row is None:
+                    if self.stop_requested.is_set():
+                        break
                     due = self.d.ledger.next_due()
                     wait = 1.0 if due is None else min(1.0, max(0.01, due - time.time()))
                     self.wake.wait(wait)
@@ -193,7 +250,7 @@ class Worker:
                 # Bookkeeping errors (ledger, disk full, ...) must not end the worker. The image is
                 # tried again later; if even that cannot be recorded, the next start resumes it.
                 log_event(self.log, logging.ERROR, "worker_error", "worker error", exc_info=True)
-                if row is not None and not self._abandoned():
+                if row is not None and not self._abandoned(row):
                     try:
                         self.d.ledger.retry_later(row.id, describe(e), time.time() + 5.0)
                     except Exception:
@@ -201,32 +258,54 @@ class Worker:
                 self.stop_requested.wait(1.0)
             finally:
                 if row is not None:
-                    with self._lock:
-                        self.current = None
-                    self.d.status.update(current=None)
-                    self.d.metrics.in_progress(0)
+                    self._release(row)
+
+    def _claim(self) -> Row | None:
+        """Reload the rules if asked (only when no image is in flight), then claim the oldest due row
+        and record it as running, all under one lock, so no image starts under rules it was not
+        claimed with."""
+        with self._cond:
+            if self.rules_dirty:
+                while self._running and not self.stop_requested.is_set():
+                    self._cond.wait(0.5)
+                if self.stop_requested.is_set():
+                    return None
+                self.rules_dirty = False
+                self.d.reload_rules()
+            if self.stop_requested.is_set():
+                return None
+            row = self.d.ledger.claim(self.d.rules_hash)
+            if row is not None:
+                self._running[row.id] = row
+            return row
+
+    def _release(self, row: Row) -> None:
+        with self._cond:
+            self._running.pop(row.id, None)
+            self._info.pop(row.id, None)
+            self._abandoned_ids.discard(row.id)
+            current = next(iter(self._info.values()), None)
+            n = len(self._running)
+            self._cond.notify_all()
+        self.d.status.update(current=current, in_flight=n)
+        self.d.metrics.in_progress(n)
 
     # -- rules -----------------------------------------------------------------------------------
     def request_rules_reload(self) -> None:
         self.rules_dirty = True
         self.wake.set()
 
-    def _reload_rules_if_asked(self) -> None:
-        # Runs between images on the worker thread, so the processor never switches rules mid-image.
-        if not self.rules_dirty:
-            return
-        self.rules_dirty = False
-        self.d.reload_rules()
-
     # -- one image -------------------------------------------------------------------------------
     def _handle(self, row: Row) -> None:
         d = self.d
-        with self._lock:
-            self.current = row
-            self.abandoned = False
-        d.metrics.in_progress(1)
-        d.status.update(current={"name": row.name, "stem": row.stem, "source": row.source, "attempt": row.attempts,
-                                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        info = {"name": row.name, "stem": row.stem, "source": row.source, "attempt": row.attempts,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with self._cond:
+            self._info[row.id] = info
+            current = next(iter(self._info.values()))
+            n = len(self._running)
+        d.metrics.in_progress(n)
+        d.status.update(current=current, in_flight=n)
         d.metrics.observe("queue", max(0.0, time.time() - row.arrived))
         src = Path(row.source)
         if row.attempts > d.ds.max_attempts:
@@ -267,12 +346,15 @@ class Worker:
         except Exception as e:
             seconds = time.perf_counter() - t
             free_gpu()
-            if self._abandoned():
+            if self._abandoned(row):
                 return
             d.metrics.observe("process", seconds)
             if is_fatal(e):
                 d.ledger.requeue(row.id)
                 d.fatal(e)
+                return
+            if getattr(e, "worker_died", False):
+                self._worker_died(row, e, seconds)
                 return
             if is_permanent(e):
                 self._fail(row, describe(e), seconds=seconds)
@@ -280,7 +362,7 @@ class Worker:
                 self._transient(row, e, seconds=seconds)
             return
         seconds = time.perf_counter() - t
-        if self._abandoned():
+        if self._abandoned(row):
             return
         d.metrics.observe("process", seconds)
         for stage, s in (record.get("timings") or {}).items():
@@ -294,9 +376,23 @@ class Worker:
             d.status.error(row.name, row.stem, str(error), final=True)
         self._finish(row, status, seconds)
 
-    def _abandoned(self) -> bool:
-        with self._lock:
-            return self.abandoned
+    def _abandoned(self, row: Row) -> bool:
+        with self._cond:
+            return row.id in self._abandoned_ids
+
+    def _worker_died(self, row: Row, exc: BaseException, seconds: float) -> None:
+        """The process holding the image died. Counted like a transient error (the attempt was
+        claimed), but the final reason names the deaths, so a poisonous input is recognisable."""
+        with self._cond:
+            deaths = self._deaths[row.id] = self._deaths.get(row.id, 0) + 1
+        if row.attempts >= self.d.ds.max_attempts:
+            from pipeline.ray_engine import death_message
+
+            with self._cond:
+                self._deaths.pop(row.id, None)
+            self._fail(row, death_message(deaths), seconds=seconds, final_attempts=row.attempts)
+            return
+        self._transient(row, exc, seconds=seconds)
 
     def _record_path(self, stem: str, status: str) -> str | None:
         folder = {"edited": "", "skipped": "skipped", "failed": "failed"}[status]
@@ -335,6 +431,8 @@ class Worker:
 
     def _finish(self, row: Row, outcome: str, seconds: float, quiet: bool = False) -> None:
         d = self.d
+        with self._cond:
+            self._deaths.pop(row.id, None)
         t = time.perf_counter()
         # Re-read: intake may have recorded a rename of the input while it was being processed.
         row = d.ledger.get(row.id) or row

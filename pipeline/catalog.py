@@ -8,12 +8,13 @@ import html
 import json
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from pipeline.imageio import is_image_name
-from pipeline.outputs import safe_stem
+from pipeline.outputs import safe_stem, write_failure
 from pipeline.rules import ACTIONS
 
 
@@ -119,6 +120,72 @@ def choose_stem(out: Path, stem: str, policy: str, taken: set[str]) -> str | Non
     while output_exists(out, f"{stem}-{i}") or f"{stem}-{i}" in taken:
         i += 1
     return f"{stem}-{i}"
+
+
+@dataclass
+class CatalogJob:
+    """One input to process, with its output stem (chosen up front, in input order)."""
+
+    index: int
+    item: CatalogItem
+    stem: str
+
+
+def _process_one(processor: Any, job: CatalogJob, out: Path, dry_run: bool, max_deaths: int) -> tuple[dict[str, Any], float]:
+    """One job to its record. A worker death (Ray engine: the actor's process died holding this
+    image) is retried, on a restarted or another actor, up to ``max_deaths`` times; then the image
+    gets a ``failed`` record naming the cause, so one poisonous input cannot stop the catalog."""
+    t0 = time.perf_counter()
+    deaths = 0
+    while True:
+        try:
+            rec = processor.process(job.item.path, out, stem=job.stem, dry_run=dry_run, classes=job.item.classes,
+                                    actions=job.item.actions)
+            return rec, time.perf_counter() - t0
+        except Exception as e:
+            if not getattr(e, "worker_died", False):
+                raise
+            deaths += 1
+            if deaths >= max_deaths:
+                from pipeline.ray_engine import death_message
+
+                rec = write_failure(out / "failed", job.stem, str(job.item.path), death_message(deaths),
+                                    {"stage": "worker", "attempts": deaths, "last_error": str(e),
+                                     "rules": {"sha256": getattr(processor, "rules_hash", None)}})
+                return rec, time.perf_counter() - t0
+
+
+def process_jobs(processor: Any, jobs: list[CatalogJob], out: Path, *, dry_run: bool = False, concurrency: int = 1,
+                 max_deaths: int = 3) -> Iterator[tuple[CatalogJob, dict[str, Any], float]]:
+    """Yield ``(job, record, seconds)`` as each job finishes, each job exactly once.
+
+    ``concurrency`` 1 (the local engine): in order, in the calling thread. More (the Ray engine):
+    up to that many jobs in flight on a thread each, yielded in completion order; the processor
+    itself hands them to actors. An unexpected exception stops the run as it does locally."""
+    if concurrency <= 1:
+        for job in jobs:
+            yield (job, *_process_one(processor, job, out, dry_run, max_deaths))
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    todo = iter(jobs)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="product-studio-run")
+    running: dict[Any, CatalogJob] = {}
+    try:
+        while True:
+            while len(running) < concurrency:
+                job = next(todo, None)
+                if job is None:
+                    break
+                running[pool.submit(_process_one, processor, job, out, dry_run, max_deaths)] = job
+            if not running:
+                return
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                yield (job, *fut.result())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Manifest:

@@ -225,6 +225,13 @@ def load_image(
     )
 
 
+def read_file_bytes(path: PathLike) -> bytes:
+    """The raw bytes of an input file, with the loader's checks (regular file, no FIFO or device, clear
+    messages). For callers that ship inputs elsewhere to be decoded (the Ray engine's coordinator):
+    raises :class:`ImageLoadError` with the same reason :func:`load_image` would give."""
+    return _read_source(path, None)[1]
+
+
 def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[str | None, bytes]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return name, bytes(source)

@@ -37,6 +37,17 @@ def _lora_option(loras: Any) -> Any:
     return [f"{l['path']}:{l.get('weight', 1.0)}" if isinstance(l, dict) else l for l in loras]
 
 
+def record_base(settings: Settings, rules: RuleSet) -> dict[str, Any]:
+    """The fields every record starts with. Shared with the Ray coordinator, which writes the
+    ``failed`` record itself when an input cannot even be read to be sent to an actor."""
+    return {
+        "pipeline_version": PIPELINE_VERSION,
+        "created": now_iso(),
+        "settings_file": str(settings.source_file) if settings.source_file else None,
+        "rules": {"file": str(rules.path) if rules.path else None, "sha256": rules.sha256},
+    }
+
+
 class Processor:
     """Holds warm models (via one registry), the detector and the rules in force."""
 
@@ -70,12 +81,7 @@ class Processor:
 
     # ------------------------------------------------------------------------------------------
     def _base(self, sha256: str | None) -> dict[str, Any]:
-        return {
-            "pipeline_version": PIPELINE_VERSION,
-            "created": now_iso(),
-            "settings_file": str(self.settings.source_file) if self.settings.source_file else None,
-            "rules": {"file": str(self.rules.path) if self.rules.path else None, "sha256": self.rules.sha256},
-        }
+        return record_base(self.settings, self.rules)
 
     def process(self, path: Path, outbox: Path, *, sha256: str | None = None, stem: str | None = None,
                 dry_run: bool = False, classes: list[str] | None = None,

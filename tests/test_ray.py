@@ -1,0 +1,233 @@
+"""The Ray engine: `run --engine ray` and the daemon on a pool of Ray actors, with the tiny models.
+
+One local Ray instance (2 CPUs) serves the whole module. Actor deaths are real: the test processor
+(`daemon.testing:make_crashing_processor`) ends the actor's process with ``os._exit(1)`` on inputs
+named ``*crash-once*`` (first time only) and ``*crash-always*``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.app import app
+from daemon.testing import CRASH_DIR_ENV, outcome_records, time_limit, wait_for
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+CRASHING = ["--processor", "daemon.testing:make_crashing_processor"]
+RAY_FLAGS = ["--engine", "ray", "--actors", "2", "--cpus-per-actor", "1"]
+VOLATILE = {"created", "timings", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    # Workers inherit the environment the local instance starts with: the crash markers' folder
+    # (and HF_HUB_OFFLINE from conftest).
+    old = os.environ.get(CRASH_DIR_ENV)
+    os.environ[CRASH_DIR_ENV] = str(tmp_path_factory.mktemp("crash-markers"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             object_store_memory=256 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop(CRASH_DIR_ENV, None)
+    else:
+        os.environ[CRASH_DIR_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Four inputs: the demo's three samples (one with EXIF rotation, one empty) and a smaller bag."""
+    from pipeline.samples import handbag, write_samples
+
+    d = tmp_path_factory.mktemp("ray-in")
+    write_samples(d)
+    handbag(320, 240).save(d / "handbag-small.png")
+    return d
+
+
+def run(args, tiny_dir):
+    return runner.invoke(app, ["run", *args, "--config", str(tiny_dir / "settings.yaml")], terminal_width=200)
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def stable(rec):
+    """A record without what legitimately differs between two runs (times)."""
+    if isinstance(rec, dict):
+        return {k: stable(v) for k, v in rec.items() if k not in VOLATILE}
+    if isinstance(rec, list):
+        return [stable(v) for v in rec]
+    return rec
+
+
+def test_run_on_ray_gives_the_same_outputs_as_local(tiny_dir, ray_cluster, photos, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    r = run([str(photos), "--out", str(local)], tiny_dir)
+    assert r.exit_code == 0, r.output
+    r = run([str(photos), "--out", str(remote), *RAY_FLAGS], tiny_dir)
+    assert r.exit_code == 0, r.output
+    assert "Ray pool: 2 actor(s)" in r.output
+
+    def by_input(out):
+        return {Path(e["input"]).name: (e["status"], e["stem"], e["sha256"], e["record"]) for e in manifest(out)}
+
+    assert by_input(remote) == by_input(local)
+    assert len(by_input(local)) == 4
+    pngs = sorted(p.relative_to(local) for p in local.rglob("*.png"))
+    assert pngs and pngs == sorted(p.relative_to(remote) for p in remote.rglob("*.png"))
+    for rel in pngs:
+        a, b = np.asarray(Image.open(local / rel)), np.asarray(Image.open(remote / rel))
+        assert a.shape == b.shape and np.array_equal(a, b), rel
+    records = sorted(p.relative_to(local) for p in local.rglob("*.json"))
+    assert records == sorted(p.relative_to(remote) for p in remote.rglob("*.json"))
+    for rel in records:
+        a, b = json.loads((local / rel).read_text()), json.loads((remote / rel).read_text())
+        # Identical apart from times: statuses, detections with scores and boxes, actions, and the
+        # paths, which point at this machine's input and outbox, never at an actor's temp folder.
+        assert stable(a) == stable(b), rel
+        assert "product-studio-task-" not in (remote / rel).read_text()
+    statuses = Counter(e["status"] for e in manifest(remote))
+    assert statuses["edited"] >= 1
+
+
+def test_run_on_ray_survives_actor_deaths_and_fails_a_poisonous_image(tiny_dir, ray_cluster, photos, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    names = {"handbag.png": "a.png", "shoe-phone.jpg": "b-crash-once.jpg", "empty-wall.jpg": "c-crash-always.jpg",
+             "handbag-small.png": "d.png"}
+    for src, dst in names.items():
+        shutil.copy(photos / src, inp / dst)
+    with time_limit(150):
+        r = run([str(inp), "--out", str(out), *RAY_FLAGS, *CRASHING], tiny_dir)
+    assert r.exit_code == 4, r.output  # one input failed
+    entries = manifest(out)
+    # Every input exactly once, each with one outcome.
+    assert sorted(Path(e["input"]).name for e in entries) == sorted(names.values())
+    status = {Path(e["input"]).name: e for e in entries}
+    assert status["c-crash-always.jpg"]["status"] == "failed"
+    assert status["c-crash-always.jpg"]["error"] == "worker process died 3 times on this image"
+    rec = json.loads((out / "failed" / "c-crash-always.json").read_text())
+    assert rec["status"] == "failed" and rec["attempts"] == 3 and rec["input"]["path"] == str(inp / "c-crash-always.jpg")
+    # The image that killed its actor once was processed on a restarted (or the other) actor.
+    assert status["b-crash-once.jpg"]["status"] in ("edited", "skipped")
+    for e in entries:
+        assert (out / e["record"]).is_file()
+    stems = [p.stem for folder in outcome_records(out).values() for p in folder]
+    assert sorted(stems) == sorted(e["stem"] for e in entries)  # one record per input, no duplicates
+
+
+def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir, tiny_settings, ray_cluster, photos,
+                                                                        tmp_path):
+    from daemon.config import DaemonSettings
+    from daemon.service import Daemon
+    from pipeline.ray_engine import PoolOptions, RayProcessor
+    from pipeline.rules import load_rules
+
+    s = tiny_settings.model_copy(deep=True)
+    s.base_dir = tiny_settings.base_dir
+    s.source_file = tiny_settings.source_file
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    s.paths.inbox, s.paths.outbox, s.paths.ledger = inbox, outbox, outbox / ".ledger.sqlite3"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text((tiny_dir / "rules.yaml").read_text())
+    opts = PoolOptions(actors=2, cpus_per_actor=1, processor_factory="daemon.testing:make_crashing_processor")
+    ds = DaemonSettings(settle_seconds=0.2, rescan_seconds=1.0, rules_poll_seconds=0.1, status_interval_seconds=0.2,
+                        retry_backoff_seconds=0.05, stop_grace_seconds=30.0)
+    d = Daemon(s, lambda: RayProcessor(s, rules, opts), ds, rules_path=rules)
+    with time_limit(170):
+        d.start()
+        try:
+            assert len(d.worker.threads) == 4  # 2 actors, 2 images in flight per actor
+            (inbox / "sub").mkdir()
+            drops = {"handbag.png": "a.png", "shoe-phone.jpg": "b-crash-once.jpg",
+                     "empty-wall.jpg": "c-crash-always.jpg", "handbag-small.png": "sub/d.png"}
+            for src, dst in drops.items():
+                shutil.copy(photos / src, inbox / dst)
+
+            def terminal():
+                c = d.ledger.counts()
+                return c["done"] + c["skipped"] + c["failed"] == len(drops) and c["pending"] + c["running"] == 0
+
+            wait_for(terminal, 120, "every image to reach an outcome")
+            # A rule edit reaches the actors: the next image is processed under the new rules.
+            rules.write_text(rules.read_text().replace("x: 10%", "x: 5%"))
+            new_hash = load_rules(rules, s).sha256
+            wait_for(lambda: d.status.rules.get("hash") == new_hash, 20, "the rules reload")
+            Image.open(photos / "handbag.png").rotate(180).save(inbox / "e.png")
+            wait_for(lambda: d.ledger.counts()["done"] + d.ledger.counts()["skipped"] == len(drops), 60,
+                     "the image dropped after the edit")
+            assert d.wait_idle(20)
+        finally:
+            d.stop()
+    rows = d.ledger.open().rows()
+    d.ledger.close()
+    names = [r.name for r in rows]
+    assert sorted(names) == sorted([*drops.values(), "e.png"])  # each input once in the ledger
+    by_name = {r.name: r for r in rows}
+    poison = by_name["c-crash-always.jpg"]
+    assert poison.state == "failed" and poison.attempts == 3
+    assert poison.error == "worker process died 3 times on this image"
+    failed = json.loads((outbox / "failed" / f"{poison.stem}.json").read_text())
+    assert failed["error"] == poison.error
+    assert by_name["b-crash-once.jpg"].state in ("done", "skipped")
+    # One record per row, in the folder of its outcome; the inputs left the inbox for the archive.
+    recs = outcome_records(outbox)
+    stems = sorted(p.stem for folder in recs.values() for p in folder)
+    assert stems == sorted(r.stem for r in rows)
+    for r in rows:
+        assert r.disposition and r.disposition.startswith("archived:")
+        folder = {"done": "", "skipped": "skipped", "failed": "failed"}[r.state]
+        rec = json.loads((outbox / folder / f"{r.stem}.json").read_text())
+        if r.name != "c-crash-always.jpg":
+            assert rec["input"]["path"] == str(inbox / r.name)  # the daemon's path, not an actor's temp copy
+    assert not [p for p in inbox.rglob("*") if p.is_file()]
+    e = json.loads((outbox / f"{by_name['e.png'].stem}.json").read_text()) if by_name["e.png"].state == "done" else \
+        json.loads((outbox / "skipped" / f"{by_name['e.png'].stem}.json").read_text())
+    assert e["rules"]["sha256"] == new_hash and by_name["e.png"].rules_hash == new_hash
+
+
+def test_engine_ray_without_ray_installed_is_a_clear_error(tiny_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    r = run([str(photos), "--out", str(tmp_path / "o"), "--engine", "ray"], tiny_dir)
+    assert r.exit_code == 2, r.output
+    assert "pip install 'product-studio[ray]'" in r.output
+    (tmp_path / "inbox").mkdir()
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("root: .\npaths:\n  inbox: inbox\n  outbox: outbox\n")
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--engine", "ray"], terminal_width=200)
+    assert r.exit_code == 2, r.output
+    assert "pip install 'product-studio[ray]'" in r.output
+    r = run([str(photos), "--actors", "2"], tiny_dir)
+    assert r.exit_code == 2 and "--engine ray" in r.output
+    r = run([str(photos), "--engine", "spark"], tiny_dir)
+    assert r.exit_code == 2 and "--engine" in r.output
+
+
+def test_help_lists_the_engine_flags_without_importing_ray():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cli.app import app\n"
+        "for cmd in ('run', 'watch'):\n"
+        "    r = CliRunner().invoke(app, [cmd, '--help'], terminal_width=200)\n"
+        "    assert r.exit_code == 0 and '--engine' in r.output and '--max-in-flight' in r.output, r.output\n"
+        "assert 'ray' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

@@ -1,8 +1,10 @@
 """Benchmarks: cost of the product's paths measured side by side with a baseline in one process.
 
-Run with ``python -m bench`` (all) or ``python -m bench detect``. Benchmarks report *ratios*
-measured in the same run, because absolute times on shared or throttled machines drift between
-runs; absolute seconds are printed as context only. Tests never assert wall times.
+Run with ``python -m bench`` (all) or ``python -m bench detect``; ``--quick`` for a run of a few
+minutes. Every run writes ``bench-results/results.json`` and ``results.md`` (see
+:mod:`bench.report`). Benchmarks report *ratios* measured in the same run, because absolute times
+on shared or throttled machines drift between runs; absolute seconds are printed as context only.
+Tests never assert wall times.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "enhance": "bench.enhance:run_from_options",
     "daemon": "bench.daemon:run_from_options",
     "warm": "bench.warm:run_from_options",
+    "dtype": "bench.dtype:run_from_options",
 }
 
 _malloc = "default"

@@ -28,15 +28,40 @@ def _repeats(text: str) -> int:
     return n
 
 
+def _images(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+DEFAULT_OUT = Path("bench-results")
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench",
-                                 description="Run all benchmarks, or just NAME (e.g. detect).")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run all benchmarks, or just NAME, side by side with their baselines; print tables and write "
+                    "OUT/results.json (every figure, machine, packages) and OUT/results.md (the tables).")
     ap.add_argument("name", nargs="?", choices=[*BENCHMARKS, "all"], default="all", help="benchmark (default: all)")
-    ap.add_argument("--repeats", type=_repeats, default=3, help="timed runs per case after one warm-up (default 3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller inputs, one timed run per case, the slowest baselines run once (under 5 minutes "
+                         "on a 2-core CPU); full-size models, so the ratios stay real")
+    ap.add_argument("--repeats", type=_repeats, default=None,
+                    help="timed runs per case after one warm-up (default 3; 1 with --quick)")
     ap.add_argument("--size", type=_size, default=None, metavar="WxH",
-                    help="test image size (default 1024x768; 256x192 with --tiny)")
+                    help="image size (default per benchmark: detect 1024x768, enhance 1024x1024; smaller with "
+                         "--quick or --tiny)")
+    ap.add_argument("--images", type=_images, default=None, metavar="N",
+                    help="images per case for warm (default 4; 2 with --quick) and daemon (default 200)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                    help=f"where results.json and results.md go (default {DEFAULT_OUT}/)")
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON report to PATH")
+    ap.add_argument("--docs", nargs="?", const="", default=None, metavar="SECTION",
+                    help="also replace the generated table in docs/performance.md (with SECTION: that section's "
+                         "block, e.g. --docs gpu)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny random-weight models instead of full size (a fast smoke run; ratios mean nothing)")
     ap.add_argument("--stock-malloc", action="store_true",
@@ -45,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     opts = parser().parse_args(argv)
     # Benchmarks build their models in-process; nothing may be fetched from the Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.stock_malloc:
         steady_malloc()
     from bench.detect import BenchError
+    from bench.report import build_report, update_docs, write_outputs
 
     names = list(BENCHMARKS) if opts.name == "all" else [opts.name]
     results = {}
@@ -62,10 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as e:
             print(f"bench {name}: {e}", file=sys.stderr)
             return 2
+    mode = "tiny" if opts.tiny else "quick" if opts.quick else "full"
+    report = build_report(results, mode=mode, argv=argv)
+    j, m = write_outputs(report, opts.out)
+    print(f"results written to {j} and {m}", file=sys.stderr)
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
-        opts.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        opts.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"results written to {opts.json}", file=sys.stderr)
+    if opts.docs is not None:
+        try:
+            print(f"updated {update_docs(report, DOCS, opts.docs or None)}", file=sys.stderr)
+        except (OSError, ValueError) as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

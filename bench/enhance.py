@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.detect import BenchError, _peak_rss_mib, synthetic_image
+from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
+from bench.measure import PeakMemory, stats
 from pipeline.models import HFBundle, ModelRegistry
 from pipeline.settings import EnhanceSettings, Settings
 
@@ -47,6 +48,7 @@ GOAL = 3.0
 STEPS = 2
 SLOW_WHOLE_S = 60.0
 DEFAULT_SIZE = (1024, 1024)
+QUICK_SIZE = (768, 768)
 TINY_SIZE = (128, 128)
 SEED = 0
 LABEL = "handbag"
@@ -80,9 +82,10 @@ def case_params(case: str, base: EnhanceSettings | None = None) -> EnhanceSettin
 # Models
 
 
-def build_full_registry(device: str = "auto", seed: int = SEED) -> ModelRegistry:
+def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "auto") -> ModelRegistry:
     """Registry holding full-size random-weight SD 1.5 inpainting, ControlNet depth and Depth
-    Anything V2 Small (never a checkpoint, never the Hub)."""
+    Anything V2 Small (never a checkpoint, never the Hub), in ``dtype`` (``auto``: the product's
+    choice, fp16 on CUDA and fp32 on the CPU)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -104,6 +107,7 @@ def build_full_registry(device: str = "auto", seed: int = SEED) -> ModelRegistry
 
     settings = Settings()
     settings.runtime.device = device
+    settings.runtime.dtype = dtype
     settings.runtime.offline = True
     registry = ModelRegistry(settings)
     rt = registry.runtime
@@ -201,11 +205,14 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     mask = product_mask(W, H)
     src = np.asarray(image)
 
+    mem = {c: PeakMemory(registry.runtime.device) for c in CASES}
+
     def run_case(case: str) -> tuple[float, dict[str, Any]]:
-        t0 = time.perf_counter()
-        edit = enhance(image, mask, LABEL, params[case], registry)
-        _sync(registry)
-        dt = time.perf_counter() - t0
+        with mem[case]:
+            t0 = time.perf_counter()
+            edit = enhance(image, mask, LABEL, params[case], registry)
+            _sync(registry)
+            dt = time.perf_counter() - t0
         rec = edit.record
         if rec["mode"] != case or rec["pipeline"] != "StableDiffusionControlNetInpaintPipeline":
             raise BenchError(f"{case}: ran mode {rec['mode']!r} with {rec['pipeline']}")
@@ -222,8 +229,9 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     whole_single = dt > slow_whole_s
     if whole_single:
         times["whole"].append(dt)
-        whole_note = (f"whole ran once: its first run took {dt:.1f} s (> {slow_whole_s:.0f} s); its models were "
-                      "already warm from the crop warm-up, so that run is counted")
+        why = "quick mode" if slow_whole_s <= 0 else f"its first run took {dt:.1f} s (> {slow_whole_s:.0f} s)"
+        whole_note = (f"whole ran once ({why}); its models were already warm from the crop warm-up, so that run "
+                      "is counted")
         say("  " + whole_note)
     else:
         whole_note = f"whole: median of {repeats} runs after a warm-up"
@@ -239,8 +247,8 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     cases: dict[str, Any] = {}
     for c in CASES:
         ww, wh = details[c]["work_size"]
-        cases[c] = {"median_s": med[c], "runs_s": times[c], "measures": MEASURES[c], **details[c],
-                    "work_pixels": ww * wh}
+        cases[c] = {**stats(times[c]), "measures": MEASURES[c], **details[c], "work_pixels": ww * wh,
+                    **mem[c].record()}
     value = med["whole"] / med["crop"] if med["crop"] > 0 else float("inf")
     x0, y0, x1, y1 = cases["crop"]["box"]
     context = {
@@ -263,6 +271,13 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
         "peak_rss_mib": round(_peak_rss_mib(), 1),
         "total_s": time.perf_counter() - t_start,
     }
+    context["notes"] = [
+        f"{models}; {context['device']} {context['dtype']}; image {W}x{H}, crop box {context['product_box_share']:.0%} "
+        f"of it; {STEPS} steps at strength 1.0, guidance {context['guidance']:g} (CFG batch 2), ControlNet depth on; "
+        f"{whole_note}.",
+        "Each case is the whole edit (depth map, generation, paste back); the crop works at "
+        f"{'x'.join(map(str, cases['crop']['work_size']))}, whole at {'x'.join(map(str, cases['whole']['work_size']))}.",
+    ]
     return {"benchmark": "enhance", "context": context, "cases": cases,
             "ratios": {"whole/crop": {"value": value, "goal": GOAL, "met": value >= GOAL}}}
 
@@ -301,8 +316,12 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     from rich.console import Console
 
     err = Console(stderr=True)
-    size = opts.size or (TINY_SIZE if opts.tiny else DEFAULT_SIZE)
-    common = dict(repeats=opts.repeats, size=size, device=opts.device, log=lambda m: err.print(m, highlight=False))
+    quick = getattr(opts, "quick", False)
+    size = opts.size or (TINY_SIZE if opts.tiny else QUICK_SIZE if quick else DEFAULT_SIZE)
+    common = dict(repeats=repeats_option(opts), size=size, device=opts.device,
+                  log=lambda m: err.print(m, highlight=False))
+    if quick:
+        common["slow_whole_s"] = 0.0  # whole runs once (its models are warm from the crop warm-up)
     if opts.tiny:
         from pipeline.tiny import make_tiny_set
 

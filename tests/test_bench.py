@@ -75,6 +75,10 @@ def test_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # --stock-malloc: the steady allocator is process-wide and this process is pytest's.
     assert main(["detect", "--tiny", "--repeats", "1", "--size", "64x48", "--json", str(out),
-                 "--stock-malloc"]) == 0
+                 "--out", str(tmp_path / "res"), "--stock-malloc"]) == 0
     data = json.loads(out.read_text())
-    assert set(data["detect"]["cases"]) == set(CASES)
+    assert set(data["benchmarks"]["detect"]["cases"]) == set(CASES)
+    assert data["mode"] == "tiny" and data["machine"]["cpu_count"] >= 1 and data["packages"]["diffusers"]
+    assert json.loads((tmp_path / "res" / "results.json").read_text()) == data
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "| detect | baseline/ours_skip |" in md and "| detect | ours_product |" in md

@@ -1,0 +1,115 @@
+"""What every benchmark measures the same way: run statistics and peak memory per case.
+
+- :func:`stats`: min / median / max over a case's timed runs (the JSON keeps every run too).
+- :class:`PeakMemory`: the peak resident memory of this process *during one case* (Linux: the
+  kernel's high-water mark ``VmHWM``, reset before the case through ``/proc/self/clear_refs``) and,
+  on CUDA, the peak allocated VRAM (``torch.cuda.max_memory_allocated``, reset before the case).
+  Where the reset is not possible (not Linux, no permission) the process-wide peak so far is
+  reported and ``scope`` says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def stats(runs: Iterable[float], unit: str = "s") -> dict[str, Any]:
+    """``{"runs_s": [...], "min_s", "median_s", "max_s"}`` (keys end in ``_{unit}``)."""
+    vals = [float(v) for v in runs]
+    if not vals:
+        raise ValueError("no runs to summarise")
+    return {f"runs_{unit}": vals, f"min_{unit}": min(vals), f"median_{unit}": statistics.median(vals),
+            f"max_{unit}": max(vals)}
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def process_peak_rss_mib() -> float:
+    """Peak resident memory of this process since it started (or since the last reset), MiB."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mib() -> float | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark to the current RSS (Linux >= 4.0). Returns
+    whether it worked."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager: peak RSS (and CUDA VRAM) while the block runs. Accumulates over several
+    ``with`` blocks (a case's repeats): :attr:`peak_rss_mib` is the largest seen.
+
+    ``peak_rss_mib`` includes everything resident (the models loaded before the case, the heap the
+    allocator kept); ``rise_rss_mib`` is how far the peak rose above the RSS at the block's start,
+    i.e. what the case itself needed on top.
+    """
+
+    def __init__(self, device: Any = None):
+        self.device = device
+        self.peak_rss_mib = 0.0
+        self.rise_rss_mib = 0.0
+        self.peak_vram_mib: float | None = None
+        self.scope = "case"
+        self._start = 0.0
+
+    def _cuda(self) -> Any:
+        dev = self.device
+        if dev is None or getattr(dev, "type", str(dev).split(":")[0]) != "cuda":
+            return None
+        torch = sys.modules.get("torch")
+        return torch if torch is not None and torch.cuda.is_available() else None
+
+    def __enter__(self) -> "PeakMemory":
+        if not reset_peak_rss():
+            self.scope = "process (the high-water mark could not be reset)"
+        self._start = current_rss_mib() or 0.0
+        torch = self._cuda()
+        if torch is not None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        peak = process_peak_rss_mib()
+        self.peak_rss_mib = max(self.peak_rss_mib, peak)
+        self.rise_rss_mib = max(self.rise_rss_mib, peak - self._start)
+        torch = self._cuda()
+        if torch is not None:
+            torch.cuda.synchronize(self.device)
+            vram = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            self.peak_vram_mib = max(self.peak_vram_mib or 0.0, vram)
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"peak_rss_mib": round(self.peak_rss_mib, 1),
+                               "rise_rss_mib": round(self.rise_rss_mib, 1), "memory_scope": self.scope}
+        if self.peak_vram_mib is not None:
+            out["peak_vram_mib"] = round(self.peak_vram_mib, 1)
+        return out

@@ -14,9 +14,10 @@ What runs where:
 - The coordinator writes the files atomically (:func:`~pipeline.imageio.atomic_write_bytes`),
   the JSON records last, so a reader never sees a record before the image it names.
 
-Each actor runs **one image at a time**. That is what makes an actor death attributable: the
-image it held when its process died (segfault, OOM kill, lost node) is known exactly, so only that
-image's attempt is counted (Ray restarts the actor, ``max_restarts``; ``max_task_retries=0`` so
+Each actor runs **one image at a time**, and a dead actor gets work again only after it has been
+restarted and answered. That is what makes an actor death attributable: the image it held when its
+process died (segfault, OOM kill, lost node) is known exactly, so only that image's attempt is
+counted (Ray restarts the actor, ``max_restarts``; ``max_task_retries=0`` so
 Ray never re-runs a task behind our back), and an image that kills workers repeatedly ends as
 ``failed`` instead of taking the pool down forever. Backpressure comes from the bounded number of
 images in flight (``max_in_flight``, read and waiting for an actor or running on one).
@@ -33,6 +34,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -323,6 +325,7 @@ class RayPool:
         self._owns_ray = False
         self._rules_lock = threading.Lock()
         self._rules_ref: tuple[str, Any] | None = None
+        self._lost = 0  # actors that died and could not be brought back
         self._ray: Any = None
 
     def start(self, rules: Any) -> Sizing:
@@ -331,6 +334,12 @@ class RayPool:
         (e.g. :class:`~pipeline.models.ModelLoadError`)."""
         ray = self._ray = import_ray()
         if not ray.is_initialized():
+            import signal
+
+            # ray.init installs its own SIGTERM handler in the driver; the daemon's (finish the
+            # images in flight, then exit 0) must stay in force. The pool's close() shuts Ray down.
+            main = threading.current_thread() is threading.main_thread()
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
             try:
                 if self.opts.address:
                     ray.init(address=self.opts.address, log_to_driver=False, logging_level="WARNING")
@@ -340,6 +349,10 @@ class RayPool:
             except Exception as e:  # ConnectionError, RuntimeError, ValueError: all "cannot start"
                 where = f"the Ray cluster at {self.opts.address}" if self.opts.address else "a local Ray instance"
                 raise EngineError(f"cannot start or reach {where}: {e}") from None
+            finally:
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
             self._owns_ray = True
         try:
             return self._start_actors(ray, rules)
@@ -402,6 +415,9 @@ class RayPool:
         while True:
             if self._closed.is_set():
                 raise EngineError("the Ray pool is closed")
+            with self._rules_lock:
+                if self.actors and self._lost >= len(self.actors):
+                    raise EngineError("every Ray actor died and none could be restarted (see the Ray logs)")
             try:
                 return self._free.get(timeout=0.5)
             except queue.Empty:
@@ -412,9 +428,39 @@ class RayPool:
         when the actor died with it (Ray restarts the actor), or the processor's own exception."""
         actor = self._acquire()
         try:
-            return self._get(actor.process.remote(task, self._rules(rules)), task.name)
-        finally:
-            self._free.put(actor)
+            result = self._get(actor.process.remote(task, self._rules(rules)), task.name)
+        except WorkerDiedError:
+            self._revive(actor, rules)
+            raise
+        except BaseException:
+            self._free.put(actor)  # the processor raised: the actor itself is fine
+            raise
+        self._free.put(actor)
+        return result
+
+    def _revive(self, actor: Any, rules: Any) -> None:
+        """Give a dead actor back to the pool only once Ray has restarted it and it answers a
+        warm-up: a task sent to it while it is still dying would fail too, and that failure would
+        be counted against an image that never ran. Runs in the background; an actor that does not
+        come back within ``start_timeout`` is given up."""
+        ray, rules_ref = self._ray, self._rules(rules)
+
+        def loop() -> None:
+            deadline = time.monotonic() + self.opts.start_timeout
+            while not self._closed.is_set() and time.monotonic() < deadline:
+                try:
+                    ray.get(actor.warm_up.remote(rules_ref))
+                except ray.exceptions.RayActorError:
+                    time.sleep(0.5)
+                    continue
+                except Exception:
+                    break  # it is up but cannot warm up (e.g. a model vanished): unusable
+                self._free.put(actor)
+                return
+            with self._rules_lock:
+                self._lost += 1
+
+        threading.Thread(target=loop, name="product-studio-ray-revive", daemon=True).start()
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this pool started it (never someone else's)."""

@@ -124,8 +124,10 @@ def test_run_on_ray_survives_actor_deaths_and_fails_a_poisonous_image(tiny_dir, 
     assert status["c-crash-always.jpg"]["error"] == "worker process died 3 times on this image"
     rec = json.loads((out / "failed" / "c-crash-always.json").read_text())
     assert rec["status"] == "failed" and rec["attempts"] == 3 and rec["input"]["path"] == str(inp / "c-crash-always.jpg")
-    # The image that killed its actor once was processed on a restarted (or the other) actor.
-    assert status["b-crash-once.jpg"]["status"] in ("edited", "skipped")
+    # The image that killed its actor once was processed on a restarted (or the other) actor, and
+    # no death was counted against an image that did not cause it.
+    for name in ("a.png", "b-crash-once.jpg", "d.png"):
+        assert status[name]["status"] in ("edited", "skipped"), status[name]
     for e in entries:
         assert (out / e["record"]).is_file()
     stems = [p.stem for folder in outcome_records(out).values() for p in folder]
@@ -186,7 +188,8 @@ def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir,
     assert poison.error == "worker process died 3 times on this image"
     failed = json.loads((outbox / "failed" / f"{poison.stem}.json").read_text())
     assert failed["error"] == poison.error
-    assert by_name["b-crash-once.jpg"].state in ("done", "skipped")
+    for name in ("a.png", "b-crash-once.jpg", "sub/d.png", "e.png"):
+        assert by_name[name].state in ("done", "skipped"), by_name[name]
     # One record per row, in the folder of its outcome; the inputs left the inbox for the archive.
     recs = outcome_records(outbox)
     stems = sorted(p.stem for folder in recs.values() for p in folder)
@@ -231,3 +234,49 @@ def test_help_lists_the_engine_flags_without_importing_ray():
         "assert 'ray' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_watch_engine_ray_as_a_process_finishes_images_in_flight_on_sigterm(tiny_dir, photos, tmp_path):
+    """The real command: its own local Ray instance, a real observer; SIGTERM while an image is on an
+    actor -> that image is finished, then exit 0 (Ray's own SIGTERM handler must not take over)."""
+    import signal
+
+    from daemon.ledger import read_summary
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    log = open(tmp_path / "watch.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "cli.daemon_cmd", "watch", "--config", str(tiny_dir / "settings.yaml"),
+                          "--inbox", str(inbox), "--outbox", str(outbox), "--ledger", str(outbox / ".ledger.sqlite3"),
+                          "--rules", str(tiny_dir / "rules.yaml"),
+                          "--settle", "0.2", "--rescan", "1", "--log-format", "json", "--engine", "ray",
+                          "--actors", "1", "--cpus-per-actor", "1"],
+                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        with time_limit(150):
+            wait_for(lambda: '"event": "started"' in (tmp_path / "watch.log").read_text() or p.poll() is not None,
+                     100, "the daemon to start")
+            assert p.poll() is None, (tmp_path / "watch.log").read_text()
+            assert "Ray pool: 1 actor(s)" in (tmp_path / "watch.log").read_text()
+            shutil.copy(photos / "handbag.png", inbox / "a.png")
+            shutil.copy(photos / "handbag-small.png", inbox / "b.png")
+            ledger = outbox / ".ledger.sqlite3"
+
+            def finished(n):
+                c = read_summary(ledger)["counts"] if ledger.exists() else {}
+                return c.get("done", 0) + c.get("skipped", 0) == n
+
+            wait_for(lambda: finished(2), 60, "both images")
+            shutil.copy(photos / "shoe-phone.jpg", inbox / "c.jpg")
+            wait_for(lambda: (read_summary(ledger)["counts"]["running"] + read_summary(ledger)["counts"]["done"]
+                              + read_summary(ledger)["counts"]["skipped"]) == 3, 30, "the third image taken")
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(60) == 0, (tmp_path / "watch.log").read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        log.close()
+    c = read_summary(outbox / ".ledger.sqlite3")["counts"]
+    assert c["running"] == c["pending"] == c["failed"] == 0
+    assert c["done"] + c["skipped"] == 3

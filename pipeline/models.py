@@ -36,6 +36,10 @@ class ModelLoadError(RuntimeError):
         msg = f"model role '{role}' ({source}): {reason}"
         super().__init__(msg + (f"\n  hint: {hint}" if hint else ""))
 
+    def __reduce__(self) -> tuple:
+        # Picklable with its own arguments: it crosses process boundaries (a Ray actor's warm-up).
+        return (type(self), (self.role, self.source, self.reason, self.hint))
+
 
 # What each role is, for locating files (layout) and for humans (`models list`).
 ROLE_INFO: dict[str, tuple[str, str]] = {

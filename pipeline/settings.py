@@ -45,6 +45,10 @@ class SettingsError(ValueError):
         self.problems = problems
         super().__init__(self.format())
 
+    def __reduce__(self) -> tuple:
+        # Picklable with its own arguments: it may come back from a Ray actor.
+        return (type(self), (None if self.file == "<defaults>" else self.file, self.problems))
+
     def format(self) -> str:
         lines = [f"invalid configuration in {self.file}:"]
         for field, reason, line in self.problems:

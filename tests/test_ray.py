@@ -206,6 +206,21 @@ def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir,
     assert e["rules"]["sha256"] == new_hash and by_name["e.png"].rules_hash == new_hash
 
 
+def test_a_model_missing_on_the_workers_stops_the_run_at_start(tiny_dir, ray_cluster, photos, tmp_path):
+    import yaml
+
+    data = yaml.safe_load((tiny_dir / "settings.yaml").read_text())
+    data["root"] = str(tiny_dir)
+    data["models"]["clip"]["path"] = "no-such-clip"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["run", str(photos), "--out", str(tmp_path / "o"), "--rules", str(tiny_dir / "rules.yaml"),
+                            *RAY_FLAGS, "--config", str(cfg)], terminal_width=200)
+    assert r.exit_code == 3, r.output  # the actors' warm-up failed: the model error, as locally
+    assert "clip" in r.output and "no-such-clip" in r.output
+    assert not (tmp_path / "o" / "manifest.jsonl").exists()
+
+
 def test_engine_ray_without_ray_installed_is_a_clear_error(tiny_dir, photos, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
     r = run([str(photos), "--out", str(tmp_path / "o"), "--engine", "ray"], tiny_dir)

@@ -174,7 +174,7 @@ def _sync(registry: ModelRegistry) -> None:
 
 
 def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto",
-                tiny_dir: str | Path | None = None, slow_whole_s: float = SLOW_WHOLE_S,
+                tiny_dir: str | Path | None = None, slow_whole_s: float = SLOW_WHOLE_S, warmup: bool = True,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run both cases side by side and return the result dict (see the module docstring).
 
@@ -223,20 +223,28 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
 
     times: dict[str, list[float]] = {c: [] for c in CASES}
     details: dict[str, dict[str, Any]] = {}
-    say("warm-up round (not counted)")
-    for case in CASES:
-        dt, details[case] = run_case(case)
-    whole_single = dt > slow_whole_s
-    if whole_single:
-        times["whole"].append(dt)
-        why = "quick mode" if slow_whole_s <= 0 else f"its first run took {dt:.1f} s (> {slow_whole_s:.0f} s)"
-        whole_note = (f"whole ran once ({why}); its models were already warm from the crop warm-up, so that run "
-                      "is counted")
-        say("  " + whole_note)
+    if not warmup:
+        # Each case once, cold: both pay their own first-call set-up (per-shape kernels) alike.
+        for case in CASES:
+            dt, details[case] = run_case(case)
+            times[case].append(dt)
+        whole_note = "each case ran once without a warm-up (quick mode)"
+        repeats_left, whole_single = 0, False
     else:
-        whole_note = f"whole: median of {repeats} runs after a warm-up"
-    for r in range(repeats):
-        say(f"round {r + 1}/{repeats}")
+        say("warm-up round (not counted)")
+        for case in CASES:
+            dt, details[case] = run_case(case)
+        whole_single = dt > slow_whole_s
+        repeats_left = repeats
+        if whole_single:
+            times["whole"].append(dt)
+            whole_note = (f"whole ran once: its first run took {dt:.1f} s (> {slow_whole_s:.0f} s); its models were "
+                          "already warm from the crop warm-up, so that run is counted")
+            say("  " + whole_note)
+        else:
+            whole_note = f"whole: median of {repeats} runs after a warm-up"
+    for r in range(repeats_left):
+        say(f"round {r + 1}/{repeats_left}")
         for case in CASES:
             if case == "whole" and whole_single:
                 continue
@@ -321,7 +329,7 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     common = dict(repeats=repeats_option(opts), size=size, device=opts.device,
                   log=lambda m: err.print(m, highlight=False))
     if quick:
-        common["slow_whole_s"] = 0.0  # whole runs once (its models are warm from the crop warm-up)
+        common["warmup"] = False  # each case runs once
     if opts.tiny:
         from pipeline.tiny import make_tiny_set
 

@@ -93,7 +93,7 @@ def write_settings_variants(folder: Path, data: dict[str, Any], header: str) -> 
     return out
 
 
-def write_full_set(out: Path, seed: int = SEED) -> dict[str, Path]:
+def write_full_set(out: Path, seed: int = SEED, device: str = "cpu") -> dict[str, Path]:
     """Full-size random-weight CLIP ViT-B/32 and SAM ViT-B in their real layouts, plus one settings
     file per kind. Returns ``{kind: settings path}``."""
     import torch
@@ -126,17 +126,18 @@ def write_full_set(out: Path, seed: int = SEED) -> dict[str, Path]:
     lic = "full-size random weights (benchmark only)"
     data["models"] = {"clip": {"path": "clip", "licence": lic},
                       "sam": {"path": "sam/sam_vit_b.safetensors", "model_type": "vit_b", "licence": lic}}
-    data["runtime"] = {"device": "cpu", "dtype": "float32", "offline": True}
+    data["runtime"] = {"device": device, "dtype": "auto", "offline": True}
     data["detect"] = DetectSettings().model_dump(mode="json")
     return write_settings_variants(out, data, "Full-size random-weight CLIP ViT-B/32 + SAM ViT-B for bench.warm")
 
 
-def write_tiny_set(out: Path) -> dict[str, Path]:
+def write_tiny_set(out: Path, device: str = "cpu") -> dict[str, Path]:
     import yaml
 
     from pipeline.tiny import make_tiny_set
 
     data = yaml.safe_load(make_tiny_set(out, roles=["clip", "sam"]).read_text())
+    data["runtime"]["device"] = device
     return write_settings_variants(Path(out), data, "Tiny random-weight CLIP + SAM for bench.warm")
 
 
@@ -256,12 +257,13 @@ def _kind_result(kind: str, n: int, warm: dict[str, Any], cold_runs: list[dict[s
 
 
 def run_warm(*, n: int | dict[str, int] | None = None, tiny: bool = False, size: tuple[int, int] | None = None,
-             kinds: tuple[str, ...] = KINDS, cold_runs: int | None = None,
+             kinds: tuple[str, ...] = KINDS, cold_runs: int | None = None, device: str = "cpu",
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the model set and images, run both cases per kind, return the result dict.
 
     ``n``: images per kind (an int for every kind, or ``{kind: n}``; default :data:`DEFAULT_IMAGES`);
-    ``cold_runs``: how many cold processes to run per kind (default all ``n``)."""
+    ``cold_runs``: how many cold processes to run per kind (default all ``n``); ``device``: the
+    settings' ``runtime.device`` (``auto``: CUDA when there is a GPU)."""
     from bench.detect import BenchError
 
     counts = dict(DEFAULT_IMAGES) if n is None else ({k: n for k in KINDS} if isinstance(n, int) else dict(n))
@@ -277,11 +279,11 @@ def run_warm(*, n: int | dict[str, int] | None = None, tiny: bool = False, size:
         t0 = time.perf_counter()
         if tiny:
             say("writing the tiny model set (clip, sam) ...")
-            settings = write_tiny_set(root / "models")
+            settings = write_tiny_set(root / "models", device)
             models = "tiny random-weight set (clip, sam)"
         else:
             say("writing full-size random-weight CLIP ViT-B/32 and SAM ViT-B in their on-disk layouts ...")
-            settings = write_full_set(root / "models")
+            settings = write_full_set(root / "models", device=device)
             models = "full-size random weights on disk: CLIP ViT-B/32 (save_pretrained), SAM ViT-B (safetensors)"
         write_s = time.perf_counter() - t0
         disk_mib = sum(f.stat().st_size for f in (root / "models").rglob("*") if f.is_file()) / 2 ** 20
@@ -318,7 +320,7 @@ def run_warm(*, n: int | dict[str, int] | None = None, tiny: bool = False, size:
         "models": models,
         "model_files_mib": round(disk_mib, 1),
         "model_set_write_s": write_s,
-        "device": "cpu",
+        "device": device,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -336,7 +338,7 @@ def run_warm(*, n: int | dict[str, int] | None = None, tiny: bool = False, size:
         notes.append(f"{kind} images: start-up costs {k['startup_overhead_per_image_s']:.1f} s per image "
                      f"({k['startup_share_of_cold']:.0%} of the cold wall time is outside detection); detection "
                      f"itself {statistics.median(cold['detect_s_per_image']):.2f} s per image in a fresh process"
-                     + (", which caps cold/warm near (start-up + detect) / detect on this CPU." if kind == "product"
+                     + (", which caps cold/warm near (start-up + detect) / detect here." if kind == "product"
                         else f"; cold/warm can never exceed N = {counts[kind]}."))
     context["notes"] = notes
     return {
@@ -366,10 +368,8 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     quick = getattr(opts, "quick", False)
     n = getattr(opts, "images", None) or (TINY_IMAGES if opts.tiny else QUICK_IMAGES if quick else DEFAULT_IMAGES)
     size = opts.size or (TINY_SIZE if opts.tiny else QUICK_SIZE if quick else DEFAULT_SIZE)
-    if getattr(opts, "device", "auto") not in ("auto", "cpu"):
-        err.print("bench warm runs on the CPU (the settings it writes say device cpu)")
     result = run_warm(n=n, tiny=opts.tiny, size=size, cold_runs=QUICK_COLD_RUNS if quick else None,
-                      log=lambda m: err.print(m, highlight=False))
+                      device=getattr(opts, "device", "auto"), log=lambda m: err.print(m, highlight=False))
     render(result)
     return result
 

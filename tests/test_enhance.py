@@ -558,3 +558,13 @@ def test_bench_smoke(tiny_dir):
     out = io.StringIO()
     render(res, Console(file=out, width=200))
     assert "whole/crop" in out.getvalue()
+
+
+def test_bench_quick_runs_each_case_once_without_warmup(tiny_dir):
+    from bench.enhance import run_enhance
+
+    res = run_enhance(tiny_dir=tiny_dir, repeats=3, size=(96, 80), device="cpu", warmup=False)
+    for c in res["cases"].values():
+        assert len(c["runs_s"]) == 1 and c["min_s"] == c["median_s"] == c["max_s"]
+        assert c["peak_rss_mib"] > 0 and c["memory_scope"]
+    assert "without a warm-up" in res["context"]["notes"][0]

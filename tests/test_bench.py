@@ -82,3 +82,24 @@ def test_cli_writes_json(tmp_path):
     assert json.loads((tmp_path / "res" / "results.json").read_text()) == data
     md = (tmp_path / "res" / "results.md").read_text()
     assert "| detect | baseline/ours_skip |" in md and "| detect | ours_product |" in md
+
+
+def test_cli_quick_and_docs(tmp_path, monkeypatch):
+    import bench.__main__ as bm
+    from bench.report import DOCS_BEGIN, DOCS_END
+
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\n{DOCS_BEGIN}\nstale figures\n{DOCS_END}\n")
+    monkeypatch.setattr(bm, "DOCS", doc)
+    assert bm.main(["detect", "--tiny", "--quick", "--size", "64x48", "--out", str(tmp_path / "res"),
+                    "--docs", "--stock-malloc"]) == 0
+    data = json.loads((tmp_path / "res" / "results.json").read_text())
+    det = data["benchmarks"]["detect"]
+    # --quick: one timed run per case, the baseline once with a 16x16 grid.
+    assert all(len(c["runs_s"]) == 1 for c in det["cases"].values())
+    assert det["cases"]["baseline"]["prompts"] == 256 and det["context"]["baseline_points_per_side"] == 16
+    text = doc.read_text()
+    assert "stale figures" not in text and "| detect | baseline/ours_skip |" in text and "--quick" in text
+    # A missing section is an error (exit 2), not a silent no-op.
+    assert bm.main(["detect", "--tiny", "--quick", "--size", "64x48", "--out", str(tmp_path / "res"),
+                    "--docs", "gpu", "--stock-malloc"]) == 2

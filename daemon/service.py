@@ -200,6 +200,9 @@ class Daemon:
             self._intake_thread.join(timeout=10)
         self.worker.stop_requested.set()
         self.worker.wake.set()
+        drain = getattr(self.processor, "drain", None)
+        if callable(drain):
+            drain()  # Ray engine: images still waiting for an actor are requeued, not started
         for current in self.worker.running_rows():
             log_event(self.log, logging.INFO, "stopping", "stopping: finishing %s (up to %.0fs)", current.name,
                       grace, stem=current.stem)

@@ -356,6 +356,13 @@ class Worker:
             if getattr(e, "worker_died", False):
                 self._worker_died(row, e, seconds)
                 return
+            if getattr(e, "requeue", False):
+                # Never started (the daemon is stopping and the image was still waiting for a Ray
+                # actor): back to the queue for the next start, attempt not counted.
+                d.ledger.requeue(row.id)
+                log_event(self.log, logging.INFO, "requeued", "%s: not started before the stop; requeued for the "
+                          "next start", row.name, stem=row.stem)
+                return
             if is_permanent(e):
                 self._fail(row, describe(e), seconds=seconds)
             else:

@@ -67,6 +67,13 @@ class WorkerDiedError(RuntimeError):
         self.detail = detail
 
 
+class PoolDraining(RuntimeError):
+    """The coordinator is stopping: an image still waiting for a free actor is not started. It was
+    never sent anywhere, so it goes back to the queue without counting an attempt (``requeue``)."""
+
+    requeue = True
+
+
 def import_ray() -> Any:
     """``import ray``, or :class:`EngineError` telling how to install it."""
     try:
@@ -322,6 +329,7 @@ class RayPool:
         self.workers: list[dict[str, Any]] = []
         self._free: queue.Queue = queue.Queue()
         self._closed = threading.Event()
+        self._draining = threading.Event()
         self._owns_ray = False
         self._rules_lock = threading.Lock()
         self._rules_ref: tuple[str, Any] | None = None
@@ -415,13 +423,19 @@ class RayPool:
         while True:
             if self._closed.is_set():
                 raise EngineError("the Ray pool is closed")
+            if self._draining.is_set():
+                raise PoolDraining("stopping: not started")
             with self._rules_lock:
                 if self.actors and self._lost >= len(self.actors):
                     raise EngineError("every Ray actor died and none could be restarted (see the Ray logs)")
             try:
-                return self._free.get(timeout=0.5)
+                actor = self._free.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if self._draining.is_set():  # a stop came while this caller waited
+                self._free.put(actor)
+                raise PoolDraining("stopping: not started")
+            return actor
 
     def run(self, task: ImageTask, rules: Any) -> ImageResult:
         """Process ``task`` on the next free actor (waits for one). Raises :class:`WorkerDiedError`
@@ -461,6 +475,11 @@ class RayPool:
                 self._lost += 1
 
         threading.Thread(target=loop, name="product-studio-ray-revive", daemon=True).start()
+
+    def drain(self) -> None:
+        """Start no more images: callers waiting for an actor get :class:`PoolDraining`; the images
+        already on actors run to the end."""
+        self._draining.set()
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this pool started it (never someone else's)."""
@@ -550,6 +569,10 @@ class RayProcessor:
         hosts = sorted({w.get("host", "?") for w in self.pool.workers})
         return (f"Ray pool: {s.actors} actor(s) x ({s.cpus_per_actor:g} CPU, {s.gpus_per_actor:g} GPU) on "
                 f"{', '.join(hosts) or '?'}; up to {s.max_in_flight} image(s) in flight")
+
+    def drain(self) -> None:
+        """The daemon is stopping: images not yet on an actor go back to the queue."""
+        self.pool.drain()
 
     def close(self) -> None:
         self.pool.close()

@@ -383,7 +383,10 @@ class RayPool:
                               f"{sizing.actors} x {sizing.cpus_per_actor:g} CPU, {sizing.gpus_per_actor:g} GPU; "
                               f"cluster: {ray.cluster_resources()})")
         for ref in ready:
-            self.workers.append(self._get(ref, "warm-up"))
+            try:
+                self.workers.append(self._get(ref, "warm-up"))
+            except WorkerDiedError as e:
+                raise EngineError(f"a Ray actor died while loading its models: {e.detail}") from None
             self._free.put(pending[ref])
         notes = list(sizing.notes)
         for ref in waiting:

@@ -221,6 +221,25 @@ def test_a_model_missing_on_the_workers_stops_the_run_at_start(tiny_dir, ray_clu
     assert not (tmp_path / "o" / "manifest.jsonl").exists()
 
 
+def test_pool_sizing_defaults_and_refusals():
+    from pipeline.ray_engine import EngineError, PoolOptions, plan_sizing
+
+    s = plan_sizing(PoolOptions(), {"CPU": 32.0, "GPU": 4.0})
+    assert (s.actors, s.gpus_per_actor, s.cpus_per_actor, s.max_in_flight) == (4, 1.0, 1.0, 8)  # one per GPU
+    s = plan_sizing(PoolOptions(gpus_per_actor=0.5), {"CPU": 32.0, "GPU": 4.0})
+    assert (s.actors, s.gpus_per_actor) == (8, 0.5)
+    s = plan_sizing(PoolOptions(), {"CPU": 16.0})
+    assert (s.actors, s.gpus_per_actor, s.cpus_per_actor, s.max_in_flight) == (4, 0.0, 4.0, 8)  # CPU actors
+    s = plan_sizing(PoolOptions(), {"CPU": 2.0})
+    assert (s.actors, s.cpus_per_actor) == (1, 2.0)
+    s = plan_sizing(PoolOptions(actors=3, max_in_flight=5), {"CPU": 2.0})
+    assert s.max_in_flight == 5 and s.notes  # more than fits now: said, not refused (autoscaling)
+    with pytest.raises(EngineError, match="GPU"):
+        plan_sizing(PoolOptions(gpus_per_actor=1), {"CPU": 8.0})
+    with pytest.raises(EngineError, match="--actors"):
+        PoolOptions(actors=0)
+
+
 def test_engine_ray_without_ray_installed_is_a_clear_error(tiny_dir, photos, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
     r = run([str(photos), "--out", str(tmp_path / "o"), "--engine", "ray"], tiny_dir)

@@ -6,6 +6,9 @@ record ``OUT/STEM.json`` (last, atomically). Bad inputs get ``OUT/failed/STEM.js
 it in tests: ``noproduct`` -> skipped, ``flaky`` -> raises on the first attempt, ``boom`` -> always
 raises, ``perm`` -> raises a permanent error.
 
+``make_crashing_processor`` is the real processor whose process dies on chosen names, for the Ray
+engine's worker-death tests.
+
 Use it with ``product-studio watch --processor daemon.testing:make_passthrough``. Environment:
 ``PRODUCT_STUDIO_TEST_DELAY`` (seconds spent "processing" each image) and
 ``PRODUCT_STUDIO_TEST_WRITE_DELAY`` (seconds spent writing the output image in chunks, to leave a
@@ -27,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.imageio import ImageLoadError, atomic_write_text, load_image, save_image
+from pipeline.imageio import ImageLoadError, atomic_write_bytes, atomic_write_text, load_image, save_image
 from pipeline.outputs import now_iso, write_failure
 from pipeline.settings import Settings, SettingsError, read_yaml_mapping
 
@@ -38,10 +41,13 @@ class PermanentTestError(ValueError):
 
 class PassThroughProcessor:
     def __init__(self, settings: Settings, rules_path: Path | None, *, delay: float = 0.0,
-                 write_delay: float = 0.0):
+                 write_delay: float = 0.0, copy_input: bool = False):
         self.settings = settings
         self.delay = delay
         self.write_delay = write_delay
+        # copy_input: write the input's own bytes as the output instead of re-encoding a PNG (which
+        # costs ~0.1 s per MP: a pipeline cost, where the daemon benchmark wants bookkeeping only).
+        self.copy_input = copy_input
         self.calls: list[str] = []
         self._raised: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -88,8 +94,10 @@ class PassThroughProcessor:
             rec = {**base, "status": "skipped", "reason": "no product (test processor)", "input": inp}
             atomic_write_text(outbox / "skipped" / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
             return rec
-        out = outbox / f"{stem}.png"
-        if self.write_delay:
+        out = outbox / (f"{stem}{Path(path).suffix.lower()}" if self.copy_input else f"{stem}.png")
+        if self.copy_input:
+            atomic_write_bytes(out, Path(path).read_bytes())
+        elif self.write_delay:
             _slow_save(loaded.image, out, self.write_delay)
         else:
             save_image(loaded.image, out)
@@ -147,8 +155,8 @@ def _slow_save(image: Any, target: Path, seconds: float) -> None:
     os.replace(tmp, target)
 
 
-def make_passthrough(settings: Settings, rules_path: Path | None) -> PassThroughProcessor:
-    return PassThroughProcessor(settings, rules_path,
+def make_passthrough(settings: Settings, rules_path: Path | None, *, copy_input: bool = False) -> PassThroughProcessor:
+    return PassThroughProcessor(settings, rules_path, copy_input=copy_input,
                                 delay=float(os.environ.get("PRODUCT_STUDIO_TEST_DELAY", "0") or 0),
                                 write_delay=float(os.environ.get("PRODUCT_STUDIO_TEST_WRITE_DELAY", "0") or 0))
 

@@ -213,6 +213,8 @@ def status_cmd(
         cur = dmn.get("current") if dmn.get("alive") else None
         if cur:
             console.print(f"  current: {cur['name']} (attempt {cur['attempt']}, since {cur['started_at']})")
+            if (dmn.get("in_flight") or 0) > 1:  # the Ray engine works on several at once
+                console.print(f"  in flight: {dmn['in_flight']} images")
         elif dmn.get("alive"):
             console.print("  current: idle")
         if dmn.get("alive"):

@@ -3,8 +3,8 @@
 ``python -m bench daemon`` (or ``python -m bench.daemon --images N``): N distinct ~1 MP JPEGs
 (default 200) are moved into the watched inbox of the real daemon, in-process (watchdog observer,
 settle check of 0.2 s, SQLite WAL ledger, worker, atomic outputs, archive), whose processor is
-:func:`daemon.testing.make_passthrough` (no models: the safe loader decodes the image, its pixels
-are written as ``STEM.png`` with the record). Its ``process`` is wrapped to sum the time spent
+:func:`daemon.testing.make_passthrough` (no models: the safe loader decodes the image, the input's
+own bytes are written back as the output, with the record; re-encoding would be pipeline work). Its ``process`` is wrapped to sum the time spent
 inside it. Reported: images per second from the first drop to the last record, images/s against
 the goal as a ratio, and the share of that wall time spent outside the pipeline (the daemon's own
 bookkeeping plus idle waits such as the settle time). Goal: >= 25 images/s on this machine.
@@ -14,7 +14,6 @@ bookkeeping plus idle waits such as the settle time). Goal: >= 25 images/s on th
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import tempfile
 import threading
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.measure import PeakMemory
 
 GOAL_IMAGES_PER_S = 25.0
 DEFAULT_IMAGES = 200
@@ -67,9 +68,9 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
         lock = threading.Lock()
 
         def factory() -> Any:
-            """daemon.testing's pass-through processor (safe loader decode, PNG write, record), with
+            """daemon.testing's pass-through processor (safe loader decode, input bytes written back, record), with
             the time spent inside its ``process`` summed up: everything else is the daemon's own."""
-            proc = make_passthrough(settings, None)
+            proc = make_passthrough(settings, None, copy_input=True)
             inner = proc.process
 
             def process(path: Path, outbox: Path, *, sha256: str, stem: str) -> dict:
@@ -86,6 +87,8 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
 
         ds = DaemonSettings(settle_seconds=0.2, rescan_seconds=5.0, status_interval_seconds=1.0)
         daemon = Daemon(settings, factory, ds)
+        mem = PeakMemory()
+        mem.__enter__()
         daemon.start()
         try:
             t0 = time.perf_counter()
@@ -103,6 +106,7 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
             counts = {k: len(v) for k, v in outcome_records(outbox).items()}
         finally:
             daemon.stop(10.0)
+            mem.__exit__(None, None, None)
         if done < n:
             raise RuntimeError(f"only {done} of {n} images came out within {timeout:.0f} s")
     rate = n / wall
@@ -121,7 +125,7 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
         "outside_pipeline_s": wall - inside["seconds"], "bookkeeping_images_per_s": book_rate,
         "settle_s": ds.settle_seconds,
         "goal": {"images_per_s": GOAL_IMAGES_PER_S, "met": rate >= GOAL_IMAGES_PER_S},
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **mem.record(),
     }
 
 
@@ -147,13 +151,14 @@ def run_daemon_repeats(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_
             "measures": f"{n} distinct JPEGs moved into the watched inbox -> last record in the outbox",
             "share_outside_pipeline": outside, "bookkeeping_images_per_s": book,
             "pipeline_s_per_image": per_image, "outcomes": outcomes,
-            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs), 1)}
+            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs), 1),
+            "rise_rss_mib": round(max(r["rise_rss_mib"] for r in runs), 1)}
     return {
         "benchmark": "daemon",
         "context": {
             "images": n, "image_size": list(size), "repeats": repeats, "settle_s": runs[-1]["settle_s"],
             "notes": [f"The real daemon in-process (watchdog observer, settle {runs[-1]['settle_s']} s, SQLite WAL "
-                      "ledger, worker, atomic outputs, archive) with a pass-through pipeline (safe decode, PNG write, "
+                      "ledger, worker, atomic outputs, archive) with a pass-through pipeline (safe decode, bytes written back, "
                       f"record: {per_image * 1000:.0f} ms per image); {n} JPEGs of {size[0]}x{size[1]}, "
                       f"{repeats} run(s), medians.",
                       f"{outside:.0%} of the wall time is outside the pipeline (bookkeeping and the settle wait); "

@@ -70,11 +70,11 @@ def product_mask(width: int, height: int) -> np.ndarray:
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
-def case_params(case: str, base: EnhanceSettings | None = None) -> EnhanceSettings:
+def case_params(case: str, base: EnhanceSettings | None = None, steps: int = STEPS) -> EnhanceSettings:
     """The enhance settings of one case: ``base`` (default: SD 1.5 defaults, resolution 512) with
-    ``STEPS`` steps, strength 1.0 (every step runs), ControlNet on, and the case's mode."""
+    ``steps`` steps, strength 1.0 (every step runs), ControlNet on, and the case's mode."""
     data = (base or EnhanceSettings()).model_dump()
-    data.update(mode=case, steps=STEPS, strength=1.0, controlnet=True, seed=SEED, classes={})
+    data.update(mode=case, steps=steps, strength=1.0, controlnet=True, seed=SEED, classes={})
     return EnhanceSettings.model_validate(data)
 
 
@@ -175,6 +175,7 @@ def _sync(registry: ModelRegistry) -> None:
 
 def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto",
                 tiny_dir: str | Path | None = None, slow_whole_s: float = SLOW_WHOLE_S, warmup: bool = True,
+                steps: int = STEPS,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run both cases side by side and return the result dict (see the module docstring).
 
@@ -199,7 +200,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
         models = ("full-size random weights: SD 1.5 inpainting UNet/VAE/CLIP ViT-L text, ControlNet depth, "
                   "Depth Anything V2 Small")
         base = None
-    params = {c: case_params(c, base) for c in CASES}
+    params = {c: case_params(c, base, steps) for c in CASES}
     W, H = size
     image = Image.fromarray(synthetic_image(W, H), "RGB")
     mask = product_mask(W, H)
@@ -270,7 +271,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
         "torch": torch.__version__,
         "image_size": [W, H],
         "product_box_share": round(float((x1 - x0) * (y1 - y0)) / (W * H), 3),
-        "steps": STEPS, "strength": 1.0, "guidance": params["crop"].guidance,
+        "steps": steps, "strength": 1.0, "guidance": params["crop"].guidance,
         "resolution": params["crop"].resolution,
         "repeats": repeats,
         "whole_runs": len(times["whole"]),
@@ -281,7 +282,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     }
     context["notes"] = [
         f"{models}; {context['device']} {context['dtype']}; image {W}x{H}, crop box {context['product_box_share']:.0%} "
-        f"of it; {STEPS} steps at strength 1.0, guidance {context['guidance']:g} (CFG batch 2), ControlNet depth on; "
+        f"of it; {steps} step(s) at strength 1.0, guidance {context['guidance']:g} (CFG batch 2), ControlNet depth on; "
         f"{whole_note}.",
         "Each case is the whole edit (depth map, generation, paste back); the crop works at "
         f"{'x'.join(map(str, cases['crop']['work_size']))}, whole at {'x'.join(map(str, cases['whole']['work_size']))}.",
@@ -329,7 +330,8 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     common = dict(repeats=repeats_option(opts), size=size, device=opts.device,
                   log=lambda m: err.print(m, highlight=False))
     if quick:
-        common["warmup"] = False  # each case runs once
+        # Each case once, one denoising step: both cases' UNet work halves alike, the ratio stays.
+        common.update(warmup=False, steps=1)
     if opts.tiny:
         from pipeline.tiny import make_tiny_set
 

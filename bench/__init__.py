@@ -9,8 +9,10 @@ Tests never assert wall times.
 
 from __future__ import annotations
 
-import ctypes
-import platform
+import os
+
+from pipeline.allocator import ENV as _MALLOC_ENV
+from pipeline.allocator import keep_freed_memory, mode
 
 # name -> "module:function"; each function takes the parsed CLI options and returns a result dict.
 BENCHMARKS: dict[str, str] = {
@@ -21,34 +23,17 @@ BENCHMARKS: dict[str, str] = {
     "dtype": "bench.dtype:run_from_options",
 }
 
-_malloc = "default"
 
-
-def steady_malloc() -> bool:
-    """Keep freed heap memory inside the process (glibc only; process-wide, so only the ``python -m
-    bench`` entry point calls it). Returns whether it was applied.
-
-    glibc serves large blocks with mmap and returns them (and trimmed heap tops) to the kernel on
-    free, so every forward pass page-faults its activations back in. On VMs that hand freed pages to
-    the host (virtio-balloon free page reporting) that costs millions of faults per SAM encode:
-    measured here 2-3x slower and +-50% from run to run, which drowns the ratios. Reusing the
-    memory removes that noise for every case alike.
-    """
-    global _malloc
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    # mallopt takes an int; -1 converts to SIZE_MAX inside glibc, i.e. never trim.
-    if libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, -1) == 1:
-        _malloc = "glibc, freed memory kept in process (no mmap, no trim)"
-        return True
-    return False
+def steady_malloc(enabled: bool = True) -> bool:
+    """The product's allocator setting (:mod:`pipeline.allocator`: freed heap memory kept in the
+    process), applied to the benchmark process before anything is timed, or, with ``enabled``
+    False (``--stock-malloc``), refused for this process and its children. Every case runs under
+    the same setting either way; the product's registry applies it by default."""
+    if not enabled:
+        os.environ[_MALLOC_ENV] = "stock"
+    return keep_freed_memory()
 
 
 def malloc_mode() -> str:
-    """What :func:`steady_malloc` did in this process, for the results' context."""
-    return _malloc
+    """What the allocator setting is in this process, for the results' context."""
+    return mode()

@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tiny", action="store_true",
                     help="tiny random-weight models instead of full size (a fast smoke run; ratios mean nothing)")
     ap.add_argument("--stock-malloc", action="store_true",
-                    help="keep glibc's default allocator (noisier on VMs; see bench.steady_malloc)")
+                    help="glibc's default allocator instead of the product's setting (runtime.keep_freed_memory; "
+                         "slower and noisier on VMs, see pipeline/allocator.py)")
     return ap
 
 
@@ -75,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # Benchmarks build their models in-process; nothing may be fetched from the Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not opts.stock_malloc:
-        steady_malloc()
+    steady_malloc(enabled=not opts.stock_malloc)
     from bench.detect import BenchError
     from bench.report import build_report, update_docs, write_outputs
 

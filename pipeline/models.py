@@ -168,6 +168,10 @@ def resolve_runtime(settings: Settings) -> Runtime:
         offload = "off"  # offload moves weights between CPU and GPU; meaningless without a GPU
     if settings.runtime.threads:
         torch.set_num_threads(settings.runtime.threads)
+    if settings.runtime.keep_freed_memory:
+        from pipeline.allocator import keep_freed_memory
+
+        keep_freed_memory()  # process-wide, like the thread count: set before the first forward
     return Runtime(device=device, dtype=dtype, offload=offload)
 
 

@@ -69,9 +69,10 @@ def test_size_parsing():
             parse_size(bad)
 
 
-def test_cli_writes_json(tmp_path):
+def test_cli_writes_json(tmp_path, monkeypatch):
     from bench.__main__ import main
 
+    monkeypatch.setenv("PRODUCT_STUDIO_MALLOC", "stock")  # what --stock-malloc sets; undone after the test
     out = tmp_path / "bench.json"
     # --stock-malloc: the steady allocator is process-wide and this process is pytest's.
     assert main(["detect", "--tiny", "--repeats", "1", "--size", "64x48", "--json", str(out),
@@ -88,6 +89,7 @@ def test_cli_quick_and_docs(tmp_path, monkeypatch):
     import bench.__main__ as bm
     from bench.report import DOCS_BEGIN, DOCS_END
 
+    monkeypatch.setenv("PRODUCT_STUDIO_MALLOC", "stock")
     doc = tmp_path / "performance.md"
     doc.write_text(f"# Performance\n\n{DOCS_BEGIN}\nstale figures\n{DOCS_END}\n")
     monkeypatch.setattr(bm, "DOCS", doc)

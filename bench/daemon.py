@@ -29,6 +29,7 @@ GOAL_IMAGES_PER_S = 25.0
 DEFAULT_IMAGES = 200
 DEFAULT_SIZE = (1152, 864)  # ~1 MP
 TINY_IMAGES = 20
+QUICK_IMAGES = 100
 
 
 def _make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -175,7 +176,7 @@ def run_daemon_repeats(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_
 
 
 def run_from_options(opts: Any) -> dict[str, Any]:
-    """``python -m bench daemon``: ``--tiny`` runs 20 small images; ``--quick`` one run; ``--size``
+    """``python -m bench daemon``: ``--tiny`` runs 20 small images; ``--quick`` one run of 100; ``--size``
     sets the JPEG size; ``--images N`` the count; ``--repeats`` the runs."""
     from rich.console import Console
 
@@ -183,7 +184,8 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     from bench.report import render
 
     err = Console(stderr=True)
-    n = getattr(opts, "images", None) or (TINY_IMAGES if opts.tiny else DEFAULT_IMAGES)
+    n = getattr(opts, "images", None) or (TINY_IMAGES if opts.tiny else QUICK_IMAGES if getattr(opts, "quick", False)
+                                          else DEFAULT_IMAGES)
     size = opts.size or ((320, 240) if opts.tiny else DEFAULT_SIZE)
     res = run_daemon_repeats(n, size, repeats_option(opts), log=lambda m: err.print(m, highlight=False))
     render(res, title="daemon bookkeeping: intake -> ledger -> outbox, pass-through pipeline")

@@ -177,14 +177,15 @@ def run_dtype(*, repeats: int = 3, device: str = "auto", networks: tuple[str, ..
 
 
 def run_from_options(opts: Any) -> dict[str, Any]:
-    """``python -m bench dtype``: ``--quick`` one run per dtype; ``--tiny`` skips the UNet (smoke)."""
+    """``python -m bench dtype``: ``--quick`` one run per dtype and no SAM encoder (which the product
+    keeps in fp32); ``--tiny`` CLIP only (a smoke run)."""
     from rich.console import Console
 
     from bench.detect import repeats_option
     from bench.report import render
 
     err = Console(stderr=True)
-    nets = ("clip",) if opts.tiny else NETWORKS
+    nets = ("clip",) if opts.tiny else ("clip", "unet") if getattr(opts, "quick", False) else NETWORKS
     res = run_dtype(repeats=repeats_option(opts), device=opts.device, networks=nets,
                     log=lambda m: err.print(m, highlight=False))
     render(res, title="dtype: bf16 vs fp32 (seconds; absolute times are context only)")

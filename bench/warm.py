@@ -22,8 +22,8 @@ so every process finds them in the page cache):
     One ``python -m cli detect IMG1 .. IMGN --out D --config S`` process.
 ``cold``
     ``python -m cli detect IMGk --out D --config S``, a new process per image. Every such process
-    does the same work, so ``--quick`` runs only the first few (``cold_runs``) and counts the cold
-    total as N x their median (the report says so); the full mode runs all N.
+    does the same work, so only the first few run (``cold_runs``: 4 product and 8 skip images, 2
+    each with ``--quick``) and the cold total counts N x their median (the report says so).
 
 Reported per kind: ``cold/warm`` (goal >= 10) and the per-image start-up overhead
 ``(cold - warm) / N``, with each image's in-process detection time (from its record) as context:
@@ -53,9 +53,12 @@ KINDS = ("product", "skip")
 # Images per kind. Product detection costs seconds per image on a CPU, which caps cold/warm near
 # (start-up + detect) / detect whatever N is; skip decisions are cheap, so N bounds that ratio
 # (cold/warm < N) and needs to be well above the goal of 10.
-DEFAULT_IMAGES = {"product": 4, "skip": 20}
+# A shop's inbox brings tens to thousands of images at a time; 40 is a small batch.
+DEFAULT_IMAGES = {"product": 4, "skip": 40}
 QUICK_IMAGES = {"product": 2, "skip": 12}
-QUICK_COLD_RUNS = 3
+# Cold processes actually run per kind (each does the same work; the rest is N x their median).
+DEFAULT_COLD_RUNS = {"product": 4, "skip": 8}
+QUICK_COLD_RUNS = {"product": 2, "skip": 2}
 TINY_IMAGES = {"product": 2, "skip": 2}
 DEFAULT_SIZE = (1024, 768)
 QUICK_SIZE = (512, 384)
@@ -274,17 +277,19 @@ def _kind_result(kind: str, n: int, warm: dict[str, Any], cold_runs: list[dict[s
 
 
 def run_warm(*, n: int | dict[str, int] | None = None, tiny: bool = False, size: tuple[int, int] | None = None,
-             kinds: tuple[str, ...] = KINDS, cold_runs: int | None = None, device: str = "cpu",
+             kinds: tuple[str, ...] = KINDS, cold_runs: int | dict[str, int] | None = None, device: str = "cpu",
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the model set and images, run both cases per kind, return the result dict.
 
     ``n``: images per kind (an int for every kind, or ``{kind: n}``; default :data:`DEFAULT_IMAGES`);
-    ``cold_runs``: how many cold processes to run per kind (default all ``n``); ``device``: the
+    ``cold_runs``: how many cold processes to run per kind (an int or ``{kind: n}``; default all
+    ``n``); ``device``: the
     settings' ``runtime.device`` (``auto``: CUDA when there is a GPU)."""
     from bench.detect import BenchError
 
     counts = dict(DEFAULT_IMAGES) if n is None else ({k: n for k in KINDS} if isinstance(n, int) else dict(n))
-    if any(counts[k] < 1 for k in kinds) or (cold_runs is not None and cold_runs < 1):
+    colds = {k: (cold_runs.get(k) if isinstance(cold_runs, dict) else cold_runs) or counts[k] for k in kinds}
+    if any(counts[k] < 1 or colds[k] < 1 for k in kinds):
         raise ValueError("image and process counts must be at least 1")
     say = log or (lambda _m: None)
     size = size or (TINY_SIZE if tiny else DEFAULT_SIZE)
@@ -313,7 +318,7 @@ def run_warm(*, n: int | dict[str, int] | None = None, tiny: bool = False, size:
 
         for kind in kinds:
             images = all_images[:counts[kind]]
-            n_cold = min(cold_runs or len(images), len(images))
+            n_cold = min(colds[kind], len(images))
             say(f"{kind} images, cold: {n_cold} processes, one image each ...")
             cold = []
             for i, img in enumerate(images[:n_cold]):
@@ -385,7 +390,8 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     quick = getattr(opts, "quick", False)
     n = getattr(opts, "images", None) or (TINY_IMAGES if opts.tiny else QUICK_IMAGES if quick else DEFAULT_IMAGES)
     size = opts.size or (TINY_SIZE if opts.tiny else QUICK_SIZE if quick else DEFAULT_SIZE)
-    result = run_warm(n=n, tiny=opts.tiny, size=size, cold_runs=QUICK_COLD_RUNS if quick else None,
+    cold = None if opts.tiny else QUICK_COLD_RUNS if quick else DEFAULT_COLD_RUNS
+    result = run_warm(n=n, tiny=opts.tiny, size=size, cold_runs=cold,
                       device=getattr(opts, "device", "auto"), log=lambda m: err.print(m, highlight=False))
     render(result)
     return result

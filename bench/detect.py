@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.measure import PeakMemory, process_peak_rss_mib, stats
+from bench.measure import PeakMemory, Rounds, process_peak_rss_mib, stats
 from pipeline.detect import ClipScorer, Detector, softmax_probs
 from pipeline.models import ClipBundle, ModelRegistry, SamBundle
 from pipeline.settings import DetectSettings, Settings
@@ -394,34 +394,16 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
         say(f"  {case:<13} {dt:9.3f} s")
         return dt, out
 
-    times: dict[str, list[float]] = {c: [] for c in CASES}
-    details: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
+    def run(case: str, warmup: bool) -> tuple[float, dict[str, Any]]:
+        # The product path's warm-up also records the prompts and crops the floor repeats.
+        fn = bench.probe_product if warmup and case == "ours_product" else getattr(bench, case)
+        return timed(case, fn)
 
-    say("warm-up round (not counted)")
-    timed("ours_skip", bench.ours_skip)
-    _, probe = timed("ours_product", bench.probe_product)
-    if warm_floor:
-        timed("floor", bench.floor)
-    dt, out = timed("baseline", bench.baseline)
-    baseline_single = dt > slow_baseline_s
-    if baseline_single:
-        times["baseline"].append(dt)
-        details["baseline"].append(out)
-        why = "quick mode" if slow_baseline_s <= 0 else f"its first run took {dt:.1f} s (> {slow_baseline_s:.0f} s)"
-        baseline_note = (f"baseline ran once ({why}); its models were already warm from the other cases, so that "
-                         "run is counted")
-        say("  " + baseline_note)
-    else:
-        baseline_note = f"baseline: median of {repeats} runs after a warm-up"
-
-    for r in range(repeats):
-        say(f"round {r + 1}/{repeats}")
-        for case in CASES:
-            if case == "baseline" and baseline_single:
-                continue
-            dt, out = timed(case, getattr(bench, case))
-            times[case].append(dt)
-            details[case].append(out)
+    # Warm-up order matters: ours_product's warm-up (the probe) comes before the floor's runs.
+    warm = [c for c in ("ours_skip", "ours_product", "floor", "baseline") if warm_floor or c != "floor"]
+    rounds = Rounds(("ours_skip", "ours_product", "floor", "baseline"), run, repeats=repeats, warm=warm,
+                    slow="baseline", slow_s=slow_baseline_s, say=say)
+    times, details, probe, baseline_note = rounds.times, rounds.details, rounds.warmups["ours_product"], rounds.note
 
     med = {c: statistics.median(times[c]) for c in CASES}
     cases: dict[str, Any] = {}

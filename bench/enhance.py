@@ -39,7 +39,7 @@ from PIL import Image
 
 from bench import malloc_mode
 from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
-from bench.measure import PeakMemory, stats
+from bench.measure import PeakMemory, Rounds, stats
 from pipeline.models import HFBundle, ModelRegistry
 from pipeline.settings import EnhanceSettings, Settings
 
@@ -222,35 +222,13 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
         say(f"  {case:<6} {dt:9.3f} s")
         return dt, {"work_size": rec["crop"]["work_size"], "box": rec["crop"]["box"], "timings": rec["timings"]}
 
-    times: dict[str, list[float]] = {c: [] for c in CASES}
-    details: dict[str, dict[str, Any]] = {}
-    if not warmup:
-        # Each case once, cold: both pay their own first-call set-up (per-shape kernels) alike.
-        for case in CASES:
-            dt, details[case] = run_case(case)
-            times[case].append(dt)
-        whole_note = "each case ran once without a warm-up (quick mode)"
-        repeats_left, whole_single = 0, False
-    else:
-        say("warm-up round (not counted)")
-        for case in CASES:
-            dt, details[case] = run_case(case)
-        whole_single = dt > slow_whole_s
-        repeats_left = repeats
-        if whole_single:
-            times["whole"].append(dt)
-            whole_note = (f"whole ran once: its first run took {dt:.1f} s (> {slow_whole_s:.0f} s); its models were "
-                          "already warm from the crop warm-up, so that run is counted")
-            say("  " + whole_note)
-        else:
-            whole_note = f"whole: median of {repeats} runs after a warm-up"
-    for r in range(repeats_left):
-        say(f"round {r + 1}/{repeats_left}")
-        for case in CASES:
-            if case == "whole" and whole_single:
-                continue
-            dt, details[case] = run_case(case)
-            times[case].append(dt)
+    # Without a warm-up (quick mode) each case runs once, cold: both pay their own first-call set-up
+    # (per-shape kernels) alike.
+    rounds = Rounds(CASES, lambda case, _warmup: run_case(case), repeats=repeats if warmup else 1,
+                    warm=CASES if warmup else (), slow="whole", slow_s=slow_whole_s, say=say)
+    times = rounds.times
+    details = {c: rounds.details[c][-1] for c in CASES}
+    whole_note = rounds.note if warmup else "each case ran once without a warm-up (quick mode)"
 
     med = {c: statistics.median(times[c]) for c in CASES}
     cases: dict[str, Any] = {}

@@ -113,3 +113,50 @@ class PeakMemory:
         if self.peak_vram_mib is not None:
             out["peak_vram_mib"] = round(self.peak_vram_mib, 1)
         return out
+
+
+class Rounds:
+    """Timed runs of several cases, interleaved round by round (A, B, A, B, ...) so that a machine
+    slowing down affects every case alike.
+
+    ``run(case, warmup)`` runs one case once and returns ``(seconds, details)``. Each case in
+    ``warm`` gets one untimed warm-up first, in ``cases`` order. ``slow`` names the expensive case
+    (a baseline): if its warm-up took more than ``slow_s`` seconds (0: always), that run is counted
+    and the case is not repeated, since its models are warm from the other cases by then. Then
+    ``repeats`` rounds. :attr:`times` / :attr:`details` hold the counted runs per case and
+    :attr:`warmups` the warm-up details; :attr:`note` says how the slow case was run."""
+
+    def __init__(self, cases: Any, run: Any, *, repeats: int, warm: Any = None, slow: str | None = None,
+                 slow_s: float = 60.0, say: Any = None):
+        say = say or (lambda _m: None)
+        self.times: dict[str, list[float]] = {c: [] for c in cases}
+        self.details: dict[str, list[Any]] = {c: [] for c in cases}
+        self.warmups: dict[str, Any] = {}
+        warm = list(cases) if warm is None else [c for c in cases if c in set(warm)]
+        single = False
+        if warm:
+            say("warm-up round (not counted)")
+        for c in warm:
+            dt, out = run(c, True)
+            self.warmups[c] = out
+            if c == slow and dt > slow_s:
+                single = True
+                self.times[c].append(dt)
+                self.details[c].append(out)
+        if slow is None:
+            self.note = f"median of {repeats} run(s)" + (" after a warm-up" if warm else "")
+        elif single:
+            why = "quick mode" if slow_s <= 0 else f"its first run took {self.times[slow][0]:.1f} s (> {slow_s:.0f} s)"
+            self.note = (f"{slow} ran once ({why}); its models were already warm from the other cases, so that run "
+                         "is counted")
+            say("  " + self.note)
+        else:
+            self.note = f"{slow}: median of {repeats} run(s)" + (" after a warm-up" if slow in warm else "")
+        for r in range(repeats):
+            say(f"round {r + 1}/{repeats}")
+            for c in cases:
+                if c == slow and single:
+                    continue
+                dt, out = run(c, False)
+                self.times[c].append(dt)
+                self.details[c].append(out)

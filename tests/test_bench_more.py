@@ -160,3 +160,26 @@ def test_report_markdown_and_docs(tmp_path):
     assert "old" not in text and "prose" in text and "more prose" in text and "| x | b/a |" in text
     with pytest.raises(ValueError, match="no generated block"):
         update_docs(report, doc, "gpu")
+
+
+def test_rounds_interleave_and_run_a_slow_case_once():
+    from bench.measure import Rounds
+
+    calls = []
+    cost = {"a": 1.0, "b": 100.0}
+
+    def run(case, warmup):
+        calls.append((case, warmup))
+        return cost[case], {"case": case}
+
+    r = Rounds(("a", "b"), run, repeats=2, slow="b", slow_s=60.0)
+    assert calls == [("a", True), ("b", True), ("a", False), ("a", False)]
+    assert r.times == {"a": [1.0, 1.0], "b": [100.0]} and "b ran once" in r.note
+    calls.clear()
+    cost["b"] = 2.0
+    r = Rounds(("a", "b"), run, repeats=2, slow="b", slow_s=60.0)
+    assert calls == [("a", True), ("b", True), ("a", False), ("b", False), ("a", False), ("b", False)]
+    assert r.times["b"] == [2.0, 2.0] and r.note == "b: median of 2 run(s) after a warm-up"
+    calls.clear()
+    r = Rounds(("a", "b"), run, repeats=1, warm=())
+    assert calls == [("a", False), ("b", False)] and r.warmups == {}

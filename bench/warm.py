@@ -22,8 +22,8 @@ so every process finds them in the page cache):
     One ``python -m cli detect IMG1 .. IMGN --out D --config S`` process.
 ``cold``
     ``python -m cli detect IMGk --out D --config S``, a new process per image. Every such process
-    does the same work, so only the first few run (``cold_runs``: 4 product and 8 skip images, 2
-    each with ``--quick``) and the cold total counts N x their median (the report says so).
+    does the same work, so only the first few run (``cold_runs``: 4 product and 8 skip images; 1
+    and 2 with ``--quick``) and the cold total counts N x their median (the report says so).
 
 Reported per kind: ``cold/warm`` (goal >= 10) and the per-image start-up overhead
 ``(cold - warm) / N``, with each image's in-process detection time (from its record) as context:
@@ -58,7 +58,7 @@ DEFAULT_IMAGES = {"product": 4, "skip": 40}
 QUICK_IMAGES = {"product": 2, "skip": 12}
 # Cold processes actually run per kind (each does the same work; the rest is N x their median).
 DEFAULT_COLD_RUNS = {"product": 4, "skip": 8}
-QUICK_COLD_RUNS = {"product": 2, "skip": 2}
+QUICK_COLD_RUNS = {"product": 1, "skip": 2}
 TINY_IMAGES = {"product": 2, "skip": 2}
 DEFAULT_SIZE = (1024, 768)
 QUICK_SIZE = (512, 384)

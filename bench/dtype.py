@@ -7,8 +7,8 @@
     ``CLIP_CROPS`` crops (detection's classify batch), with the model in fp32, then in bf16.
 ``sam``
     The SAM ViT-B image encoder on one 1024x1024 input (detection's most expensive step), in fp32
-    and under ``torch.autocast(bfloat16)`` (the registry keeps SAM in fp32 because
-    segment-anything's predictor feeds fp32; autocast is how it would run in bf16).
+    and under ``torch.autocast(bfloat16)``: how the registry runs it with ``runtime.dtype:
+    bfloat16`` (its weights stay fp32, since segment-anything's predictor feeds fp32).
 ``unet``
     One denoising step of the SD 1.5 inpainting UNet (9 input channels, ~860 M parameters) at
     64x64 latents (512 px) with classifier-free guidance (batch 2): enhance's inner loop.
@@ -169,9 +169,10 @@ def run_dtype(*, repeats: int = 3, device: str = "auto", networks: tuple[str, ..
     best = max(result["ratios"].items(), key=lambda kv: kv[1]["value"])
     result["context"]["notes"] = [
         f"Full-size random-weight networks on {dev}; one warm-up then {repeats} interleaved run(s) per dtype; "
-        "SAM in bf16 runs under autocast (the registry keeps it fp32).",
+        "SAM in bf16 runs its encoder under autocast, as the registry does with runtime.dtype bfloat16.",
         f"Above 1x bf16 is faster (best here: {best[0]} {best[1]['value']:.2f}x); `runtime.dtype: bfloat16` in the "
-        "settings switches the diffusion and CLIP models to bf16 (outputs then differ slightly from fp32).",
+        "settings switches the diffusion and CLIP models to bf16 and runs SAM's encoder under bf16 autocast "
+        "(outputs then differ slightly from fp32).",
     ]
     return result
 

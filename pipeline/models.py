@@ -13,6 +13,7 @@ naming the role, the source and what to do, never a hang or a silent fallback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -93,6 +94,41 @@ class ClipBundle:
 
     model: Any
     processor: Any
+
+
+@functools.cache
+def _autocast_encoder_class() -> type:
+    import torch
+
+    class AutocastEncoder(torch.nn.Module):
+        """SAM's image encoder run under ``torch.autocast(dtype)``, its output cast back to float32,
+        so everything downstream (predictor, prompt encoder, mask decoder) stays as segment-anything
+        wrote it. The weights stay float32; ``img_size`` is the encoder's, which SAM reads."""
+
+        def __init__(self, encoder: Any, dtype: "torch.dtype"):
+            super().__init__()
+            self.encoder = encoder
+            self.dtype = dtype
+            self.img_size = encoder.img_size
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            with torch.autocast(x.device.type, dtype=self.dtype):
+                out = self.encoder(x)
+            return out.float()
+
+    return AutocastEncoder
+
+
+def AutocastEncoder(encoder: Any, dtype: Any) -> Any:  # noqa: N802 (a class, built lazily: torch loads late)
+    return _autocast_encoder_class()(encoder, dtype)
+
+
+def sam_dtype(bundle: Any) -> str:
+    """``float32``, or ``float32 (encoder under bfloat16 autocast)``, for records and `models verify`."""
+    enc = bundle.model.image_encoder
+    if hasattr(enc, "encoder") and hasattr(enc, "dtype"):
+        return f"float32 (encoder under {str(enc.dtype).replace('torch.', '')} autocast)"
+    return "float32"
 
 
 @dataclass
@@ -397,10 +433,15 @@ class ModelRegistry:
             loc = self.converted_sam_path(loc) or loc
         state = load_state_file(loc)
         model, model_type, image_size = build_sam_from_state(state, self.source("sam").model_type or "auto")
-        # segment-anything's predictor feeds float32 tensors; SAM stays float32 on every device.
+        # segment-anything's predictor feeds float32 tensors; SAM's weights stay float32 on every
+        # device. With runtime.dtype bfloat16 its image encoder (nearly all of SAM's cost) runs
+        # under bf16 autocast: 2.8x faster on CPUs with avx512_bf16 (python -m bench dtype).
         import torch
 
-        return SamBundle(self._place(model, dtype=torch.float32), model_type, image_size)
+        model = self._place(model, dtype=torch.float32)
+        if self.runtime.dtype == torch.bfloat16:
+            model.image_encoder = AutocastEncoder(model.image_encoder, torch.bfloat16)
+        return SamBundle(model, model_type, image_size)
 
     def _configure_pipeline(self, pipe: Any) -> Any:
         rt = self.runtime
@@ -489,7 +530,7 @@ class ModelRegistry:
             "class": type(getattr(obj, "model", obj)).__name__,
             "parameters": params,
             "device": str(rt.device),
-            "dtype": "float32" if role == "sam" else str(rt.dtype).replace("torch.", ""),
+            "dtype": sam_dtype(obj) if role == "sam" else str(rt.dtype).replace("torch.", ""),
             "seconds": round(self.load_seconds.get(role, 0.0), 3),
         }
 

@@ -206,3 +206,37 @@ def test_pull_from_hub_selects_files_and_converts_sam(tmp_path, tiny_dir, monkey
     assert list((tmp_path / "cache" / "sam").glob("sam_vit_b_01ec64-*.safetensors"))
     assert reg.get("sam").model_type == "custom"
     assert reg.provenance("sam")["revision"] == "0123abcd"
+
+
+def test_sam_encoder_runs_under_bf16_autocast_when_runtime_dtype_is_bfloat16(tiny_dir):
+    """runtime.dtype bfloat16: SAM's weights stay float32, its image encoder runs under bf16
+    autocast and hands float32 features on, so detection runs unchanged; float32 leaves SAM alone."""
+    import numpy as np
+    import torch
+
+    from pipeline.detect import Detector
+    from pipeline.models import ModelRegistry, sam_dtype
+    from pipeline.settings import load_settings
+
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        settings = load_settings(tiny_dir / "settings.yaml")
+        settings.runtime.dtype = dtype
+        reg = ModelRegistry(settings)
+        sam = reg.get("sam")
+        assert all(p.dtype == torch.float32 for p in sam.model.parameters())
+        assert reg.verify("sam")["dtype"] == sam_dtype(sam)
+        det = Detector(reg, settings.detect)
+        rgb = np.zeros((96, 128, 3), np.uint8)
+        rgb[20:70, 30:90] = (200, 40, 40)
+        det.proposer.set_image(rgb)
+        feats = det.proposer.predictor.features
+        assert feats.dtype == torch.float32
+        results[dtype] = (sam_dtype(sam), feats)
+        res = det.detect(__import__("PIL.Image", fromlist=["Image"]).fromarray(rgb))
+        assert res.proposals > 0 and res.detections
+    assert results["float32"][0] == "float32"
+    assert results["bfloat16"][0] == "float32 (encoder under bfloat16 autocast)"
+    # Same embedding up to bf16 rounding: the encoder's math, not a different model.
+    a, b = results["float32"][1], results["bfloat16"][1]
+    assert torch.allclose(a, b, rtol=0.1, atol=0.1 * float(a.abs().max()))

@@ -159,7 +159,12 @@ class Daemon:
             self.processor = self.processor_factory()
             warm_up = getattr(self.processor, "warm_up", None)
             if callable(warm_up):
-                warm_up()  # optional: load models now, so a missing one fails the start, not image 1
+                # Load models now, so a missing one fails the start, not image 1 (and image 1 pays no
+                # first-call set-up).
+                secs = warm_up()
+                if isinstance(secs, dict) and secs:
+                    log_event(self.log, logging.INFO, "warm_up", "warmed up: %s",
+                              ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()))
             describe = getattr(self.processor, "describe", None)
             if callable(describe):
                 log_event(self.log, logging.INFO, "engine", "%s", describe())

@@ -169,3 +169,22 @@ def test_report_renders_in_headless_chromium(tiny_dir, inputs, tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,900", (out / "report.html").as_uri()],
                    check=True, timeout=60, capture_output=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_processor_warm_up_loads_detection_models_and_runs_one_detection(tiny_settings, tmp_path):
+    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.process import Processor
+
+    reg = ModelRegistry(tiny_settings)
+    proc = Processor(tiny_settings, registry=reg)
+    assert not reg.is_loaded("clip") and not reg.is_loaded("sam")
+    secs = proc.warm_up()
+    assert set(secs) == {"load", "detect"} and secs["detect"] > 0
+    assert reg.is_loaded("clip") and reg.is_loaded("sam")
+    assert not reg.is_loaded("inpaint")  # edit models still load when a rule first needs them
+
+    # A model that is not there fails the warm-up (the daemon's start: exit 3), not image 1.
+    broken = tiny_settings.model_copy(deep=True)
+    broken.models.sam.path = tmp_path / "missing-sam.safetensors"
+    with pytest.raises(ModelLoadError):
+        Processor(broken).warm_up()

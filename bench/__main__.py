@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
                     help="image size (default per benchmark: detect 1024x768, enhance 1024x1024; smaller with "
                          "--quick or --tiny)")
     ap.add_argument("--images", type=_images, default=None, metavar="N",
-                    help="images per case for warm (default 4; 2 with --quick) and daemon (default 200)")
+                    help="images per kind for warm (default 4 product and 40 no-product images; 2 and 12 with "
+                         "--quick) and for daemon (default 200; 100 with --quick)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                     help=f"where results.json and results.md go (default {DEFAULT_OUT}/)")

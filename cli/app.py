@@ -74,11 +74,14 @@ def models_list(config: Optional[Path] = ConfigOption) -> None:
 
     s = load_settings_or_exit(config)
     reg = ModelRegistry(s)
-    t = Table("role", "what", "source", "local", "licence")
+    t = Table("role", "what", "source", "local", "licence", "commercial use")
     for r in _roles(None):
         st = reg.status(r)
         local = f"[green]yes[/] {st.location}" if st.available else f"[yellow]no[/] {st.detail}"
-        t.add_row(r, ROLE_INFO[r][1], st.source, local, st.licence)
+        commercial = {True: "[green]cleared[/]", False: "[red]no[/]", None: "not confirmed"}[reg.source(r).commercial]
+        if s.commercial_use and reg.source(r).commercial is False:
+            commercial += " (refused: commercial_use is on)"
+        t.add_row(r, ROLE_INFO[r][1], st.source, local, st.licence, commercial)
     console.print(t)
 
 

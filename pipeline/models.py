@@ -252,6 +252,7 @@ class ModelRegistry:
             raise KeyError(f"unknown model role {role!r} (roles: {', '.join(ROLES)})")
         if role in self._cache:
             return self._cache[role]
+        self._check_licence(role)
         with self._locks[role]:
             if role not in self._cache:
                 t0 = time.perf_counter()
@@ -259,6 +260,18 @@ class ModelRegistry:
                 self.load_seconds[role] = time.perf_counter() - t0
                 self._cache[role] = obj
         return self._cache[role]
+
+    def _check_licence(self, role: str) -> None:
+        """With ``commercial_use: true`` a role whose source is marked ``commercial: false`` is never
+        loaded: every operation that needs it stops with the role, source and licence named."""
+        src = self.source(role)
+        if self.settings.commercial_use and src.commercial is False:
+            where = str(self.settings.source_file) if self.settings.source_file else "the settings"
+            raise ModelLoadError(role, src.describe(),
+                                 f"marked non-commercial (commercial: false; licence: {src.licence or 'not stated'}) "
+                                 f"while commercial_use is true in {where}",
+                                 f"use a model whose licence allows commercial use for models.{role}, or set "
+                                 "commercial_use: false for non-commercial work")
 
     def put(self, role: str, obj: Any) -> None:
         """Install an already-built object for ``role`` (benchmarks with full-size random weights)."""

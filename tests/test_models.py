@@ -240,3 +240,35 @@ def test_sam_encoder_runs_under_bf16_autocast_when_runtime_dtype_is_bfloat16(tin
     # Same embedding up to bf16 rounding: the encoder's math, not a different model.
     a, b = results["float32"][1], results["bfloat16"][1]
     assert torch.allclose(a, b, rtol=0.1, atol=0.1 * float(a.abs().max()))
+
+
+def test_commercial_use_refuses_roles_marked_non_commercial(tiny_dir):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.settings import load_settings
+
+    settings = load_settings(tiny_dir / "settings.yaml")
+    settings.models.inpaint.commercial = False
+    assert ModelRegistry(settings).get("inpaint") is not None  # non-commercial work: allowed
+
+    settings.commercial_use = True
+    reg = ModelRegistry(settings)
+    with pytest.raises(ModelLoadError, match=r"inpaint.*non-commercial.*commercial_use is true") as e:
+        reg.get("inpaint")
+    assert "models.inpaint" in e.value.hint and not reg.is_loaded("inpaint")
+    assert reg.get("clip") is not None  # roles not marked stay usable
+
+    import yaml
+
+    data = yaml.safe_load((tiny_dir / "settings.yaml").read_text())
+    data["commercial_use"] = True
+    data["models"]["inpaint"]["commercial"] = False
+    data["models"]["clip"]["commercial"] = True
+    cfg = tiny_dir / "settings-commercial.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    r = CliRunner().invoke(app, ["models", "list", "--config", str(cfg)], terminal_width=250)
+    assert r.exit_code == 0, r.output
+    lines = {ln.split()[1]: ln for ln in r.output.splitlines() if ln.startswith("│ ") and len(ln.split()) > 2}
+    assert "refused" in lines["inpaint"] and "cleared" in lines["clip"] and "not confirmed" in lines["sam"]

@@ -69,8 +69,8 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
         lock = threading.Lock()
 
         def factory() -> Any:
-            """daemon.testing's pass-through processor (safe loader decode, input bytes written back, record), with
-            the time spent inside its ``process`` summed up: everything else is the daemon's own."""
+            """daemon.testing's pass-through processor (safe loader decode, input bytes written back,
+            record), with the time spent inside its ``process`` summed up: the rest is the daemon's."""
             proc = make_passthrough(settings, None, copy_input=True)
             inner = proc.process
 
@@ -88,26 +88,24 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
 
         ds = DaemonSettings(settle_seconds=0.2, rescan_seconds=5.0, status_interval_seconds=1.0)
         daemon = Daemon(settings, factory, ds)
-        mem = PeakMemory()
-        mem.__enter__()
-        daemon.start()
-        try:
-            t0 = time.perf_counter()
-            for f in files:  # a move is how a finished file appears at once, like a sync tool's rename
-                os.replace(f, root / "inbox" / f.name)
-            outbox = root / "outbox"
-            end = time.monotonic() + timeout
-            done = 0
-            while time.monotonic() < end:
-                done = sum(len(v) for v in outcome_records(outbox).values())
-                if done >= n:
-                    break
-                time.sleep(0.02)
-            wall = time.perf_counter() - t0
-            counts = {k: len(v) for k, v in outcome_records(outbox).items()}
-        finally:
-            daemon.stop(10.0)
-            mem.__exit__(None, None, None)
+        with PeakMemory() as mem:
+            daemon.start()
+            try:
+                t0 = time.perf_counter()
+                for f in files:  # a move is how a finished file appears at once, like a sync tool's rename
+                    os.replace(f, root / "inbox" / f.name)
+                outbox = root / "outbox"
+                end = time.monotonic() + timeout
+                done = 0
+                while time.monotonic() < end:
+                    done = sum(len(v) for v in outcome_records(outbox).values())
+                    if done >= n:
+                        break
+                    time.sleep(0.02)
+                wall = time.perf_counter() - t0
+                counts = {k: len(v) for k, v in outcome_records(outbox).items()}
+            finally:
+                daemon.stop(10.0)
         if done < n:
             raise RuntimeError(f"only {done} of {n} images came out within {timeout:.0f} s")
     rate = n / wall

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
 
 
 def stats(runs: Iterable[float], unit: str = "s") -> dict[str, Any]:
@@ -29,9 +28,10 @@ def stats(runs: Iterable[float], unit: str = "s") -> dict[str, Any]:
             f"max_{unit}": max(vals)}
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A ``/proc/PID/status`` figure in KiB (``VmHWM``, ``VmRSS``), or None where there is none."""
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -41,7 +41,7 @@ def _status_kib(field: str) -> int | None:
 
 def process_peak_rss_mib() -> float:
     """Peak resident memory of this process since it started (or since the last reset), MiB."""
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     if hwm is not None:
         return hwm / 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -49,7 +49,7 @@ def process_peak_rss_mib() -> float:
 
 
 def current_rss_mib() -> float | None:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return None if kib is None else kib / 1024
 
 

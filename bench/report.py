@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -76,9 +75,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "bf16_cpu_instructions": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")),
     }
-    torch = sys.modules.get("torch")
-    if torch is None:
-        import torch  # noqa: F811  (benchmarks load it anyway)
+    import torch  # every benchmark has loaded it already
+
     info["torch_threads"] = torch.get_num_threads()
     if torch.cuda.is_available():
         info["gpus"] = [{"name": torch.cuda.get_device_name(i),

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.measure import stats
+from bench.measure import stats, status_kib
 
 GOAL = 10.0
 KINDS = ("product", "skip")
@@ -174,16 +174,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _child_hwm_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _run(args: list[str], log_file: Path, cwd: Path) -> dict[str, Any]:
     """Run one process; wall seconds, exit code and the child's own peak RSS.
 
@@ -199,7 +189,8 @@ def _run(args: list[str], log_file: Path, cwd: Path) -> dict[str, Any]:
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
-            hwm = _child_hwm_mib(p.pid) or hwm
+            kib = status_kib("VmHWM", p.pid)
+            hwm = kib / 1024 if kib else hwm
             if time.monotonic() > deadline:
                 p.kill()
                 pid, status, ru = os.wait4(p.pid, 0)

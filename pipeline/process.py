@@ -75,10 +75,11 @@ class Processor:
 
     def warm_up(self) -> dict[str, float]:
         """Load detection's models (CLIP, SAM) and run one detection of the rules' classes, to the
-        end (no prefilter skip), on a generated 640x480 product photo (:mod:`pipeline.samples`). Called by the daemon and the Ray
-        actors at start: a missing model fails the start instead of image 1, and image 1 no longer
-        pays the first-call set-up (class text embeddings, kernel creation, heap growth), which
-        costs ~6 s on a CPU (``python -m bench warm``). Returns seconds per step."""
+        end (no prefilter skip), on a generated 640x480 product photo (:mod:`pipeline.samples`).
+        Called by the daemon and the Ray actors at start: a missing model fails the start instead
+        of image 1, and image 1 no longer pays the first-call set-up (class text embeddings, kernel
+        creation, heap growth), which costs ~6 s on a CPU (``python -m bench warm``). Returns
+        seconds per step."""
         from pipeline.samples import handbag
 
         t0 = time.perf_counter()

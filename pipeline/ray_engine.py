@@ -260,15 +260,12 @@ def _factory(spec: str | Callable[..., Any] | None) -> Callable[..., Any]:
 
 
 def warm(processor: Any) -> None:
-    """Load what every image needs now, so a missing model fails the pool's start, not image 1."""
+    """The processor's own warm-up (:meth:`pipeline.process.Processor.warm_up`: models loaded, one
+    detection run), so a missing model fails the pool's start, not image 1. Processors without one
+    (test doubles) are not warmed."""
     fn = getattr(processor, "warm_up", None)
     if callable(fn):
         fn()
-        return
-    registry = getattr(processor, "registry", None)
-    if registry is not None:
-        for role in ("clip", "sam"):
-            registry.get(role)
 
 
 class ProcessorActor:

@@ -228,7 +228,8 @@ def run_cmd(
     mask: Optional[Path] = typer.Option(None, "--mask", help="with --op: product mask file (white = product); skips detection"),
     x: Optional[str] = typer.Option(None, "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
     y: Optional[str] = typer.Option(None, "--y", help="displace: vertical offset, pixels or fraction of the height"),
-    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: sd | classical"),
+    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: lama | sd | classical, "
+                                               "or a fallback order such as lama,sd,classical"),
     lora: Optional[List[str]] = typer.Option(None, "--lora", help="enhance: LoRA FILE[:WEIGHT] (repeatable)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="enhance: prompt (default: the class template)"),
     tag: Optional[str] = typer.Option(None, "--tag", help="enhance: LoRA activation tag for the prompt's {tag}"),
@@ -282,9 +283,16 @@ def run_cmd(
         op_handler(op)
     except ValueError as e:
         raise fail(str(e), EXIT_CONFIG) from None
-    if fill_backend not in (None, "sd", "classical"):
-        raise fail(f"--fill must be sd or classical, not {fill_backend!r}", EXIT_CONFIG)
-    given = {"x": x, "y": y, "fill": fill_backend, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
+    fill_spec: Any = None
+    if fill_backend is not None:
+        from pipeline.settings import check_fill
+
+        parts = [p.strip() for p in fill_backend.split(",")]
+        try:
+            fill_spec = check_fill(parts if len(parts) > 1 else parts[0])
+        except ValueError as e:
+            raise fail(f"--fill: {e}", EXIT_CONFIG) from None
+    given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar}
     per_op = {"displace": ("x", "y", "fill", "seed"), "enhance": ("loras", "prompt", "tag", "seed"),
               "rotate": ("azimuth", "polar", "fill", "seed")}[op]
@@ -307,7 +315,7 @@ def run_cmd(
         console.print(f"[green]edited[/] {image.name}: {op} {class_name} -> {out_dir / rec['outputs']['image']}")
         f = e.get("fill") or {}
         if f.get("fallback"):
-            console.print(f"[yellow]note[/]: classical fill used as fallback: {f.get('fallback_reason')}")
+            console.print(f"[yellow]note[/]: {f.get('used')} fill used as fallback: {f.get('fallback_reason')}")
         for w in [f.get("warning"), *e.get("warnings", [])]:
             if w:
                 console.print(f"[yellow]warning[/]: {w}")

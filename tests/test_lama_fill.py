@@ -359,3 +359,24 @@ def test_make_tiny_writes_the_lama_file(tmp_path):
     reg = ModelRegistry(s)
     assert isinstance(reg.get("inpaint_fill"), torch.jit.ScriptModule)
     shutil.rmtree(tmp_path / "t")
+
+
+# ------------------------------------------------------------------------------------------------
+# the bench, smoke-run on the tiny set
+
+
+def test_fill_bench_times_every_backend_and_extrapolates_sd(tiny_dir):
+    from bench.fill import hole_mask, run_fill
+
+    r = run_fill(tiny_dir=tiny_dir, repeats=1, size=(96, 72), device="cpu", sd_steps=(1, 2))
+    assert set(r["cases"]) == {"lama", "sd@1", "sd@2", "classical", "sd (extrapolated)"}
+    assert all(len(r["cases"][c]["runs_s"]) == 1 for c in ("lama", "sd@1", "sd@2", "classical"))
+    ex = r["cases"]["sd (extrapolated)"]
+    assert ex["extrapolated"] and ex["steps"] == DisplaceSettings().steps
+    assert ex["median_s"] == pytest.approx(ex["fixed_s"] + ex["steps"] * ex["per_step_s"])
+    assert r["ratios"]["sd/lama"]["value"] == pytest.approx(ex["median_s"] / r["cases"]["lama"]["median_s"])
+    assert "extrapolated" in r["context"]["sd_cost_how"] and r["cases"]["lama"]["scale"] == 1.0
+    m = hole_mask(1024, 768)
+    ys, xs = np.nonzero(m)
+    assert (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (307, 345)  # a product-sized hole
+    json.dumps(r)

@@ -371,7 +371,8 @@ def fill_in_order(image: Image.Image, mask: np.ndarray, spec: str | Sequence[str
 
     The record: ``requested`` (``spec``), ``order``, ``used``, ``fallback`` (something before
     ``used`` was skipped or failed), ``fallback_reason``, ``skipped`` (every other backend of the
-    order with why), ``attempts``, ``seeds`` (sd), ``scores``, ``still_there``, ``tries`` (one
+    order with why), ``attempts``, ``seeds`` (sd), ``scores`` (one per checked fill; empty without a
+    checker), ``still_there``, ``tries`` (one
     entry per fill: backend, seed, fill record, score) and ``warning`` when nothing passed.
     """
     order = fill_order(spec)
@@ -433,7 +434,8 @@ def fill_in_order(image: Image.Image, mask: np.ndarray, spec: str | Sequence[str
         "fallback": bool(before), "fallback_reason": reason, "skipped": skipped, "attempts": len(tries),
         "seeds": [t["seed"] for t in tries if t["backend"] == "sd"],
         "recheck_threshold": threshold if checker is not None else None,
-        "scores": [t.get("score") for t in tries], "still_there": bool(still), "tries": tries,
+        # only real scores: without a checker the list is empty (reports format every entry)
+        "scores": [t["score"] for t in tries if "score" in t], "still_there": bool(still), "tries": tries,
     }
     if still:
         rec["warning"] = f"the old region may still show '{label}' (no attempt cleared the check)"

@@ -266,6 +266,7 @@ def test_displace_with_lama_keeps_every_pixel_outside_old_and_new_regions(regist
     assert (out[new] == (200, 30, 30)).all()  # the moved product, exact
     f = e.record["fill"]
     assert f["used"] == "lama" and f["order"] == ["lama", "classical"] and e.record["harmonize"]["backend"] == "lama"
+    assert f["checker"] is None and f["scores"] == [] and f["skipped"] == {"classical": "not needed: lama filled (no re-check)"}
     assert e.record["models"]["inpaint_fill"]["role"] == "inpaint_fill"
     json.dumps(e.record)
 

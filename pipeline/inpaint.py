@@ -199,6 +199,8 @@ def lama_inpaint(model: Any, image: Image.Image, mask: Image.Image, *, device: A
     ``1x3xHxW`` RGB in [0, 1]. ``image``: PIL RGB; ``mask``: PIL ``"L"`` (> 127 = fill).
     The inputs are padded on the bottom/right to multiples of ``multiple`` by mirroring (as
     IOPaint pads) and the output is cropped back. Returns PIL RGB of the input's size.
+    IOPaint hands the mask over as an integer {0, 1} tensor; the network only multiplies and
+    concatenates it with the float image, so float32 {0, 1} is the same input without a promotion.
     """
     import torch
 

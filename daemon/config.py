@@ -16,10 +16,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import BadInput
 from pipeline.settings import Settings
 
 
-class DaemonConfigError(ValueError):
+class DaemonConfigError(BadInput):
     """A daemon configuration that cannot be run (bad folder layout, missing optional package)."""
 
 

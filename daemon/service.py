@@ -45,6 +45,7 @@ from daemon.metrics import make_metrics
 from daemon.status import StatusBoard
 from daemon.worker import Worker, dispose_input
 from pipeline import PIPELINE_VERSION
+from pipeline.outputs import stem_for
 from pipeline.settings import Settings
 
 __all__ = ["Daemon", "DaemonConfigError", "DaemonLockedError", "Processor", "make_stem_base"]
@@ -63,13 +64,8 @@ class Processor(Protocol):
 
 
 def make_stem_base(name: str) -> str:
-    """Output stem for an inbox-relative name: folders joined with ``-``, suffix dropped, and only
-    letters, digits, ``-`` and ``_`` kept (no dots, so ``STEM.mask.png`` can never be another
-    input's ``STEM.png``)."""
-    parts = Path(name).parts
-    raw = "-".join([*parts[:-1], Path(parts[-1]).stem]) if parts else "image"
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in raw).strip("_")
-    return stem[:100] or "image"
+    """Output stem for an inbox-relative name: the one stem rule, :func:`pipeline.outputs.stem_for`."""
+    return stem_for(name)
 
 
 def _stems(base: str, sha256: str) -> Iterator[str]:

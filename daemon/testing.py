@@ -85,7 +85,7 @@ class PassThroughProcessor:
         try:
             loaded = load_image(path, max_pixels=self.settings.limits.max_pixels)
         except ImageLoadError as e:
-            return write_failure(outbox / "failed", stem, str(path), str(e), {**base, "stage": "load"})
+            return write_failure(outbox, stem, str(path), str(e), {**base, "stage": "load"})
         t_load = time.perf_counter() - t0
         if self.delay:
             time.sleep(self.delay)

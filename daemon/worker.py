@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from daemon.intake import hash_file
 from daemon.ledger import Row
 from daemon.logs import log_event
+from pipeline.errors import internal_error_message, is_bad_input
 from pipeline.outputs import write_failure
 
 if TYPE_CHECKING:
@@ -59,12 +60,8 @@ STATE_OUTCOME = {v: k for k, v in OUTCOME_STATE.items()}
 
 
 def is_permanent(exc: BaseException) -> bool:
-    if getattr(exc, "permanent", False):
-        return True
-    from pipeline.imageio import ImageLoadError
-    from pipeline.settings import SettingsError
-
-    return isinstance(exc, (ImageLoadError, SettingsError))
+    """Bad input (:class:`pipeline.errors.BadInput`, or anything marked ``permanent``): fail now."""
+    return is_bad_input(exc)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -412,8 +409,8 @@ class Worker:
         if row.attempts >= d.ds.max_attempts:
             log_event(self.log, logging.ERROR, "attempts_exhausted", "%s failed %d times, giving up: %s", row.name,
                       row.attempts, err, stem=row.stem, exc_info=exc)
-            self._fail(row, f"gave up after {row.attempts} attempts: {err}", seconds=seconds,
-                       final_attempts=row.attempts, logged=True)
+            self._fail(row, internal_error_message(exc, row.attempts), seconds=seconds,
+                       final_attempts=row.attempts, logged=True, error_type=type(exc).__name__)
             return
         delay = min(d.ds.retry_backoff_seconds * 2 ** (row.attempts - 1), d.ds.retry_backoff_max_seconds)
         d.ledger.retry_later(row.id, err, time.time() + delay)
@@ -423,12 +420,13 @@ class Worker:
                   row.attempts, d.ds.max_attempts, err, delay, stem=row.stem, exc_info=exc)
 
     def _fail(self, row: Row, error: str, *, seconds: float | None = None, final_attempts: int | None = None,
-              logged: bool = False) -> None:
+              logged: bool = False, error_type: str | None = None) -> None:
         """The daemon's own failure record (record last, atomic), then the ledger, then disposition."""
         d = self.d
         extra = {"sha256": row.sha256, "name": row.name, "attempts": final_attempts or row.attempts,
-                 "rules": {"sha256": d.rules_hash}, "stage": "daemon"}
-        write_failure(d.paths.outbox / "failed", row.stem, row.source, error, extra)
+                 "rules": {"sha256": d.rules_hash}, "stage": "daemon" if error_type is None else "internal",
+                 **({"error_type": error_type} if error_type else {})}
+        write_failure(d.paths.outbox, row.stem, row.source, error, extra)
         d.ledger.finish(row.id, "failed", error=error, record=str(d.paths.outbox / "failed" / f"{row.stem}.json"),
                         seconds=seconds)
         d.status.error(row.name, row.stem, error, final=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline.imageio import ImageLoadError, is_image_name, load_image
-from pipeline.outputs import safe_stem, write_detect_outputs, write_failure
+from pipeline.outputs import OutputFolder, write_detect_outputs, write_failure
 from pipeline.settings import ProductClass, Settings
 
 
@@ -45,15 +44,14 @@ class Outcome:
 def detect_paths(paths: Sequence[Path], detector: Any, settings: Settings, out_dir: Path,
                  classes: Sequence[ProductClass], *, proposals: str | None = None,
                  prefilter: bool | None = None, provenance: list[dict] | None = None) -> Iterable[Outcome]:
-    """Yield one :class:`Outcome` per input; a bad input is a ``failed`` outcome, never an exception."""
-    used: set[str] = set()
+    """Yield one :class:`Outcome` per input; a bad input is a ``failed`` outcome, never an exception.
+    Records: ``out_dir/STEM.json`` (detected), ``out_dir/skipped/``, ``out_dir/failed/``; running
+    again over the same files replaces their outputs, another file of the same name gets its own."""
+    folder = OutputFolder(out_dir, "replace-own")
     extra = {"models": provenance or [], "settings_file": str(settings.source_file) if settings.source_file else None,
              "classes": [c.model_dump() for c in classes]}
     for path in paths:
-        stem = safe_stem(path.name)
-        if stem in used:  # same name from another folder: keep both
-            stem = f"{stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-        used.add(stem)
+        stem = folder.claim(path.name, source=str(path))
         try:
             loaded = load_image(path, max_pixels=settings.limits.max_pixels)
         except ImageLoadError as e:

@@ -35,6 +35,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.errors import BadInput
+
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_PIXELS",
@@ -72,7 +74,7 @@ _SAVE_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
 _BOMB_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(BadInput):
     """One error type for every unreadable input.
 
     Attributes: ``path`` (the file path or the ``name`` given for bytes input, else None) and
@@ -81,7 +83,7 @@ class ImageLoadError(ValueError):
     """
 
     def __init__(self, path: str | None, reason: str):
-        # Both go to ValueError so that args survive pickling (multiprocessing workers re-raise it).
+        # Both go to Exception.args so that they survive pickling (multiprocessing workers re-raise it).
         super().__init__(path, reason)
         self.path = path
         self.reason = reason
@@ -656,3 +658,36 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_mask(path: PathLike, size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """A product mask file (white = product; any format :func:`load_image` takes, EXIF orientation
+    applied) -> HxW ``bool`` (True = product) for an image of ``size`` (width, height).
+
+    Raises :class:`ImageLoadError` when it cannot be read, is not the image's size, or holds no
+    product pixel (nothing above mid-grey)."""
+    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+    m = load_image(path, **kw)
+    name = os.fspath(path)
+    if m.size != tuple(size):
+        raise ImageLoadError(name, f"mask is {m.size[0]}x{m.size[1]} but the image is {size[0]}x{size[1]}")
+    arr = np.asarray(m.image.convert("L")) > 127
+    if not arr.any():
+        raise ImageLoadError(name, "mask has no white (product) pixels")
+    return arr
+
+
+def find_mask(mask: PathLike, image_name: str) -> Path:
+    """The mask for the input ``image_name``: ``mask`` itself when it is a file, else the image
+    file in the folder ``mask`` with the same stem (``scene.jpg`` -> ``DIR/scene.png``). Raises
+    :class:`ImageLoadError` when there is none, or more than one."""
+    p = Path(os.fspath(mask))
+    if not p.is_dir():
+        return p
+    stem = Path(image_name).stem
+    found = sorted(f for f in p.iterdir() if f.is_file() and f.stem == stem and is_image_name(f))
+    if not found:
+        raise ImageLoadError(str(p), f"no mask for {image_name} in this folder (looked for {stem}.<image suffix>)")
+    if len(found) > 1:
+        raise ImageLoadError(str(p), f"more than one mask for {image_name}: {', '.join(f.name for f in found)}")
+    return found[0]

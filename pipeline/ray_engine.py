@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.imageio import ImageLoadError, atomic_write_bytes, read_file_bytes
-from pipeline.outputs import safe_stem, write_failure
+from pipeline.outputs import stem_for, write_failure
 
 RAY_INSTALL_HINT = "pip install 'product-studio[ray]'"
 DEFAULT_MAX_DEATHS = 3
@@ -550,12 +550,12 @@ class RayProcessor:
         from pipeline.process import record_base
 
         path = Path(path)
-        stem = stem or safe_stem(path.name)
+        stem = stem or stem_for(path.name)
         rules = self.rules  # one snapshot for the whole image, even if an edit lands meanwhile
         try:
             data = read_file_bytes(path)
         except ImageLoadError as e:
-            return write_failure(Path(outbox) / "failed", stem, str(path), str(e),
+            return write_failure(Path(outbox), stem, str(path), str(e),
                                  {**record_base(self.settings, rules), "stage": "load"})
         task = ImageTask(name=path.name, data=data, source=str(path), outbox=str(outbox), stem=stem, sha256=sha256,
                          options={k: v for k, v in options.items() if v is not None})

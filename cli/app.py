@@ -169,9 +169,9 @@ def _detect_table(outcomes) -> "Any":
 def run_detection(settings, inputs: list[Path], out: Path, classes: Optional[str], proposals: Optional[str],
                   prefilter: Optional[bool]) -> list:
     """Detect over ``inputs`` writing to ``out``; prints progress and the table. Returns outcomes."""
-    from pipeline.detect import Detector
     from pipeline.detect_run import detect_paths, expand_inputs, resolve_classes
-    from pipeline.models import ModelRegistry
+    from pipeline.process import Processor
+    from pipeline.rules import rules_from_dict
 
     files = expand_inputs(inputs)
     if not files:
@@ -179,14 +179,11 @@ def run_detection(settings, inputs: list[Path], out: Path, classes: Optional[str
         console.print("no input images found: nothing to do")
         return []
     cls = resolve_classes(settings, [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
-    reg = ModelRegistry(settings)
-    det = Detector(reg, settings.detect)
+    proc = Processor(settings, rules_from_dict({"classes": [c.model_dump() for c in cls], "rules": []}, settings))
     outcomes = []
     with model_errors():
-        prov = [reg.provenance("clip"), reg.provenance("sam")]
         with console.status("detecting...") as st:
-            for i, o in enumerate(detect_paths(files, det, settings, out, cls, proposals=proposals,
-                                               prefilter=prefilter, provenance=prov), 1):
+            for i, o in enumerate(detect_paths(files, proc, out, proposals=proposals, prefilter=prefilter), 1):
                 st.update(f"detecting... {i}/{len(files)} {o.source.name}: {o.status}")
                 outcomes.append(o)
     console.print(_detect_table(outcomes))

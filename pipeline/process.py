@@ -114,7 +114,8 @@ class Processor:
 
     def process(self, path: Path, outbox: Path, *, sha256: str | None = None, stem: str | None = None,
                 dry_run: bool = False, classes: list[str] | None = None, actions: Sequence[Action] | None = None,
-                mask: Path | str | None = None, product_class: str | None = None) -> dict[str, Any]:
+                mask: Path | str | None = None, product_class: str | None = None, detect_only: bool = False,
+                detect_options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the pipeline on ``path``; write outputs under ``outbox``; return the record.
 
         ``classes`` narrows detection to those class names; ``actions`` replaces the rules' plan
@@ -123,7 +124,10 @@ class Processor:
         skipped and the product is that mask, of class ``product_class`` (default: the first of
         ``classes``, else the rules' first class). ``product_class`` with ``actions``: they apply
         to the best detection of that class (every class is still scored, so a neighbour that
-        looks more like another class is not taken for this one); none found: ``skipped``."""
+        looks more like another class is not taken for this one); none found: ``skipped``.
+        ``detect_only`` (the ``detect`` command): stop after detection with a ``detected`` (or
+        ``skipped``) record; ``detect_options``: passed to the detector (``proposals``,
+        ``prefilter``)."""
         t0 = time.perf_counter()
         path = Path(path)
         stem = stem or stem_for(path.name)
@@ -137,14 +141,16 @@ class Processor:
         ctx: dict[str, Any] = {"base": base, "loaded": loaded, "stage": "detect"}
         try:
             return self._process(path, outbox, stem, loaded, ctx, t0, dry_run=dry_run, classes=classes,
-                                 actions=actions, mask=mask, product_class=product_class)
+                                 actions=actions, mask=mask, product_class=product_class, detect_only=detect_only,
+                                 detect_options=detect_options or {})
         except BadInput as e:
             rec = {**base, "stage": ctx["stage"], "input": input_record(loaded), **ctx.get("extra", {})}
             return write_failure(outbox, stem, str(path), ctx.get("prefix", "") + str(e), rec)
 
     def _process(self, path: Path, outbox: Path, stem: str, loaded: Any, ctx: dict[str, Any], t0: float, *,
                  dry_run: bool, classes: list[str] | None, actions: Sequence[Action] | None,
-                 mask: Path | str | None, product_class: str | None) -> dict[str, Any]:
+                 mask: Path | str | None, product_class: str | None, detect_only: bool,
+                 detect_options: dict[str, Any]) -> dict[str, Any]:
         base = ctx["base"]
         image = loaded.image.convert("RGB")
         cls = self.rules.classes
@@ -164,8 +170,12 @@ class Processor:
             base["product_mask"] = {"file": str(mask_file), "class": label}
             timings: dict[str, float] = {"detect": 0.0}
         else:
-            result = self.detector.detect(image, cls)
+            result = self.detector.detect(image, cls, **detect_options)
             timings = {"detect": result.timings.get("total", 0.0)}
+        if detect_only:
+            return write_detect_outputs(outbox, stem, loaded, result, {
+                **base, "timings": timings, "classes": [c.model_dump() for c in cls],
+                "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else []})
         if result.skipped:
             return write_detect_outputs(outbox, stem, loaded, result, {**base, "timings": timings})
 

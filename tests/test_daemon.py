@@ -257,7 +257,8 @@ def test_transient_errors_are_retried_with_backoff_then_failed(env):
     assert rows["flaky.png"].state == "done" and rows["flaky.png"].attempts == 2
     assert rows["boom.png"].state == "failed" and rows["boom.png"].attempts == 3
     rec = json.loads((env.outbox / "failed" / "boom.json").read_text())
-    assert rec["error"].startswith("gave up after 3 attempts: RuntimeError: boom") and rec["attempts"] == 3
+    assert rec["error"].startswith("internal error after 3 attempts: RuntimeError: boom") and rec["attempts"] == 3
+    assert rec["error_type"] == "RuntimeError" and rec["stage"] == "internal"
     assert env.records()["edited"] == ["flaky"]
 
 

@@ -160,7 +160,9 @@ def test_constants():
 def test_error_str_attributes_and_pickle(tmp_path):
     path = write(tmp_path, "empty.png", b"")
     err = assert_load_error(path, "empty file (0 bytes)")
-    assert isinstance(err, ValueError)
+    from pipeline.errors import BadInput
+
+    assert isinstance(err, BadInput) and not isinstance(err, ValueError)
     assert err.path == str(path)
     assert err.reason == "empty file (0 bytes)"
     assert str(err) == f"{path}: empty file (0 bytes)"

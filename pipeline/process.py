@@ -34,7 +34,7 @@ from pipeline.actions import Action
 from pipeline.composite import bbox
 from pipeline.detect import Detection, DetectResult
 from pipeline.edits import EditContext, EditError
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, QAFailed
 from pipeline.imageio import ImageLoadError, find_mask, load_image, load_mask, save_image
 from pipeline.outputs import draw_overlay, input_record, now_iso, stem_for, write_detect_outputs, write_failure, write_record
 from pipeline.qa import Step, check
@@ -239,8 +239,6 @@ class Processor:
         ctx["extra"]["qa"] = qa.to_record()
         if not qa.passed:
             ctx["stage"] = "qa"
-            from pipeline.errors import QAFailed
-
             raise QAFailed("QA failed: " + "; ".join(qa.failures()), qa.checks)
 
         outbox.mkdir(parents=True, exist_ok=True)

@@ -146,9 +146,9 @@ def _process_one(processor: Any, job: CatalogJob, out: Path, dry_run: bool, max_
             if not getattr(e, "worker_died", False):
                 raise
             deaths += 1
-            if deaths >= max_deaths:
-                from pipeline.ray_engine import death_message
+            from pipeline.deaths import death_message, exhausted
 
+            if exhausted(deaths, max_deaths):
                 rec = write_failure(out / "failed", job.stem, str(job.item.path), death_message(deaths),
                                     {"stage": "worker", "attempts": deaths, "last_error": str(e),
                                      "rules": {"sha256": getattr(processor, "rules_hash", None)}})

@@ -137,7 +137,9 @@ def test_kill_9_mid_image_then_restart_accounts_for_every_input_once(root):
     rows = {r.stem: r for r in led.rows()}
     led.close()
     assert len(rows) == 4 and all(r.state == "done" for r in rows.values())
-    assert rows[killed].attempts == 2 and all(r.attempts == 1 for s, r in rows.items() if s != killed)
+    # The kill was the operator's, not the image's: not counted; the image ran isolated after it.
+    assert all(r.attempts == 1 and r.deaths == 0 for r in rows.values())
+    assert rows[killed].interruptions == 1 and all(r.interruptions == 0 for s, r in rows.items() if s != killed)
     assert '"event": "resumed"' in p2.output() and '"event": "temp_removed"' in p2.output()
 
 
@@ -169,10 +171,10 @@ def test_a_second_signal_exits_at_once_and_the_image_is_resumed(root):
     wait_for(lambda: (p.status() or {}).get("current"), 10, "a being processed")
     t = time.monotonic()
     p.p.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(2.5)  # after the window in which repeated signals are one stop request
     p.p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 130, p.output()
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 7.5
     assert summary(tmp)["counts"]["running"] == 1 and not (tmp / "outbox" / "a.json").exists()
 
     p2 = start(root)

@@ -75,6 +75,8 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def is_fatal(exc: BaseException) -> bool:
+    if getattr(exc, "fatal", False) is True:  # e.g. daemon.isolate.ChildError for a ModelLoadError
+        return True
     models = sys.modules.get("pipeline.models")
     err = getattr(models, "ModelLoadError", None)
     return bool(err and isinstance(exc, err))

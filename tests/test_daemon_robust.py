@@ -368,3 +368,35 @@ def test_status_shows_a_rules_reload_as_soon_as_it_is_logged(env, caplog):
     finally:
         logging.getLogger("product_studio.daemon").removeHandler(peek)
     assert seen[0] == new and "expected a list" in seen[1]
+
+
+def test_errors_raised_in_the_child_keep_their_class(env):
+    (env.inbox / "perm.png").write_bytes(png_bytes(2))
+    interrupted_row(env, "perm.png")
+    with env.running() as d:
+        wait_for(lambda: (env.outbox / "failed" / "perm.json").exists(), 30, "perm failed")
+        assert d.wait_idle(10)
+    (row,) = env.rows()
+    assert row.state == "failed" and row.deaths == 0 and row.attempts == 1  # permanent: not retried
+    assert json.loads((env.outbox / "failed" / "perm.json").read_text())["error"].startswith("PermanentTestError")
+
+
+def test_the_real_processor_runs_in_an_isolated_child(tiny_settings, tmp_path):
+    import functools
+
+    from daemon.isolate import ChildJob, ChildRun
+    from pipeline.process import Processor, make_processor
+
+    data, _ = _gif(2)
+    src = tmp_path / "in.gif"
+    src.write_bytes(data)
+    rules_hash = Processor(tiny_settings).rules_hash
+    run = ChildRun(ChildJob(factory=functools.partial(make_processor, tiny_settings), rules_path=None,
+                            rules_hash=rules_hash, path=src, outbox=tmp_path / "out",
+                            sha256=hashlib.sha256(data).hexdigest(), stem="in", parent_pid=os.getpid()))
+    run.start()
+    rec = run.wait()
+    assert rec["status"] in ("edited", "skipped") and rec["input"]["frames"] == 2
+    folder = tmp_path / "out" / ("" if rec["status"] == "edited" else "skipped")
+    assert json.loads((folder / "in.json").read_text())["status"] == rec["status"]
+    assert not run.dir.exists()

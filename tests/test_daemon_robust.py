@@ -22,6 +22,7 @@ from PIL import Image
 
 from daemon.intake import Intake, hash_file
 from daemon.ledger import _SCHEMA, Ledger
+from daemon.status import gather_status
 from daemon.testing import png_bytes, time_limit, wait_for
 from pipeline import PIPELINE_VERSION
 from pipeline.imageio import load_image
@@ -193,7 +194,7 @@ def test_ignored_files_are_listed_in_status_and_told_once_at_warning(env, caplog
     with env.running(stall_grace_seconds=0.5) as d:
         time.sleep(3.0)  # two or three rescans
         d._write_status()
-        snap = json.loads(d.paths.status_file.read_text())
+        (snap,) = gather_status(d.paths.ledger)["daemons"]  # what `status --json` prints
     ignored = {i["name"]: i["reason"] for i in snap["ignored"]}
     assert set(ignored) == {"notes.txt", ".hidden.png", "upload.jpg.part", "link.png"}
     assert ignored["notes.txt"].startswith("not an image name (suffix .txt")

@@ -220,7 +220,8 @@ def status_cmd(
                           f"inbox {dmn.get('inbox')})")
         cur = dmn.get("current") if dmn.get("alive") else None
         if cur:
-            console.print(f"  current: {cur['name']} (attempt {cur['attempt']}, since {cur['started_at']})")
+            iso = f", isolated in pid {cur['child_pid']}" if cur.get("child_pid") else ""
+            console.print(f"  current: {cur['name']} (attempt {cur['attempt']}, since {cur['started_at']}{iso})")
             if (dmn.get("in_flight") or 0) > 1:  # the Ray engine works on several at once
                 console.print(f"  in flight: {dmn['in_flight']} images")
         elif dmn.get("alive"):

@@ -410,8 +410,8 @@ class Daemon:
 
     def _recover(self) -> None:
         for row in self.ledger.recover():
-            log_event(self.log, logging.WARNING, "resumed", "resuming %s (interrupted during attempt %d; not counted, "
-                      "it runs in an isolated process)", row.name, row.attempts, stem=row.stem,
+            log_event(self.log, logging.WARNING, "resumed", "resuming %s (interrupted during attempt %d by the daemon "
+                      "stopping; not counted against it)", row.name, row.attempts, stem=row.stem,
                       interruptions=row.interruptions + 1)
         for row in self.ledger.undisposed():
             outcome = {"done": "edited", "skipped": "skipped", "failed": "failed"}[row.state]

@@ -519,9 +519,10 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 def looks_incomplete(path: PathLike) -> bool:
     """True when the file's bytes end before its image does: a JPEG without its end marker, a PNG
-    without ``IEND``, a GIF without its trailer, a WebP / BMP shorter than its header says. Reads
-    the first and last few bytes only (for intake: an upload that paused). False for formats it
-    cannot judge this way (TIFF, HEIF, AVIF) and for unreadable files: the loader decides those."""
+    without ``IEND``, a GIF without its trailer, a WebP / BMP shorter than its header says, a
+    HEIF / AVIF whose last box runs past the end, a TIFF whose strips or tiles do. Reads headers
+    and the last few KB only, never pixel data (for intake: an upload that paused). False for
+    anything else and for unreadable files: the loader decides those."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(32)
@@ -542,7 +543,54 @@ def looks_incomplete(path: PathLike) -> bool:
     if head[:2] == b"BM" and len(head) >= 6:
         declared = int.from_bytes(head[2:6], "little")
         return declared > size
+    if head[4:8] == b"ftyp":
+        return _bmff_incomplete(path, size)
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_incomplete(path, size)
     return False
+
+
+def _bmff_incomplete(path: PathLike, size: int) -> bool:
+    # HEIF/AVIF are ISO-BMFF: top-level boxes back to back; a cut-off file ends inside the last one.
+    off = 0
+    with open(path, "rb") as fh:
+        for _ in range(10_000):
+            if off >= size:
+                return False
+            fh.seek(off)
+            hdr = fh.read(16)
+            if len(hdr) < 8:
+                return True
+            box = int.from_bytes(hdr[:4], "big")
+            if box == 1:
+                if len(hdr) < 16:
+                    return True
+                box = int.from_bytes(hdr[8:16], "big")
+            elif box == 0:
+                return False  # "to the end of the file": nothing to compare
+            if box < 8:
+                return False  # corrupt, not cut off: the loader says so
+            if off + box > size:
+                return True
+            off += box
+    return False
+
+
+def _tiff_incomplete(path: PathLike, size: int) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about a directory cut short: we answer that
+            with Image.open(path) as im:
+                tags = im.tag_v2
+                offsets = tags.get(273) or tags.get(324) or ()
+                counts = tags.get(279) or tags.get(325) or ()
+    except Exception:
+        return True  # a TIFF signature whose directory cannot be read yet
+    if isinstance(offsets, int):
+        offsets = (offsets,)
+    if isinstance(counts, int):
+        counts = (counts,)
+    return any(o + c > size for o, c in zip(offsets, counts))
 
 
 def is_image_name(path: PathLike) -> bool:

@@ -107,11 +107,39 @@ def test_looks_incomplete(tmp_path, fmt):
         assert not looks_incomplete(p)
 
 
-def test_looks_incomplete_cannot_judge_tiff_or_missing(tmp_path):
-    buf = io.BytesIO()
-    _frames(1)[0].save(buf, format="TIFF")
-    p = tmp_path / "x.tif"
-    p.write_bytes(buf.getvalue()[:50])
-    assert not looks_incomplete(p)  # left to the loader
+def test_looks_incomplete_tiff_heif_avif(tmp_path):
+    from PIL import features
+
+    im = _frames(1, (64, 48))[0]
+    blobs = {}
+    for fmt, kw in (("TIFF", {}), ("TIFF", {"compression": "tiff_deflate"})):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        blobs[f"{fmt}-{kw.get('compression', 'raw')}.tif"] = buf.getvalue()
+    try:
+        import pillow_heif
+
+        buf = io.BytesIO()
+        pillow_heif.from_pillow(im).save(buf, format="HEIF", quality=90)
+        blobs["x.heic"] = buf.getvalue()
+    except ImportError:
+        pass
+    if features.check("avif"):
+        buf = io.BytesIO()
+        im.save(buf, format="AVIF", quality=90)
+        blobs["x.avif"] = buf.getvalue()
+    for name, data in blobs.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        assert not looks_incomplete(p), name
+        assert load_image(p).size == (64, 48)
+        p.write_bytes(data[: len(data) * 2 // 3])
+        assert looks_incomplete(p), name
+
+
+def test_looks_incomplete_leaves_the_rest_to_the_loader(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_bytes(b"plain text, not an image")
+    assert not looks_incomplete(p)
     assert not looks_incomplete(tmp_path / "missing.png")
     assert not looks_incomplete(Path(tmp_path))

@@ -104,8 +104,8 @@ class _OverflowHook(logging.Handler):
 class _StopNoise(logging.Filter):
     """watchdog's inotify emitter logs an ERROR when its thread is stopped while a read is in flight
     (``queue_events() called when the thread is inactive``): a race inside watchdog's own stop,
-    harmless. Once this daemon stops its observer, such lines are demoted to DEBUG, so a clean stop
-    trips no log-based alert."""
+    harmless. Once this daemon stops its observer, such lines are demoted to DEBUG (shown only when
+    watchdog logs at DEBUG), so a clean stop trips no log-based alert."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,6 +114,7 @@ class _StopNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.stopping and record.levelno >= logging.ERROR and "thread is inactive" in record.getMessage():
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("watchdog").isEnabledFor(logging.DEBUG)
         return True
 
 
@@ -410,8 +411,8 @@ class Daemon:
 
     def _recover(self) -> None:
         for row in self.ledger.recover():
-            log_event(self.log, logging.WARNING, "resumed", "resuming %s (interrupted during attempt %d by the daemon "
-                      "stopping; not counted against it)", row.name, row.attempts, stem=row.stem,
+            log_event(self.log, logging.WARNING, "resumed", "resuming %s (attempt %d was interrupted when the daemon "
+                      "stopped or died; not counted against it)", row.name, row.attempts, stem=row.stem,
                       interruptions=row.interruptions + 1)
         for row in self.ledger.undisposed():
             outcome = {"done": "edited", "skipped": "skipped", "failed": "failed"}[row.state]

@@ -89,7 +89,8 @@ class PassThroughProcessor:
         t_load = time.perf_counter() - t0
         if self.delay:
             time.sleep(self.delay)
-        inp = {"name": name, "path": str(path), "sha256": loaded.sha256, "size": list(loaded.size)}
+        inp = {"name": name, "path": str(path), "sha256": loaded.sha256, "size": list(loaded.size),
+               "format": loaded.format, "frames": loaded.frames}
         if "noproduct" in name:
             rec = {**base, "status": "skipped", "reason": "no product (test processor)", "input": inp}
             atomic_write_text(outbox / "skipped" / f"{stem}.json", json.dumps(rec, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from pipeline.actions import Action, parse_action_text
+from pipeline.deaths import death_message, exhausted
 from pipeline.errors import BadInput, ModelUnavailable, ParamsError, internal_error_message
 from pipeline.imageio import is_image_name
 from pipeline.outputs import OutputFolder, write_failure
@@ -129,9 +130,7 @@ def _process_one(processor: Any, job: CatalogJob, out: Path, dry_run: bool, max_
                                      "rules": {"sha256": getattr(processor, "rules_hash", None)}})
                 return rec, time.perf_counter() - t0
             deaths += 1
-            if deaths >= max_deaths:
-                from pipeline.ray_engine import death_message
-
+            if exhausted(deaths, max_deaths):
                 rec = write_failure(out, job.stem, str(it.path), death_message(deaths),
                                     {"stage": "worker", "attempts": deaths, "last_error": str(e),
                                      "rules": {"sha256": getattr(processor, "rules_hash", None)}})

@@ -174,6 +174,7 @@ def input_record(loaded: LoadedImage) -> dict[str, Any]:
         "mode": loaded.original_mode,
         "size": list(loaded.size),
         "exif_transposed": loaded.exif_transposed,
+        "frames": loaded.frames,  # GIF and HEIF may hold several; the first is processed
     }
 
 

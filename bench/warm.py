@@ -211,9 +211,11 @@ def _detect_cmd(images: list[Path], out: Path, settings: Path) -> list[str]:
 def _records(out: Path, images: list[Path], kind: str) -> list[dict[str, Any]]:
     from bench.detect import BenchError
 
+    from pipeline.outputs import record_folder, stem_for
+
     recs = []
     for img in images:
-        f = out / f"{img.stem}.json"
+        f = record_folder(out, EXPECTED_STATUS[kind]) / f"{stem_for(img.name)}.json"
         if not f.is_file():
             raise BenchError(f"no record {f} for {img.name}")
         rec = json.loads(f.read_text())

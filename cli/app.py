@@ -169,9 +169,9 @@ def _detect_table(outcomes) -> "Any":
 def run_detection(settings, inputs: list[Path], out: Path, classes: Optional[str], proposals: Optional[str],
                   prefilter: Optional[bool]) -> list:
     """Detect over ``inputs`` writing to ``out``; prints progress and the table. Returns outcomes."""
-    from pipeline.detect import Detector
     from pipeline.detect_run import detect_paths, expand_inputs, resolve_classes
-    from pipeline.models import ModelRegistry
+    from pipeline.process import Processor
+    from pipeline.rules import rules_from_dict
 
     files = expand_inputs(inputs)
     if not files:
@@ -179,14 +179,11 @@ def run_detection(settings, inputs: list[Path], out: Path, classes: Optional[str
         console.print("no input images found: nothing to do")
         return []
     cls = resolve_classes(settings, [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
-    reg = ModelRegistry(settings)
-    det = Detector(reg, settings.detect)
+    proc = Processor(settings, rules_from_dict({"classes": [c.model_dump() for c in cls], "rules": []}, settings))
     outcomes = []
     with model_errors():
-        prov = [reg.provenance("clip"), reg.provenance("sam")]
         with console.status("detecting...") as st:
-            for i, o in enumerate(detect_paths(files, det, settings, out, cls, proposals=proposals,
-                                               prefilter=prefilter, provenance=prov), 1):
+            for i, o in enumerate(detect_paths(files, proc, out, proposals=proposals, prefilter=prefilter), 1):
                 st.update(f"detecting... {i}/{len(files)} {o.source.name}: {o.status}")
                 outcomes.append(o)
     console.print(_detect_table(outcomes))
@@ -220,12 +217,16 @@ def detect_cmd(
 # run (one operation by hand)
 
 
+OP_FLAGS = {"x": "--x", "y": "--y", "fill": "--fill", "loras": "--lora", "prompt": "--prompt", "tag": "--tag",
+            "seed": "--seed", "azimuth": "--azimuth", "polar": "--polar"}
+
+
 @app.command("run")
 def run_cmd(
     paths: List[Path] = typer.Argument(..., help="images, folders (their images) or catalog CSVs"),
     op: Optional[str] = typer.Option(None, "--op", help="one operation by hand (displace | enhance | rotate) instead of the rules"),
-    class_name: Optional[str] = typer.Option(None, "--class", help="with --op: the product class to edit"),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="with --op: product mask file (white = product); skips detection"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="the product class: the one --op edits, or the class of --mask's products"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file, or a folder of masks named like the inputs (white = product); skips detection"),
     x: Optional[str] = typer.Option(None, "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
     y: Optional[str] = typer.Option(None, "--y", help="displace: vertical offset, pixels or fraction of the height"),
     fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: lama | sd | classical, "
@@ -252,77 +253,38 @@ def run_cmd(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Run the rules over images, folders or a catalog CSV (path, optional class, action, sku
-    columns), or with --op one operation by hand. --engine ray spreads the images over a pool of
-    Ray actors (this machine, or a cluster with --address; see docs/ray.md).
+    columns), or with --op one operation by hand. --mask gives the product instead of detecting
+    it. --engine ray spreads the images over a pool of Ray actors (see docs/ray.md).
 
-    Rules mode writes per input STEM.png / STEM.mask.png / STEM.overlay.png / STEM.json (edited),
-    skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and OUT/report.html (contact
-    sheet). --op mode writes STEM.OP.png, STEM.OP.mask.png and STEM.OP.json.
-    Exit 0 when every input was processed (skipped counts), 4 if any failed."""
-    if op is None:
-        if class_name or mask:
-            raise fail("--class and --mask go with --op (one operation by hand)", EXIT_CONFIG)
-        if any(v is not None for v in (x, y, fill_backend, lora or None, prompt, tag, seed, azimuth, polar)):
-            raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
-                       EXIT_CONFIG)
-        opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
-        _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config, pool=opts, processor=processor)
-        return
-    if engine != "local":
-        raise fail("--engine ray runs the rules over many images; --op runs one edit here", EXIT_CONFIG)
-    if class_name is None:
-        raise fail("--op needs --class NAME", EXIT_CONFIG)
-    if len(paths) != 1 or paths[0].is_dir():
-        raise fail("--op takes exactly one image", EXIT_CONFIG)
-    image = paths[0]
-    from pipeline.run_edit import OPS, op_handler, run_op
-
-    if op not in OPS:
-        raise fail(f"--op must be one of {', '.join(OPS)}, not {op!r}", EXIT_CONFIG)
-    try:
-        op_handler(op)
-    except ValueError as e:
-        raise fail(str(e), EXIT_CONFIG) from None
-    fill_spec: Any = None
-    if fill_backend is not None:
-        from pipeline.settings import check_fill
-
-        parts = [p.strip() for p in fill_backend.split(",")]
-        try:
-            fill_spec = check_fill(parts if len(parts) > 1 else parts[0])
-        except ValueError as e:
-            raise fail(f"--fill: {e}", EXIT_CONFIG) from None
+    Writes per input STEM.png / STEM.mask.png / STEM.overlay.png / STEM.json (edited; --op:
+    STEM-OP.png ...), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and
+    OUT/report.html (contact sheet). Exit 0 when every input was processed (skipped counts), 4 if
+    any failed."""
+    # --fill lama,sd,classical is a fallback order (a list); one name stays a name
+    fill_spec = None if fill_backend is None else [f.strip() for f in fill_backend.split(",")] if "," in fill_backend \
+        else fill_backend
     given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar}
-    per_op = {"displace": ("x", "y", "fill", "seed"), "enhance": ("loras", "prompt", "tag", "seed"),
-              "rotate": ("azimuth", "polar", "fill", "seed")}[op]
-    stray = [k for k, v in given.items() if v is not None and k not in per_op]
-    if stray:
-        raise fail(f"--op {op} does not take {', '.join('--' + k.rstrip('s') for k in stray)}", EXIT_CONFIG)
-    options = {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None}
+    if op is None and given:
+        raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
+                   EXIT_CONFIG)
+    if op is not None and class_name is None:
+        raise fail("--op needs --class NAME (the product class to edit)", EXIT_CONFIG)
     s = load_settings_or_exit(config)
-    out_dir = out or s.resolve_path(s.paths.outbox)
-    from pipeline.detect import Detector
-    from pipeline.models import ModelRegistry
+    actions = None
+    if op is not None:
+        from pipeline.actions import parse_action
+        from pipeline.errors import ParamsError
 
-    reg = ModelRegistry(s)
-    with model_errors(), console.status(f"{op}: {image.name}..."):
-        outcome = run_op(s, image, op, label=class_name, out_dir=out_dir, options=options, mask_path=mask,
-                         registry=reg, detector=Detector(reg, s.detect))
-    rec = outcome.record
-    if outcome.status == "edited":
-        e = rec["edit"]
-        console.print(f"[green]edited[/] {image.name}: {op} {class_name} -> {out_dir / rec['outputs']['image']}")
-        f = e.get("fill") or {}
-        if f.get("fallback"):
-            console.print(f"[yellow]note[/]: {f.get('used')} fill used as fallback: {f.get('fallback_reason')}")
-        for w in [f.get("warning"), *e.get("warnings", [])]:
-            if w:
-                console.print(f"[yellow]warning[/]: {w}")
-    elif outcome.status == "skipped":
-        console.print(f"[yellow]skipped[/] {image.name}: {rec['reason']}")
-    else:
-        raise fail(f"{image.name}: {rec['error']}", EXIT_INPUT)
+        try:
+            actions = [parse_action(op, given, s, bases=(None, s.base_dir))]
+        except ParamsError as e:
+            where = "; ".join(f"{OP_FLAGS.get(f.split('.')[0], f) if f else '--op'}: {r}" for f, r in e.problems)
+            raise fail(f"--op {op}: {where}", EXIT_CONFIG) from None
+    opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
+    _run_jobs(s, paths, rules, dry_run, on_conflict, recursive, out, pool=opts, processor=processor, actions=actions,
+              op=op, mask=mask, class_name=class_name)
 
 
 def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -> tuple[Any, int]:
@@ -350,43 +312,64 @@ def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -
     return proc, proc.concurrency
 
 
-def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
-               out: Optional[Path], config: Optional[Path], *, pool: Any = None, processor: Optional[str] = None) -> None:
+def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
+              out: Optional[Path], *, pool: Any = None, processor: Optional[str] = None, actions: Any = None,
+              op: Optional[str] = None, mask: Optional[Path] = None, class_name: Optional[str] = None) -> None:
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.catalog import (CatalogJob, Manifest, choose_stem, collect_items, manifest_entry, process_jobs,
-                                  safe_item_stem, write_report)
-    from pipeline.rules import load_rules
+    from pipeline.catalog import CatalogJob, Manifest, collect_items, manifest_entry, plan_jobs, process_jobs, write_report
+    from pipeline.errors import BadInput
+    from pipeline.outputs import OutputFolder
+    from pipeline.rules import load_rules, rules_from_dict
     from pipeline.settings import SettingsError
 
     if on_conflict not in ("suffix", "skip", "overwrite"):
         raise fail(f"--on-conflict must be suffix, skip or overwrite, not {on_conflict!r}", EXIT_CONFIG)
-    s = load_settings_or_exit(config)
-    rules_path = rules or s.resolve_path(s.paths.rules)
+    if mask is not None and not mask.exists():
+        raise fail(f"--mask {mask}: no such file or folder", EXIT_INPUT)
     try:
-        ruleset = load_rules(rules_path, s)
-        items = collect_items(paths, recursive)
+        if op is not None:
+            # One operation by hand: the settings' classes (and --class, if it is not one of them)
+            # are scored, so a neighbour that looks more like another class is not taken for it.
+            classes = [c.model_dump() for c in s.detect.classes]
+            if class_name not in {c["name"] for c in classes}:
+                classes.append({"name": class_name})
+            ruleset = rules_from_dict({"classes": classes, "rules": []}, s)
+        else:
+            ruleset = load_rules(rules or s.resolve_path(s.paths.rules), s)
+            if class_name is not None and class_name not in {c.name for c in ruleset.classes}:
+                raise fail(f"--class {class_name!r} is not a class of the rules ({', '.join(c.name for c in ruleset.classes)})",
+                           EXIT_CONFIG)
+        items = collect_items(paths, s, recursive)
     except SettingsError as e:
         raise fail(str(e), EXIT_CONFIG) from None
-    except (ValueError, OSError) as e:
+    except (BadInput, OSError) as e:
         raise fail(str(e), EXIT_INPUT) from None
     if not items:
         console.print("no input images found: nothing to do")
         return
+    for item in items:
+        if actions is not None:
+            item.actions, item.tag = actions, op or ""
+        if class_name is not None:
+            item.product_class = class_name
+            if mask is None and op is None:
+                item.classes = [class_name]
+        if mask is not None:
+            item.mask = mask
     out_dir = out or s.resolve_path(s.paths.outbox)
     inbox = s.resolve_path(s.paths.inbox)
     out_dir.mkdir(parents=True, exist_ok=True)
     proc, concurrency = _make_processor(s, ruleset, pool, processor)
     manifest = Manifest(out_dir / "manifest.jsonl")
-    # Stems are chosen up front, in input order, so they do not depend on which image finishes first.
     jobs: list[CatalogJob] = []
     order: dict[int, int] = {}  # job index -> input position (the report lists inputs in order)
     entries: list[tuple[int, dict]] = []
-    taken: set[str] = set()
     stage: dict[str, float] = {}
+    notes: list[str] = []
     try:
         with model_errors(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -394,18 +377,22 @@ def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_confl
             task = prog.add_task("run" + (" (dry run)" if dry_run else ""), total=len(items), rate="")
             t_start = time.perf_counter()
 
-            def finished(pos: int, name: str, ent: dict) -> None:
+            def finished(pos: int, name: str, ent: dict, rec: Optional[dict] = None) -> None:
+                for a in (rec or {}).get("actions") or []:
+                    r, who = a.get("record") or {}, f"{name}: {a.get('op')} on {a.get('label')}"
+                    fill = r.get("fill") or {}
+                    if fill.get("fallback"):
+                        notes.append(f"{who}: {fill.get('used')} fill used as fallback: {fill.get('fallback_reason')}")
+                    notes.extend(f"{who}: {w}" for w in [fill.get("warning"), *(r.get("warnings") or [])] if w)
                 manifest.add(ent)
                 entries.append((pos, ent))
                 rate = len(entries) / max(time.perf_counter() - t_start, 1e-9)
                 prog.update(task, advance=1, description=f"{name[:30]}: {ent['status']}", rate=f"{rate:.2f} img/s")
 
-            for pos, item in enumerate(items):
-                stem = choose_stem(out_dir, safe_item_stem(item), on_conflict, taken)
+            for pos, item, stem in plan_jobs(items, OutputFolder(out_dir, on_conflict)):
                 if stem is None:
                     finished(pos, item.path.name, manifest_entry(item, None, None, 0.0, status="exists"))
                     continue
-                taken.add(stem)
                 order[len(jobs)] = pos
                 jobs.append(CatalogJob(len(jobs), item, stem))
             for job, rec, seconds in process_jobs(proc, jobs, out_dir, dry_run=dry_run, concurrency=concurrency,
@@ -413,7 +400,7 @@ def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_confl
                 for k, v in (rec.get("timings") or {}).items():
                     if k != "total":
                         stage[k] = stage.get(k, 0.0) + v
-                finished(order[job.index], job.item.path.name, manifest_entry(job.item, job.stem, rec, seconds))
+                finished(order[job.index], job.item.path.name, manifest_entry(job.item, job.stem, rec, seconds), rec)
     finally:
         manifest.close()
         close = getattr(proc, "close", None)
@@ -429,9 +416,16 @@ def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_confl
         if counts.get(k):
             t.add_row(k, str(counts[k]))
     console.print(t)
+    for note in notes:
+        console.print(f"[yellow]warning[/]: {note}")
+    for ent in entries_in_order:
+        if ent["status"] in ("failed", "skipped"):
+            console.print(f"[{'red' if ent['status'] == 'failed' else 'yellow'}]{ent['status']}[/] "
+                          f"{Path(ent['input']).name}: {ent.get('error') or ent.get('reason')}")
     if stage:
         console.print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in stage.items()))
-    console.print(f"outputs in {out_dir}; contact sheet {report}; rules {ruleset.path} ({ruleset.sha256[:12]})")
+    console.print(f"outputs in {out_dir}; contact sheet {report}"
+                  + (f"; rules {ruleset.path} ({ruleset.sha256[:12]})" if op is None else ""))
     if any(Path(item.path).resolve().is_relative_to(inbox) for item in items) and out_dir.resolve().is_relative_to(inbox):
         console.print("[yellow]warning[/]: the output folder is inside the inbox")
     if counts.get("failed"):
@@ -491,7 +485,7 @@ def demo_cmd(
     console.print("2. writing sample photos into the inbox...")
     write_samples(inbox)
     console.print("3. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
-    _run_rules([inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox, cfg)
+    _run_jobs(load_settings_or_exit(cfg), [inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox)
     console.print(f"\n[bold]outputs[/]: {outbox}  (per image: .png result, .mask.png, .overlay.png, .json record;"
                   " skipped/ and failed/ hold the others)")
     console.print(f"[bold]contact sheet[/]: {outbox / 'report.html'}")

@@ -108,7 +108,9 @@ def watch_cmd(
     Files are taken once complete (unchanged for --settle); the SQLite ledger makes each input count
     once across crashes and restarts (same content again = duplicate, not reprocessed). Rule file
     edits apply while running (a bad edit is refused, the old rules stay). SIGINT/SIGTERM finish
-    the current image and exit 0; a second signal exits at once (130). --engine ray processes up to
+    the current image and exit 0 (signals within 2 s of the first are the same request); a signal
+    after that exits at once (130). An image whose attempt was interrupted by a crash or kill of
+    the daemon runs next in a child process of its own; only that child dying counts against it. --engine ray processes up to
     --max-in-flight images at once on a pool of Ray actors (docs/ray.md); the ledger, intake and
     outputs stay here.
 
@@ -136,6 +138,7 @@ def watch_cmd(
     # The built-in default rule path may simply not exist yet: run without rules (the processor's
     # default) and pick the file up when it appears. A rule file the user named must exist.
     factory_rules = rules_path if (explicit or rules_path.exists()) else None
+    child_factory = None
     if pool is not None:
         from pipeline.ray_engine import RayProcessor
 
@@ -149,8 +152,13 @@ def watch_cmd(
 
         def make() -> Any:
             return factory(s, factory_rules)
+
+        import functools
+
+        # Resumed images run in a child process built by this (picklable) factory: daemon.isolate.
+        child_factory = functools.partial(factory, s)
     configure_logging(ds.log_format, ds.log_level)
-    daemon = Daemon(s, make, ds, rules_path=rules_path)
+    daemon = Daemon(s, make, ds, rules_path=rules_path, child_factory=child_factory)
     from cli.common import model_errors
     from pipeline.ray_engine import EngineError
 
@@ -212,13 +220,16 @@ def status_cmd(
                           f"inbox {dmn.get('inbox')})")
         cur = dmn.get("current") if dmn.get("alive") else None
         if cur:
-            console.print(f"  current: {cur['name']} (attempt {cur['attempt']}, since {cur['started_at']})")
+            iso = f", isolated in pid {cur['child_pid']}" if cur.get("child_pid") else ""
+            console.print(f"  current: {cur['name']} (attempt {cur['attempt']}, since {cur['started_at']}{iso})")
             if (dmn.get("in_flight") or 0) > 1:  # the Ray engine works on several at once
                 console.print(f"  in flight: {dmn['in_flight']} images")
         elif dmn.get("alive"):
             console.print("  current: idle")
         if dmn.get("alive"):
             console.print(f"  settling in the inbox: {dmn.get('intake_pending', 0)}")
+            for ig in dmn.get("ignored") or []:
+                console.print(f"  ignored: {ig['name']} ({ig['reason']})", soft_wrap=True, markup=False)
         rules = dmn.get("rules") or {}
         if rules:
             h = rules.get("hash")

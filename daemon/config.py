@@ -16,10 +16,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import BadInput
 from pipeline.settings import Settings
 
 
-class DaemonConfigError(ValueError):
+class DaemonConfigError(BadInput):
     """A daemon configuration that cannot be run (bad folder layout, missing optional package)."""
 
 
@@ -44,6 +45,14 @@ class DaemonSettings(BaseModel):
     duplicates: Literal["skip", "reprocess"] = Field(
         "skip", description="content already edited/skipped under the same rules and pipeline version")
     max_attempts: int = Field(3, ge=1, le=100, description="tries per image for unexpected (transient) errors")
+    max_deaths: int = Field(
+        3, ge=1, le=100, description="deaths of the isolated worker process holding an image before it fails "
+        "(the Ray engine uses its pool's max_deaths)")
+    stall_grace_seconds: float | None = Field(
+        None, ge=0.0, description="a file that looks cut off (upload stalled) waits while modified within this "
+        "long; None: 10 x settle_seconds")
+    signal_window_seconds: float = Field(
+        2.0, ge=0.0, description="stop signals within this long of the first are one stop request")
     retry_backoff_seconds: float = Field(2.0, ge=0.0, description="first retry delay; doubles per attempt")
     retry_backoff_max_seconds: float = Field(300.0, ge=0.0, description="cap on the retry delay")
     stop_grace_seconds: float = Field(

@@ -8,8 +8,16 @@ with their signature (the in-flight set), so repeated events and rescans queue n
 path whose signature changes later is considered again.
 
 Never taken: junk (hidden names incl. ``.DS_Store``/``._*``/atomic-write temps, partial downloads
-``.part``/``.crdownload``/``~``..., OS litter), symlinks and other non-regular files (refused, logged
-once), and by default files without an image suffix (logged once, left alone).
+``.part``/``.crdownload``/``~``..., OS litter), symlinks and other non-regular files, and by default
+files without an image suffix. Every file left alone is listed (:meth:`Intake.ignored_list`, shown
+by ``status``) and logged once at WARNING with the reason: at once for symlinks and non-image
+names, and for hidden and partial names (normally an upload in progress) only once they have sat
+there for the stall grace period.
+
+A stalled upload: a file that stopped changing for ``settle`` seconds but whose bytes end before
+the image does (:func:`~pipeline.imageio.looks_incomplete`) waits while it was modified within
+``stall_grace`` seconds; it is taken (and fails as truncated) only if it stays so, unchanged, past
+that. Any change puts it back to settling.
 
 The watchdog handler never raises: a handler exception would kill the observer thread and with it
 every later event.
@@ -29,7 +37,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from daemon.logs import log_event
-from pipeline.imageio import is_image_name
+from pipeline.imageio import is_image_name, looks_incomplete
 
 _JUNK_NAMES = {"thumbs.db", "desktop.ini", "icon\r", "ehthumbs.db"}
 _JUNK_DIRS = {"@eadir", "#recycle", "$recycle.bin", "#snapshot", "lost+found"}
@@ -79,6 +87,17 @@ class _Candidate:
     since: float
 
 
+@dataclass
+class _Ignored:
+    reason: str
+    since: float          # intake clock
+    warned: bool = False
+    deferred: bool = False  # warn only if still there after the stall grace (uploads in progress)
+
+
+_MAX_LISTED = 100
+
+
 # on_stable(path, sig, sha256) -> True when handled (remember the signature), False to retry later.
 StableCallback = Callable[[Path, Sig, str], bool]
 
@@ -91,11 +110,14 @@ class Intake:
     log: logging.Logger
     recursive: bool = True
     non_images: str = "ignore"
+    stall_grace: float = 20.0
     clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time  # compared with file mtimes
     _nominated: "queue.SimpleQueue[tuple[str, str | None]]" = field(default_factory=queue.SimpleQueue)
     _candidates: dict[str, _Candidate] = field(default_factory=dict)
     _taken: dict[str, Sig] = field(default_factory=dict)
     _told: dict[str, tuple] = field(default_factory=dict)
+    _ignored: dict[str, _Ignored] = field(default_factory=dict)
     wake: threading.Event = field(default_factory=threading.Event)
 
     # -- called from any thread ------------------------------------------------------------------
@@ -115,6 +137,11 @@ class Intake:
 
     def busy(self) -> bool:
         return bool(self._candidates) or not self._nominated.empty()
+
+    def ignored_list(self) -> list[dict[str, str]]:
+        """Files in the inbox left alone, ``[{"name", "reason"}]`` by name (at most 100). Any thread."""
+        items = sorted(dict(self._ignored).items())[:_MAX_LISTED]
+        return [{"name": self._rel(Path(k)), "reason": v.reason} for k, v in items]
 
     def tick(self) -> float:
         """Handle nominations, take the files that settled; return seconds until the next check."""
@@ -144,6 +171,17 @@ class Intake:
                 if path in self._candidates:
                     due = self._candidates[path].since + self.settle - self.clock()
             wait = min(wait, max(due, 0.02))
+        for key, ig in list(self._ignored.items()):
+            if ig.warned:
+                continue
+            due = ig.since + self.stall_grace - now
+            if due <= 0:
+                ig.warned = True
+                if os.path.lexists(key):
+                    log_event(self.log, logging.WARNING, "ignored", "ignored %s: %s (still there after %.0fs)",
+                              self._rel(Path(key)), ig.reason, self.stall_grace, path=key, reason=ig.reason)
+            else:
+                wait = min(wait, due)
         return wait
 
     def scan(self, directory: Path | None = None) -> int:
@@ -192,18 +230,19 @@ class Intake:
                 self.request_scan(path)
             return
         if reason is not None:
-            self.log.debug("ignored %s (%s)", path, reason)
+            # Hidden and partial names are what uploads in progress look like: told only if they stay.
+            self._ignore(key, f"{reason} name", deferred=True)
             return
         sig = sig_of(st)
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
             kind = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-            self._tell_once(key, ("refused", sig), logging.WARNING, "refused",
-                            f"refused {self._rel(path)}: {kind} (only regular files are taken)")
+            self._ignore(key, f"{kind} (only regular files are taken)")
             return
         if not is_image_name(path) and self.non_images == "ignore":
-            self._tell_once(key, ("non_image", sig), logging.INFO, "ignored",
-                            f"ignored {self._rel(path)}: not an image name (suffix)")
+            self._ignore(key, f"not an image name (suffix {path.suffix or 'none'}; --non-images fail fails such "
+                              "files instead)")
             return
+        self._ignored.pop(key, None)
         if self._taken.get(key) == sig:
             return
         cand = self._candidates.get(key)
@@ -226,6 +265,16 @@ class Intake:
         if sig != cand.sig:
             cand.sig, cand.since = sig, self.clock()
             return
+        if self.stall_grace > 0 and is_image_name(path):
+            remaining = self.stall_grace - (self.wall() - st.st_mtime)
+            if remaining > 0 and looks_incomplete(path):
+                # An upload that paused: wait for the rest rather than fail half a photo.
+                self._tell_once(key, ("stalled", sig), logging.INFO, "stalled",
+                                f"waiting for {self._rel(path)}: it ends before the image does (upload paused?); "
+                                f"taken when complete, or as it is if unchanged for {self.stall_grace:.0f}s")
+                step = min(max(self.settle, 0.25), remaining)
+                cand.since = self.clock() - self.settle + step
+                return
         sha = hash_file(path)
         try:
             after = sig_of(os.lstat(path))
@@ -266,6 +315,16 @@ class Intake:
         except ValueError:
             return str(path)
 
+    def _ignore(self, key: str, reason: str, deferred: bool = False) -> None:
+        prev = self._ignored.get(key)
+        if prev is not None and prev.reason == reason:
+            return
+        ig = self._ignored[key] = _Ignored(reason, self.clock(), deferred=deferred)
+        if not deferred:
+            ig.warned = True
+            log_event(self.log, logging.WARNING, "ignored", "ignored %s: %s", self._rel(Path(key)), reason, path=key,
+                      reason=reason)
+
     def _tell_once(self, key: str, what: tuple, level: int, event: str, msg: str) -> None:
         if self._told.get(key) != what:
             self._told[key] = what
@@ -275,10 +334,11 @@ class Intake:
         self._candidates.pop(key, None)
         self._taken.pop(key, None)
         self._told.pop(key, None)
+        self._ignored.pop(key, None)
 
     def _forget_missing(self) -> None:
         # Keeps the memory of taken / refused paths bounded by what is actually in the inbox.
-        for d in (self._taken, self._told):
+        for d in (self._taken, self._told, self._ignored):
             for key in [k for k in d if not os.path.lexists(k)]:
                 d.pop(key, None)
 

@@ -3,9 +3,10 @@
 States: ``pending -> running -> done | skipped | failed``. The ledger *is* the work queue: intake
 inserts ``pending`` rows, the worker claims the oldest due one (``running``, attempt counted) and
 finishes it. Because every transition is a committed transaction, a crash loses nothing:
-:meth:`Ledger.recover` turns rows left ``running`` back into ``pending`` at the next start (the
-interrupted attempt still counts, so an image that kills the process every time is given up after
-``max_attempts`` instead of crash-looping).
+:meth:`Ledger.recover` turns rows left ``running`` back into ``pending`` at the next start. The
+interrupted attempt does not count (the daemon was stopped or killed: not the image's fault); it
+is counted in ``interruptions``, and such an image then runs in an isolated child process, whose
+own deaths (``deaths``, ``last_death``) are what count against it (:mod:`pipeline.deaths`).
 
 ``disposition`` stays NULL until the input has been archived / deleted / left; a terminal row with
 a NULL disposition after a crash is completed at start without processing the image again.
@@ -50,7 +51,10 @@ CREATE TABLE IF NOT EXISTS items (
     finished         REAL,
     seconds          REAL,
     next_attempt     REAL NOT NULL DEFAULT 0,
-    updated          REAL NOT NULL
+    updated          REAL NOT NULL,
+    interruptions    INTEGER NOT NULL DEFAULT 0,
+    deaths           INTEGER NOT NULL DEFAULT 0,
+    last_death       TEXT
 );
 CREATE INDEX IF NOT EXISTS items_queue ON items (state, next_attempt, id);
 CREATE INDEX IF NOT EXISTS items_key ON items (sha256, rules_hash, pipeline_version);
@@ -65,7 +69,13 @@ CREATE TABLE IF NOT EXISTS arrivals (
 );
 CREATE INDEX IF NOT EXISTS arrivals_item ON arrivals (item_id);
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1, with their definitions (ALTER TABLE on an older ledger).
+_ADDED_COLUMNS = {
+    "interruptions": "INTEGER NOT NULL DEFAULT 0",
+    "deaths": "INTEGER NOT NULL DEFAULT 0",
+    "last_death": "TEXT",
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,9 @@ class Row:
     seconds: float | None
     next_attempt: float
     updated: float
+    interruptions: int = 0   # attempts ended by the daemon stopping or dying (never counted)
+    deaths: int = 0          # deaths of a worker process holding this image alone (counted)
+    last_death: str | None = None
 
     @property
     def key(self) -> str:
@@ -121,12 +134,16 @@ class Ledger:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             conn.close()
             raise RuntimeError(f"ledger {self.path} has schema version {version}; this version knows "
                                f"{SCHEMA_VERSION} (a newer product-studio wrote it)")
+        if version < SCHEMA_VERSION:
+            have = {r[1] for r in conn.execute("PRAGMA table_info(items)")}
+            for col, decl in _ADDED_COLUMNS.items():
+                if col not in have:
+                    conn.execute(f"ALTER TABLE items ADD COLUMN {col} {decl}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._conn = conn
         return self
 
@@ -156,10 +173,13 @@ class Ledger:
 
     # -- start-up --------------------------------------------------------------------------------
     def recover(self) -> list[Row]:
-        """Rows left ``running`` by a crash go back to ``pending``; returns them (as they were)."""
+        """Rows left ``running`` by a crash or kill of the daemon go back to ``pending``, the attempt
+        not counted and ``interruptions`` + 1 (so the next attempt runs isolated); returns them (as
+        they were)."""
         with self._tx() as c:
             rows = [_row(r) for r in c.execute("SELECT * FROM items WHERE state = 'running'").fetchall()]
-            c.execute("UPDATE items SET state = 'pending', next_attempt = 0, updated = ? WHERE state = 'running'",
+            c.execute("UPDATE items SET state = 'pending', attempts = MAX(attempts - 1, 0), "
+                      "interruptions = interruptions + 1, next_attempt = 0, updated = ? WHERE state = 'running'",
                       (time.time(),))
         return rows
 
@@ -240,11 +260,19 @@ class Ledger:
             c.execute("UPDATE items SET state = 'pending', error = ?, next_attempt = ?, updated = ? "
                       "WHERE id = ? AND state = 'running'", (error, next_attempt, time.time(), item_id))
 
-    def requeue(self, item_id: int) -> None:
-        """``running -> pending`` without counting the attempt (a clean stop interrupted it)."""
+    def requeue(self, item_id: int, next_attempt: float = 0.0) -> None:
+        """``running -> pending`` without counting the attempt (a clean stop interrupted it, or a
+        worker process died: deaths are counted apart, :meth:`died`)."""
         with self._tx() as c:
-            c.execute("UPDATE items SET state = 'pending', attempts = MAX(attempts - 1, 0), next_attempt = 0, "
-                      "updated = ? WHERE id = ? AND state = 'running'", (time.time(), item_id))
+            c.execute("UPDATE items SET state = 'pending', attempts = MAX(attempts - 1, 0), next_attempt = ?, "
+                      "updated = ? WHERE id = ? AND state = 'running'", (next_attempt, time.time(), item_id))
+
+    def died(self, item_id: int, detail: str) -> int:
+        """Count a death of the worker process that held this image alone; returns the deaths so far."""
+        with self._tx() as c:
+            c.execute("UPDATE items SET deaths = deaths + 1, last_death = ?, error = ?, updated = ? WHERE id = ?",
+                      (detail, detail, time.time(), item_id))
+            return c.execute("SELECT deaths FROM items WHERE id = ?", (item_id,)).fetchone()[0]
 
     def set_disposition(self, item_id: int, disposition: str) -> None:
         with self._tx() as c:
@@ -265,7 +293,8 @@ class Ledger:
         with self._tx() as c:
             row = c.execute("SELECT sha256 FROM items WHERE id = ?", (item_id,)).fetchone()
             c.execute("UPDATE items SET state = 'pending', attempts = 0, next_attempt = 0, disposition = NULL, "
-                      "record = NULL, source = ?, name = ?, updated = ? WHERE id = ? AND state = 'failed'",
+                      "record = NULL, deaths = 0, interruptions = 0, last_death = NULL, source = ?, name = ?, "
+                      "updated = ? WHERE id = ? AND state = 'failed'",
                       (source, name, now, item_id))
             c.execute("INSERT INTO arrivals (item_id, kind, path, sha256, at) VALUES (?, 'retry', ?, ?, ?)",
                       (item_id, source, row["sha256"], now))
@@ -346,7 +375,9 @@ def read_summary(path: Path, n_errors: int = 5) -> dict[str, Any]:
             "SELECT name, stem, state, attempts, error, updated FROM items WHERE error IS NOT NULL "
             "ORDER BY updated DESC LIMIT ?", (n_errors,))]
         running = [dict(r) for r in conn.execute(
-            "SELECT name, stem, attempts, started FROM items WHERE state = 'running' ORDER BY started")]
+            "SELECT * FROM items WHERE state = 'running' ORDER BY started")]
+        keep = ("name", "stem", "attempts", "started", "interruptions", "deaths")
+        running = [{k: r.get(k) for k in keep} for r in running]
         last = conn.execute("SELECT MAX(finished) FROM items").fetchone()[0]
         return {"counts": counts, "queue_depth": counts["pending"], "running": running, "last_errors": errors,
                 "last_finished": last}

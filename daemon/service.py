@@ -17,8 +17,13 @@ Guarantees (each covered by tests/test_daemon*.py):
   the inbox, or the inbox inside them) are refused before start. The inbox is only written to move
   (or delete) inputs that have their outcome.
 - One daemon per inbox (lock naming the holder's pid). SIGINT/SIGTERM: stop taking work, finish
-  the current image(s) (or requeue them after ``stop_grace_seconds``), exit 0; a second signal exits at
-  once (exit 130; the image is resumed at the next start).
+  the current image(s) (or requeue them after ``stop_grace_seconds``), exit 0. Signals within
+  ``signal_window_seconds`` (2 s) of the first are the same request (``make run`` and ``systemctl
+  stop`` deliver one SIGTERM per process of the group, milliseconds apart); a signal after that
+  window exits at once (exit 130; the image is resumed at the next start, not counted against it).
+  A stop never logs at ERROR.
+- An image whose earlier attempt was interrupted (the daemon died or was killed holding it) runs in
+  an isolated child process; only that child's deaths count against it (:mod:`daemon.isolate`).
 - A rule-file edit is validated by the processor before it is used; a bad edit is logged and
   refused, the last good rules stay in force.
 - No exception from one file, one event or one image stops the observer, intake or worker; a dead
@@ -45,6 +50,7 @@ from daemon.metrics import make_metrics
 from daemon.status import StatusBoard
 from daemon.worker import Worker, dispose_input
 from pipeline import PIPELINE_VERSION
+from pipeline.outputs import stem_for
 from pipeline.settings import Settings
 
 __all__ = ["Daemon", "DaemonConfigError", "DaemonLockedError", "Processor", "make_stem_base"]
@@ -63,13 +69,8 @@ class Processor(Protocol):
 
 
 def make_stem_base(name: str) -> str:
-    """Output stem for an inbox-relative name: folders joined with ``-``, suffix dropped, and only
-    letters, digits, ``-`` and ``_`` kept (no dots, so ``STEM.mask.png`` can never be another
-    input's ``STEM.png``)."""
-    parts = Path(name).parts
-    raw = "-".join([*parts[:-1], Path(parts[-1]).stem]) if parts else "image"
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in raw).strip("_")
-    return stem[:100] or "image"
+    """Output stem for an inbox-relative name: the one stem rule, :func:`pipeline.outputs.stem_for`."""
+    return stem_for(name)
 
 
 def _stems(base: str, sha256: str) -> Iterator[str]:
@@ -96,6 +97,23 @@ class _OverflowHook(logging.Handler):
             pass
 
 
+class _StopNoise(logging.Filter):
+    """watchdog's inotify emitter logs an ERROR when its thread is stopped while a read is in flight
+    (``queue_events() called when the thread is inactive``): a race inside watchdog's own stop,
+    harmless. Once this daemon stops its observer, such lines are demoted to DEBUG (shown only when
+    watchdog logs at DEBUG), so a clean stop trips no log-based alert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.stopping and record.levelno >= logging.ERROR and "thread is inactive" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("watchdog").isEnabledFor(logging.DEBUG)
+        return True
+
+
 class Daemon:
     """Watch ``paths.inbox`` and process each image once. In-process use (tests)::
 
@@ -106,11 +124,17 @@ class Daemon:
 
     def __init__(self, settings: Settings, processor_factory: Callable[[], Processor],
                  ds: DaemonSettings | None = None, *, rules_path: Path | None = None,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, child_factory: Callable[[Path | None], Processor] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        """``child_factory(rules_path)`` builds the processor in an isolated child process
+        (:mod:`daemon.isolate`); it must be picklable (a module-level function, or a
+        ``functools.partial`` of one). Without it, resumed images run in this process."""
         self.settings = settings
         self.ds = ds or DaemonSettings()
         self.paths = DaemonPaths.resolve(settings, self.ds, rules_path)
         self.processor_factory = processor_factory
+        self.child_factory = child_factory
+        self.clock = clock
         self.log = log or get_logger()
         self.status = StatusBoard(inbox=str(self.paths.inbox), outbox=str(self.paths.outbox),
                                   ledger=str(self.paths.ledger), archive=str(self.paths.archive),
@@ -118,22 +142,26 @@ class Daemon:
         self.processor: Any = None
         self.ledger = Ledger(self.paths.ledger)
         self.metrics: Any = None
+        stall = self.ds.stall_grace_seconds
         self.intake = Intake(self.paths.inbox, self.ds.settle_seconds, self._on_stable, self.log,
-                             recursive=self.ds.recursive, non_images=self.ds.non_images)
+                             recursive=self.ds.recursive, non_images=self.ds.non_images,
+                             stall_grace=10 * self.ds.settle_seconds if stall is None else stall)
         self.worker = Worker(self)
         self.exit_code = 0
         self.stopped = threading.Event()
         self._stop_intake = threading.Event()
         self._stop_lock = threading.Lock()
         self._stop_requested = threading.Event()
+        self._stopping = threading.Event()  # set first thing in stop(): supervisors stand down
         self._lock: InboxLock | None = None
         self._observer: Any = None
         self._observer_retry_at = 0.0
         self._overflow_hook = _OverflowHook(self.intake)
+        self._stop_noise = _StopNoise()
         self.observer_mode = ""
         self._intake_thread: threading.Thread | None = None
         self._started = False
-        self._signals = 0
+        self._first_signal_at: float | None = None
         self._rules_sig: tuple | None = None
         self._rules_seen: tuple | None = None
 
@@ -195,14 +223,17 @@ class Daemon:
             if not self._started:
                 return True
             self._started = False
+        self._stopping.set()
         grace = self.ds.stop_grace_seconds if grace is None else grace
         self.status.update(state="stopping")
         self._write_status()
-        self._stop_observer()
+        # Intake first, then the observer: the intake loop supervises the observer and would
+        # otherwise see it gone and "restart" it.
         self._stop_intake.set()
         self.intake.wake.set()
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=10)
+        self._stop_observer()
         self.worker.stop_requested.set()
         self.worker.wake.set()
         drain = getattr(self.processor, "drain", None)
@@ -247,12 +278,20 @@ class Daemon:
         self._stop_requested.set()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._signals += 1
         name = signal.Signals(signum).name
-        if self._signals == 1:
+        now = self.clock()
+        window = self.ds.signal_window_seconds
+        if self._first_signal_at is None:
+            self._first_signal_at = now
             log_event(self.log, logging.INFO, "signal", "%s: finishing the current image, then exiting "
-                      "(send it again to exit at once)", name, signal=name)
+                      "(send it again after %gs to exit at once)", name, window, signal=name)
             self.request_stop()
+            return
+        if now - self._first_signal_at <= window:
+            # make forwards SIGTERM to its child and systemd signals the whole group: several
+            # signals milliseconds apart are one request, not "exit now".
+            log_event(self.log, logging.INFO, "signal", "%s again within %gs: the same stop request", name, window,
+                      signal=name)
             return
         log_event(self.log, logging.WARNING, "signal", "%s again: exiting now; the current image is resumed at "
                   "the next start", name, signal=name)
@@ -328,12 +367,17 @@ class Daemon:
         self.observer_mode = mode
         self.status.set_static(observer=mode)
         logging.getLogger("watchdog.observers").addHandler(self._overflow_hook)
+        self._stop_noise.stopping = False
+        inotify_log = logging.getLogger("watchdog.observers.inotify")
+        if self._stop_noise not in inotify_log.filters:
+            inotify_log.addFilter(self._stop_noise)
 
     def _stop_observer(self) -> None:
         logging.getLogger("watchdog.observers").removeHandler(self._overflow_hook)
         obs, self._observer = self._observer, None
         if obs is None:
             return
+        self._stop_noise.stopping = True
         try:
             obs.stop()
             obs.join(timeout=5)
@@ -342,7 +386,7 @@ class Daemon:
 
     def _check_observer(self) -> None:
         obs = self._observer
-        if (obs is not None and obs.is_alive()) or self._stop_intake.is_set():
+        if (obs is not None and obs.is_alive()) or self._stopping.is_set() or self._stop_intake.is_set():
             return
         if time.monotonic() < self._observer_retry_at:
             return
@@ -363,8 +407,9 @@ class Daemon:
 
     def _recover(self) -> None:
         for row in self.ledger.recover():
-            log_event(self.log, logging.WARNING, "resumed", "resuming %s (interrupted during attempt %d)", row.name,
-                      row.attempts, stem=row.stem)
+            log_event(self.log, logging.WARNING, "resumed", "resuming %s (attempt %d was interrupted when the daemon "
+                      "stopped or died; not counted against it)", row.name, row.attempts, stem=row.stem,
+                      interruptions=row.interruptions + 1)
         for row in self.ledger.undisposed():
             outcome = {"done": "edited", "skipped": "skipped", "failed": "failed"}[row.state]
             src = Path(row.source)
@@ -382,6 +427,13 @@ class Daemon:
             except OSError as e:
                 log_event(self.log, logging.ERROR, "dispose_error", "cannot move %s out of the inbox: %s", row.name, e)
                 continue
+            if outcome == "failed":
+                from daemon.worker import annotate_failure
+
+                try:
+                    annotate_failure(self.paths.outbox / "failed" / f"{row.stem}.json", row.sha256, row.source, what)
+                except OSError:
+                    pass
             self.ledger.set_disposition(row.id, what)
             log_event(self.log, logging.INFO, "recovered", "completed the disposition of %s (%s)", row.name, what)
         self._remove_stale_temps()
@@ -510,7 +562,8 @@ class Daemon:
         except Exception:
             return
         pending = self.intake.candidates
-        self.status.update(counts=counts, queue_depth=counts["pending"], intake_pending=pending)
+        self.status.update(counts=counts, queue_depth=counts["pending"], intake_pending=pending,
+                           ignored=self.intake.ignored_list())
         if self.metrics is not None:
             self.metrics.queue_depth(counts["pending"])
             self.metrics.intake_pending(pending)
@@ -560,11 +613,13 @@ class Daemon:
         except Exception as e:
             self.metrics.rules_reload("refused")
             self.status.update(rules={**self.status.rules, "last_error": str(e), "refused_at": time.time()})
+            self._write_status()  # `status` shows it as soon as the log does
             log_event(self.log, logging.ERROR, "rules_refused", "rule file edit refused; the last good rules stay "
                       "in force (%s): %s", old[:12], e, rules=str(self.paths.rules), error=str(e))
             return
         self.metrics.rules_reload("accepted")
         self.status.update(rules={**self.status.rules, "hash": new, "last_error": None, "reloaded_at": time.time()})
+        self._write_status()  # `status` shows it as soon as the log does
         log_event(self.log, logging.INFO, "rules_reloaded", "rules reloaded: %s -> %s", old[:12], str(new)[:12],
                   rules=str(self.paths.rules))
 

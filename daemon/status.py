@@ -37,6 +37,7 @@ class StatusBoard:
         self.counts: dict[str, int] = {}
         self.queue_depth = 0
         self.intake_pending = 0
+        self.ignored: list[dict[str, Any]] = []  # files intake leaves alone, with the reason
         self.processed = 0
         self.started_at = time.time()
         self.dirty = True
@@ -72,6 +73,7 @@ class StatusBoard:
                 "in_flight": self.in_flight,
                 "queue_depth": self.queue_depth,
                 "intake_pending": self.intake_pending,
+                "ignored": list(self.ignored),
                 "processed_since_start": self.processed,
                 "counts": dict(self.counts),
                 "rules": dict(self.rules),

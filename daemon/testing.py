@@ -85,11 +85,12 @@ class PassThroughProcessor:
         try:
             loaded = load_image(path, max_pixels=self.settings.limits.max_pixels)
         except ImageLoadError as e:
-            return write_failure(outbox / "failed", stem, str(path), str(e), {**base, "stage": "load"})
+            return write_failure(outbox, stem, str(path), str(e), {**base, "stage": "load"})
         t_load = time.perf_counter() - t0
         if self.delay:
             time.sleep(self.delay)
-        inp = {"name": name, "path": str(path), "sha256": loaded.sha256, "size": list(loaded.size)}
+        inp = {"name": name, "path": str(path), "sha256": loaded.sha256, "size": list(loaded.size),
+               "format": loaded.format, "frames": loaded.frames}
         if "noproduct" in name:
             rec = {**base, "status": "skipped", "reason": "no product (test processor)", "input": inp}
             atomic_write_text(outbox / "skipped" / f"{stem}.json", json.dumps(rec, indent=2) + "\n")

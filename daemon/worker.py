@@ -20,9 +20,16 @@ Per image, whatever happens, the row ends terminal or is rescheduled, and the wo
   failure;
 - a model that cannot be loaded (:class:`~pipeline.models.ModelLoadError`) is *fatal*: the image
   is requeued and the daemon stops (exit 3), since every later image would fail the same way;
-- the worker *process* died holding the image (Ray engine; an exception with ``worker_died``): the
-  attempt counts and the image is retried like a transient error (Ray restarts the actor); after
-  ``max_attempts`` it fails with "worker process died N times on this image".
+- the worker *process* died holding the image alone (a Ray actor, or the isolated child of
+  :mod:`daemon.isolate`; an exception with ``worker_died``): a *death* is counted (ledger
+  ``deaths``), not an attempt, and the image is retried after the backoff; after ``max_deaths``
+  it fails with "worker process died N times on this image (last: killed by SIGSEGV)" and the
+  exit signal in the record (:mod:`pipeline.deaths`, one policy for both engines). A death seen
+  while the daemon is stopping is not counted (systemd signals every process of the service).
+
+An image whose earlier attempt was interrupted by the daemon stopping or dying (ledger
+``interruptions``) runs in an isolated child process (local engine), so that only a death of
+*that* process can count against it; a stop or kill of the daemon never does.
 
 Only then is the input disposed of (archived / deleted / left), and that is recorded last, so a
 crash at any point is resumed correctly (see :mod:`daemon.ledger`).
@@ -45,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from daemon.intake import hash_file
 from daemon.ledger import Row
 from daemon.logs import log_event
+from pipeline.errors import internal_error_message, is_bad_input
 from pipeline.outputs import write_failure
 
 if TYPE_CHECKING:
@@ -59,15 +67,13 @@ STATE_OUTCOME = {v: k for k, v in OUTCOME_STATE.items()}
 
 
 def is_permanent(exc: BaseException) -> bool:
-    if getattr(exc, "permanent", False):
-        return True
-    from pipeline.imageio import ImageLoadError
-    from pipeline.settings import SettingsError
-
-    return isinstance(exc, (ImageLoadError, SettingsError))
+    """Bad input (:class:`pipeline.errors.BadInput`, or anything marked ``permanent``): fail now."""
+    return is_bad_input(exc)
 
 
 def is_fatal(exc: BaseException) -> bool:
+    if getattr(exc, "fatal", False) is True:  # e.g. daemon.isolate.ChildError for a ModelLoadError
+        return True
     models = sys.modules.get("pipeline.models")
     err = getattr(models, "ModelLoadError", None)
     return bool(err and isinstance(exc, err))
@@ -162,6 +168,27 @@ def dispose_input(src: Path, name: str, sha256: str, outcome: str, mode: str, ar
     return f"archived:{target}"
 
 
+def annotate_failure(record: Path, sha256: str, source: str, disposition: str | None) -> None:
+    """Complete a failed record once its input has been disposed of: ``input.sha256`` and where the
+    input is now (``input.now_at``: the archive path, or the inbox path when left; None when it
+    is gone), plus ``input.disposition``. Atomic rewrite; a missing or unreadable record is left."""
+    import json
+
+    from pipeline.imageio import atomic_write_text
+
+    try:
+        rec = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(rec, dict):
+        return
+    inp = rec.get("input") if isinstance(rec.get("input"), dict) else {}
+    what = disposition or ""
+    now_at = what.partition(":")[2] if what.startswith("archived:") else (source if what == "left" else None)
+    rec["input"] = {**inp, "sha256": sha256, "disposition": what.partition(":")[0] or None, "now_at": now_at}
+    atomic_write_text(record, json.dumps(rec, indent=2, default=str) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------
 # The worker thread
 
@@ -179,7 +206,8 @@ class Worker:
         self._running: dict[int, Row] = {}   # row id -> row, in the order they started
         self._info: dict[int, dict[str, Any]] = {}
         self._abandoned_ids: set[int] = set()  # rows a stop gave up waiting for (requeued)
-        self._deaths: dict[int, int] = {}      # row id -> worker deaths seen while processing it
+        self._children: dict[int, Any] = {}    # row id -> its isolated child (daemon.isolate.ChildRun)
+        self._warned_no_isolation = False
         self.rules_dirty = False
 
     def _new_thread(self, i: int) -> threading.Thread:
@@ -230,7 +258,10 @@ class Worker:
         with self._cond:
             rows = list(self._running.values())
             self._abandoned_ids.update(r.id for r in rows)
-            return rows
+            children = [self._children[r.id] for r in rows if r.id in self._children]
+        for child in children:
+            child.kill()  # it must not write an outcome for a row that is being requeued
+        return rows
 
     def _run(self) -> None:
         while not self.stop_requested.is_set():
@@ -308,11 +339,6 @@ class Worker:
         d.status.update(current=current, in_flight=n)
         d.metrics.observe("queue", max(0.0, time.time() - row.arrived))
         src = Path(row.source)
-        if row.attempts > d.ds.max_attempts:
-            # Only reachable through crashes: each start resumed it and each attempt killed the process.
-            self._fail(row, f"gave up after {row.attempts - 1} attempts that ended with the daemon stopping "
-                            "(crash or kill) while processing this image", final_attempts=row.attempts - 1)
-            return
         if not os.path.lexists(src):
             # Removed or moved before its turn. If it was moved within the inbox, intake finds it
             # there and queues it again; if it was removed, there is no input left to account for.
@@ -338,7 +364,7 @@ class Worker:
 
         t = time.perf_counter()
         try:
-            record = d.processor.process(src, d.paths.outbox, sha256=row.sha256, stem=row.stem)
+            record = self._process(row, src, info)
             status = record.get("status") if isinstance(record, dict) else None
             if status not in OUTCOME_STATE:
                 raise RuntimeError(f"processor returned a record with status {status!r} "
@@ -346,7 +372,7 @@ class Worker:
         except Exception as e:
             seconds = time.perf_counter() - t
             free_gpu()
-            if self._abandoned(row):
+            if self._abandoned(row) or type(e).__name__ == "ChildAbandoned":
                 return
             d.metrics.observe("process", seconds)
             if is_fatal(e):
@@ -355,6 +381,12 @@ class Worker:
                 return
             if getattr(e, "worker_died", False):
                 self._worker_died(row, e, seconds)
+                return
+            if getattr(e, "requeue_later", False):
+                # The isolated child found the rule file changed: wait for the reload, not counted.
+                d.ledger.requeue(row.id, time.time() + max(2 * d.ds.rules_poll_seconds, 1.0))
+                log_event(self.log, logging.WARNING, "requeued", "%s: %s; waiting for the rules to be reloaded",
+                          row.name, e, stem=row.stem)
                 return
             if getattr(e, "requeue", False):
                 # Never started (the daemon is stopping and the image was still waiting for a Ray
@@ -387,19 +419,75 @@ class Worker:
         with self._cond:
             return row.id in self._abandoned_ids
 
-    def _worker_died(self, row: Row, exc: BaseException, seconds: float) -> None:
-        """The process holding the image died. Counted like a transient error (the attempt was
-        claimed), but the final reason names the deaths, so a poisonous input is recognisable."""
-        with self._cond:
-            deaths = self._deaths[row.id] = self._deaths.get(row.id, 0) + 1
-        if row.attempts >= self.d.ds.max_attempts:
-            from pipeline.ray_engine import death_message
+    def _process(self, row: Row, src: Path, info: dict[str, Any]) -> dict:
+        """``processor.process`` in this process, or, for an image whose earlier attempt was
+        interrupted, in an isolated child (:mod:`daemon.isolate`)."""
+        d = self.d
+        if row.interruptions <= 0 or getattr(d.processor, "isolates", False):
+            return d.processor.process(src, d.paths.outbox, sha256=row.sha256, stem=row.stem)
+        if d.child_factory is None:
+            if not self._warned_no_isolation:
+                self._warned_no_isolation = True
+                log_event(self.log, logging.WARNING, "no_isolation", "no child processor factory: images whose "
+                          "earlier attempt was interrupted run in the daemon's own process")
+            return d.processor.process(src, d.paths.outbox, sha256=row.sha256, stem=row.stem)
+        from daemon.isolate import ChildAbandoned, ChildJob, ChildRun
 
+        rules = d.paths.rules if d.paths.rules is not None and d.paths.rules.exists() else None
+        run = ChildRun(ChildJob(factory=d.child_factory, rules_path=rules, rules_hash=d.rules_hash, path=src,
+                                outbox=d.paths.outbox, sha256=row.sha256, stem=row.stem, parent_pid=os.getpid(),
+                                log_format=d.ds.log_format, log_level=d.ds.log_level))
+        with self._cond:
+            if row.id in self._abandoned_ids:
+                raise ChildAbandoned()
+            run.start()
+            self._children[row.id] = run
+        info.update(isolated=True, child_pid=run.pid)
+        d.status.update(current=self.current_info())
+        log_event(self.log, logging.INFO, "isolated", "%s: interrupted %d time(s) before; processing it in "
+                  "child process %d", row.name, row.interruptions, run.pid, stem=row.stem, pid=run.pid)
+        try:
+            return run.wait(lambda: self._abandoned(row))
+        finally:
             with self._cond:
-                self._deaths.pop(row.id, None)
-            self._fail(row, death_message(deaths), seconds=seconds, final_attempts=row.attempts)
+                self._children.pop(row.id, None)
+
+    def current_info(self) -> dict[str, Any] | None:
+        with self._cond:
+            return next(iter(self._info.values()), None)
+
+    def _worker_died(self, row: Row, exc: BaseException, seconds: float) -> None:
+        """The process holding the image alone died: count a death (not an attempt); fail the image
+        after ``max_deaths`` with the reason and exit signal; else retry it after the backoff."""
+        from daemon.isolate import ChildDied
+        from pipeline.deaths import death_message, exhausted
+
+        d = self.d
+        if self.stop_requested.is_set():
+            # systemd (KillMode=control-group) and shutdowns signal every process of the service;
+            # a death now is the stop's doing, not the image's.
+            d.ledger.requeue(row.id)
+            log_event(self.log, logging.INFO, "requeued", "%s: worker process ended during the stop (%s); requeued, "
+                      "not counted", row.name, exc, stem=row.stem)
             return
-        self._transient(row, exc, seconds=seconds)
+        detail = getattr(exc, "detail", None) or str(exc)
+        deaths = d.ledger.died(row.id, detail)
+        max_deaths = int(getattr(d.processor, "max_deaths", None) or d.ds.max_deaths)
+        child = isinstance(exc, ChildDied)
+        if exhausted(deaths, max_deaths):
+            extra = {"deaths": deaths, "last_death": detail}
+            if child:
+                extra.update(exit_signal=exc.signal, exit_code=exc.returncode)
+            self._fail(row, death_message(deaths, detail if child else None), seconds=seconds,
+                       final_attempts=row.attempts, extra=extra)
+            return
+        delay = min(d.ds.retry_backoff_seconds * 2 ** (deaths - 1), d.ds.retry_backoff_max_seconds)
+        d.ledger.requeue(row.id, time.time() + delay)
+        d.metrics.outcome("retried")
+        d.status.error(row.name, row.stem, str(exc), final=False)
+        log_event(self.log, logging.WARNING, "worker_died", "%s: worker process died (%s), death %d/%d; retrying in "
+                  "%.1fs", row.name, detail, deaths, max_deaths, delay, stem=row.stem,
+                  exit_signal=getattr(exc, "signal", None))
 
     def _record_path(self, stem: str, status: str) -> str | None:
         folder = {"edited": "", "skipped": "skipped", "failed": "failed"}[status]
@@ -412,8 +500,9 @@ class Worker:
         if row.attempts >= d.ds.max_attempts:
             log_event(self.log, logging.ERROR, "attempts_exhausted", "%s failed %d times, giving up: %s", row.name,
                       row.attempts, err, stem=row.stem, exc_info=exc)
-            self._fail(row, f"gave up after {row.attempts} attempts: {err}", seconds=seconds,
-                       final_attempts=row.attempts, logged=True)
+            self._fail(row, internal_error_message(exc, row.attempts), seconds=seconds,
+                       final_attempts=row.attempts, logged=True,
+                       extra={"stage": "internal", "error_type": type(exc).__name__})
             return
         delay = min(d.ds.retry_backoff_seconds * 2 ** (row.attempts - 1), d.ds.retry_backoff_max_seconds)
         d.ledger.retry_later(row.id, err, time.time() + delay)
@@ -423,12 +512,12 @@ class Worker:
                   row.attempts, d.ds.max_attempts, err, delay, stem=row.stem, exc_info=exc)
 
     def _fail(self, row: Row, error: str, *, seconds: float | None = None, final_attempts: int | None = None,
-              logged: bool = False) -> None:
+              logged: bool = False, extra: dict[str, Any] | None = None) -> None:
         """The daemon's own failure record (record last, atomic), then the ledger, then disposition."""
         d = self.d
         extra = {"sha256": row.sha256, "name": row.name, "attempts": final_attempts or row.attempts,
-                 "rules": {"sha256": d.rules_hash}, "stage": "daemon"}
-        write_failure(d.paths.outbox / "failed", row.stem, row.source, error, extra)
+                 "rules": {"sha256": d.rules_hash}, "stage": "daemon", **(extra or {})}
+        write_failure(d.paths.outbox, row.stem, row.source, error, extra)
         d.ledger.finish(row.id, "failed", error=error, record=str(d.paths.outbox / "failed" / f"{row.stem}.json"),
                         seconds=seconds)
         d.status.error(row.name, row.stem, error, final=True)
@@ -438,8 +527,6 @@ class Worker:
 
     def _finish(self, row: Row, outcome: str, seconds: float, quiet: bool = False) -> None:
         d = self.d
-        with self._cond:
-            self._deaths.pop(row.id, None)
         t = time.perf_counter()
         # Re-read: intake may have recorded a rename of the input while it was being processed.
         row = d.ledger.get(row.id) or row
@@ -449,6 +536,12 @@ class Worker:
             what = None
             log_event(self.log, logging.ERROR, "dispose_error", "cannot move %s out of the inbox: %s (retried at "
                       "the next start)", row.name, e, stem=row.stem)
+        if outcome == "failed":
+            try:
+                annotate_failure(d.paths.outbox / "failed" / f"{row.stem}.json", row.sha256, row.source, what)
+            except OSError as e:
+                log_event(self.log, logging.WARNING, "record_error", "cannot complete the failure record of %s: %s",
+                          row.name, e, stem=row.stem)
         if what is not None:
             d.ledger.set_disposition(row.id, what)
         d.metrics.observe("dispose", time.perf_counter() - t)

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import BadInput
+
 # Which layers get LoRA. ``transformer`` is kohya's default LoRA for SD 1.x (every Linear and 1x1
 # conv of the Transformer2D blocks); ``attn`` is diffusers' training example; ``all`` adds the
 # ResNet convolutions and time-embedding projections (kohya "LoCon"), which learns fastest.
@@ -33,7 +35,7 @@ RESUME_KEYS = ("rank", "alpha", "targets", "train_text_encoder", "resolution", "
                "min_bucket", "max_bucket", "batch_size", "grad_accum", "seed", "tag", "optimizer")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(BadInput):
     """Invalid training options. ``problems``: ``[(option, reason)]``."""
 
     def __init__(self, problems: list[tuple[str, str]]):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import BadInput
 from pipeline.imageio import ImageLoadError, is_image_name, load_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,7 +44,7 @@ METADATA = "metadata.jsonl"
 _REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
-class DatasetError(ValueError):
+class DatasetError(BadInput):
     """The dataset cannot be used. ``problems``: one human-readable line per bad file or rule."""
 
     def __init__(self, summary: str, problems: Sequence[str] = ()):

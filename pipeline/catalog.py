@@ -1,88 +1,79 @@
-"""Catalog runs: many inputs (files, folders, a CSV of SKUs) through the rules, with a JSONL
-manifest and a static HTML contact sheet (``report.html``) for review."""
+"""Catalog runs: many inputs (files, folders, a CSV of SKUs) through the one runner
+(:meth:`pipeline.process.Processor.process`), with a JSONL manifest and a static HTML contact
+sheet (``report.html``) for review. The job loop lives here; the CLI only shows progress."""
 
 from __future__ import annotations
 
 import csv
 import html
 import json
+import logging
 import os
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
+from pipeline.actions import Action, parse_action_text
+from pipeline.deaths import death_message, exhausted
+from pipeline.errors import BadInput, ModelUnavailable, ParamsError, internal_error_message
 from pipeline.imageio import is_image_name
-from pipeline.outputs import safe_stem, write_failure
-from pipeline.rules import ACTIONS
+from pipeline.outputs import OutputFolder, write_failure
+
+log = logging.getLogger("product_studio.run")
 
 
 @dataclass
 class CatalogItem:
-    """One input. ``classes``/``actions``: per-row overrides from a catalog CSV (None = rules)."""
+    """One input. ``classes``/``actions``: per-row overrides from a catalog CSV (None = rules);
+    ``mask``: a product mask file or folder (``run --mask``), with ``product_class`` its class
+    (or, with ``actions``, the class they apply to); ``tag``: appended to the output stem
+    (``run --op`` uses the op's name)."""
 
     path: Path
     classes: list[str] | None = None
-    actions: list[tuple[str, dict[str, Any]]] | None = None
+    actions: list[Action] | None = None
     sku: str | None = None
+    mask: Path | None = None
+    product_class: str | None = None
+    tag: str = ""
 
 
-def _value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+class CatalogError(BadInput):
+    """A catalog CSV that cannot be used; ``str()`` names the file, the row and the column."""
 
 
-def parse_action(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``"displace x=-10% y=0; enhance seed=3"`` -> ``[("displace", {...}), ("enhance", {...})]``."""
-    out = []
-    for part in [p.strip() for p in text.split(";") if p.strip()]:
-        words = shlex.split(part)
-        op, params = words[0], {}
-        if op not in ACTIONS:
-            raise ValueError(f"unknown action {op!r} (known: {', '.join(ACTIONS)})")
-        for w in words[1:]:
-            if "=" not in w:
-                raise ValueError(f"action parameter {w!r} is not KEY=VALUE")
-            k, v = w.split("=", 1)
-            params[k] = _value(v)
-        out.append((op, params))
-    return out
-
-
-def read_catalog_csv(path: Path) -> list[CatalogItem]:
+def read_catalog_csv(path: Path, settings: Any) -> list[CatalogItem]:
     """A CSV with a ``path`` (or ``image``) column, optional ``class`` (names separated by ``|``),
-    ``action`` (see :func:`parse_action`) and ``sku``. Relative paths resolve against the CSV's
-    folder. Raises ValueError naming the row for a bad row."""
+    ``action`` (``"displace x=-10% y=0; enhance seed=3"``, see
+    :func:`pipeline.actions.split_action_text`; validated against ``settings``) and ``sku``.
+    Relative paths (images, LoRA files) resolve against the CSV's folder. Raises
+    :class:`CatalogError` naming the row and column for a bad row."""
     items = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         key = cols.get("path") or cols.get("image")
         if key is None:
-            raise ValueError(f"{path}: catalog CSV needs a 'path' (or 'image') column; found {', '.join(cols) or 'none'}")
+            raise CatalogError(f"{path}: catalog CSV needs a 'path' (or 'image') column; found {', '.join(cols) or 'none'}")
         for n, row in enumerate(reader, start=2):
             raw = (row.get(key) or "").strip()
             if not raw:
-                raise ValueError(f"{path}:{n}: empty path")
+                raise CatalogError(f"{path}:{n}: column {key!r}: empty path")
             p = Path(raw).expanduser()
             p = p if p.is_absolute() else path.parent / p
             cls = (row.get(cols.get("class", "")) or "").strip() if "class" in cols else ""
             act = (row.get(cols.get("action", "")) or "").strip() if "action" in cols else ""
             try:
-                actions = parse_action(act) if act else None
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+                actions = parse_action_text(act, settings, bases=(path.parent, None)) if act else None
+            except ParamsError as e:
+                raise CatalogError(f"{path}:{n}: column {cols['action']!r}: {e}") from None
             sku = (row.get(cols["sku"]) or "").strip() if "sku" in cols else None
             items.append(CatalogItem(p, [c.strip() for c in cls.split("|") if c.strip()] or None, actions, sku or None))
     return items
 
 
-def collect_items(paths: Iterable[Path], recursive: bool = False) -> list[CatalogItem]:
+def collect_items(paths: Iterable[Path], settings: Any, recursive: bool = False) -> list[CatalogItem]:
     """Files as given, folders expanded to their images (recursive on request; hidden files and
     ``._*`` skipped), ``.csv`` files read as catalogs."""
     items: list[CatalogItem] = []
@@ -93,33 +84,10 @@ def collect_items(paths: Iterable[Path], recursive: bool = False) -> list[Catalo
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             items.extend(CatalogItem(f) for f in files)
         elif p.suffix.lower() == ".csv":
-            items.extend(read_catalog_csv(p))
+            items.extend(read_catalog_csv(p, settings))
         else:
             items.append(CatalogItem(p))
     return items
-
-
-def output_exists(out: Path, stem: str) -> bool:
-    return any((d / f"{stem}.json").exists() for d in (out, out / "skipped", out / "failed"))
-
-
-def choose_stem(out: Path, stem: str, policy: str, taken: set[str]) -> str | None:
-    """Output stem under the conflict policy: ``suffix`` -> STEM-1, STEM-2, ...; ``skip`` -> None
-    when outputs exist; ``overwrite`` -> STEM. Stems used earlier in this run always get a suffix."""
-    if policy not in ("suffix", "skip", "overwrite"):
-        raise ValueError(f"conflict policy must be suffix, skip or overwrite, not {policy!r}")
-    if stem in taken:
-        policy = "suffix"
-    elif not output_exists(out, stem):
-        return stem
-    if policy == "skip":
-        return None
-    if policy == "overwrite":
-        return stem
-    i = 1
-    while output_exists(out, f"{stem}-{i}") or f"{stem}-{i}" in taken:
-        i += 1
-    return f"{stem}-{i}"
 
 
 @dataclass
@@ -131,25 +99,39 @@ class CatalogJob:
     stem: str
 
 
+def plan_jobs(items: Sequence[CatalogItem], folder: OutputFolder) -> list[tuple[int, CatalogItem, str | None]]:
+    """``(position, item, stem)`` per item, stems claimed in input order (None: ``skip`` policy
+    and outputs exist), so they do not depend on which image finishes first."""
+    return [(pos, item, folder.claim(item.sku or item.path.name, item.tag, source=str(item.path)))
+            for pos, item in enumerate(items)]
+
+
 def _process_one(processor: Any, job: CatalogJob, out: Path, dry_run: bool, max_deaths: int) -> tuple[dict[str, Any], float]:
     """One job to its record. A worker death (Ray engine: the actor's process died holding this
     image) is retried, on a restarted or another actor, up to ``max_deaths`` times; then the image
-    gets a ``failed`` record naming the cause, so one poisonous input cannot stop the catalog."""
+    gets a ``failed`` record naming the cause, so one poisonous input cannot stop the catalog. An
+    internal error (a bug) gets a ``failed`` record saying so, with its type; the traceback goes
+    to the log. A model that cannot load stops the run (:class:`ModelUnavailable`)."""
     t0 = time.perf_counter()
     deaths = 0
+    it = job.item
     while True:
         try:
-            rec = processor.process(job.item.path, out, stem=job.stem, dry_run=dry_run, classes=job.item.classes,
-                                    actions=job.item.actions)
+            rec = processor.process(it.path, out, stem=job.stem, dry_run=dry_run, classes=it.classes,
+                                    actions=it.actions, mask=it.mask, product_class=it.product_class)
             return rec, time.perf_counter() - t0
+        except ModelUnavailable:
+            raise
         except Exception as e:
             if not getattr(e, "worker_died", False):
-                raise
+                log.error("internal error on %s", it.path, exc_info=e)
+                rec = write_failure(out, job.stem, str(it.path), internal_error_message(e),
+                                    {"stage": "internal", "error_type": type(e).__name__,
+                                     "rules": {"sha256": getattr(processor, "rules_hash", None)}})
+                return rec, time.perf_counter() - t0
             deaths += 1
-            if deaths >= max_deaths:
-                from pipeline.ray_engine import death_message
-
-                rec = write_failure(out / "failed", job.stem, str(job.item.path), death_message(deaths),
+            if exhausted(deaths, max_deaths):
+                rec = write_failure(out, job.stem, str(it.path), death_message(deaths),
                                     {"stage": "worker", "attempts": deaths, "last_error": str(e),
                                      "rules": {"sha256": getattr(processor, "rules_hash", None)}})
                 return rec, time.perf_counter() - t0
@@ -161,7 +143,7 @@ def process_jobs(processor: Any, jobs: list[CatalogJob], out: Path, *, dry_run: 
 
     ``concurrency`` 1 (the local engine): in order, in the calling thread. More (the Ray engine):
     up to that many jobs in flight on a thread each, yielded in completion order; the processor
-    itself hands them to actors. An unexpected exception stops the run as it does locally."""
+    itself hands them to actors."""
     if concurrency <= 1:
         for job in jobs:
             yield (job, *_process_one(processor, job, out, dry_run, max_deaths))
@@ -262,6 +244,10 @@ def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product
         acts = rec.get("actions") or rec.get("plan") or []
         act_txt = "; ".join(f"{a['op']} {a['label']} ({a.get('rule_name') or 'rule ' + str(a.get('rule'))})" for a in acts) or "-"
         qa = []
+        gate = rec.get("qa")
+        if gate:
+            qa.append(f"{len(gate['checks'])} checks passed" if gate["passed"] else
+                      "FAILED " + ", ".join(c["name"] for c in gate["checks"] if not c["passed"]))
         for a in rec.get("actions") or []:
             r = a.get("record") or {}
             fill = r.get("fill") or {}
@@ -292,7 +278,3 @@ def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product
     from pipeline.imageio import atomic_write_text
 
     return atomic_write_text(out / "report.html", "\n".join(parts) + "\n")
-
-
-def safe_item_stem(item: CatalogItem) -> str:
-    return safe_stem(item.sku or item.path.name)

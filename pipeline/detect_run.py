@@ -1,14 +1,13 @@
-"""Run detection over files and folders and write the outputs: the shared core of `detect` and `demo`."""
+"""Detection over files and folders through the one runner: the core of `detect`."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pipeline.imageio import ImageLoadError, is_image_name, load_image
-from pipeline.outputs import safe_stem, write_detect_outputs, write_failure
+from pipeline.imageio import is_image_name
+from pipeline.outputs import OutputFolder
 from pipeline.settings import ProductClass, Settings
 
 
@@ -42,23 +41,16 @@ class Outcome:
     stem: str
 
 
-def detect_paths(paths: Sequence[Path], detector: Any, settings: Settings, out_dir: Path,
-                 classes: Sequence[ProductClass], *, proposals: str | None = None,
-                 prefilter: bool | None = None, provenance: list[dict] | None = None) -> Iterable[Outcome]:
-    """Yield one :class:`Outcome` per input; a bad input is a ``failed`` outcome, never an exception."""
-    used: set[str] = set()
-    extra = {"models": provenance or [], "settings_file": str(settings.source_file) if settings.source_file else None,
-             "classes": [c.model_dump() for c in classes]}
+def detect_paths(paths: Sequence[Path], processor: Any, out_dir: Path, *, proposals: str | None = None,
+                 prefilter: bool | None = None) -> Iterable[Outcome]:
+    """Detect over ``paths`` with the one runner (``processor.process(..., detect_only=True)``),
+    yielding one :class:`Outcome` per input; a bad input is a ``failed`` outcome, never an
+    exception. Records: ``out_dir/STEM.json`` (detected), ``out_dir/skipped/``,
+    ``out_dir/failed/``; running again over the same files replaces their outputs, another file
+    of the same name gets its own stem."""
+    folder = OutputFolder(out_dir, "replace-own")
+    opts = {k: v for k, v in (("proposals", proposals), ("prefilter", prefilter)) if v is not None}
     for path in paths:
-        stem = safe_stem(path.name)
-        if stem in used:  # same name from another folder: keep both
-            stem = f"{stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-        used.add(stem)
-        try:
-            loaded = load_image(path, max_pixels=settings.limits.max_pixels)
-        except ImageLoadError as e:
-            yield Outcome(path, "failed", write_failure(out_dir, stem, str(path), str(e), extra), stem)
-            continue
-        result = detector.detect(loaded.image, classes, proposals=proposals, prefilter=prefilter)
-        rec = write_detect_outputs(out_dir, stem, loaded, result, extra)
+        stem = folder.claim(path.name, source=str(path))
+        rec = processor.process(path, out_dir, stem=stem, detect_only=True, detect_options=opts)
         yield Outcome(path, rec["status"], rec, stem)

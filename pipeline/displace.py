@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.composite import dilate, extend_edges, feather_alpha, paste, shift_image, shift_mask
-from pipeline.edits import Edit, EditError
+from pydantic import field_validator
+
+from pipeline.composite import dilate, extend_edges, feather_alpha, parse_offset, paste, shift_image, shift_mask
+from pipeline.edits import Edit, EditContext, EditError, Moved, OpParams
 from pipeline.inpaint import BACKEND_ROLES, fill, fill_in_order
 from pipeline.settings import DisplaceSettings, ProductClass, fill_order
 
@@ -45,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # ``DisplaceSettings.recheck_threshold`` means "the product (or a look-alike) is still there".
 Checker = Callable[[Image.Image, np.ndarray, str], float]
 
-__all__ = ["Checker", "ClipChecker", "displace", "displace_detection", "op_displace"]
+__all__ = ["Checker", "ClipChecker", "DisplaceParams", "displace", "displace_detection", "run_displace"]
 
 
 class ClipChecker:
@@ -143,7 +145,7 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         record.update(noop=True, reason="zero offset: nothing moved", edit_pixels=0,
                       timings={"total": _round(time.perf_counter() - t_start)})
         out = image.copy()
-        return Edit(out, np.zeros((H, W), bool), record)
+        return Edit(out, np.zeros((H, W), bool), m.copy(), record)
 
     order = fill_order(params.fill)
     if isinstance(params.fill, str) and order[0] in BACKEND_ROLES and registry is None:
@@ -210,9 +212,7 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         record["harmonize"] = None
 
     edit_mask = hole | paste_region | ring_mask
-    # Belt and braces: whatever a backend did, nothing outside the edit mask may change.
-    out = np.where(edit_mask[..., None], out, src).astype(np.uint8)
-    result = Image.fromarray(out, "RGB")
+    result = Image.fromarray(np.ascontiguousarray(out, np.uint8), "RGB")
     if "icc_profile" in image.info:
         result.info["icc_profile"] = image.info["icc_profile"]
 
@@ -226,7 +226,8 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
     record.update(edit_pixels=int(edit_mask.sum()), models=models,
                   timings={k: _round(v) for k, v in timings.items()},
                   params=params.model_dump(mode="json"))
-    return Edit(result, edit_mask, record)
+    allowed = 1.0 if params.out_of_frame == "clip" else params.max_outside_share
+    return Edit(result, edit_mask, new_mask, record, moved=Moved(m, dx, dy, allowed))
 
 
 def displace_detection(image: Image.Image, detection: "Detection", params: DisplaceSettings,
@@ -237,17 +238,27 @@ def displace_detection(image: Image.Image, detection: "Detection", params: Displ
                     dx, dy, params, registry=models, checker=checker, classes=classes)
 
 
-def op_displace(image: Image.Image, mask: np.ndarray, label: str, options: dict[str, Any], settings: Any,
-                registry: "ModelRegistry | None") -> Edit:
-    """The ``run --op displace`` / rules handler. ``options``: ``x``, ``y`` (pixels or fractions,
-    see :func:`pipeline.composite.parse_offset`), optional ``fill`` (lama | sd | classical or a list
-    in fallback order) and any other
-    ``displace`` setting to override for this edit."""
-    from pipeline.composite import parse_offset
-    from pipeline.settings import DisplaceSettings
+class DisplaceParams(OpParams):
+    """``displace``: move the product by (``x``, ``y``); every other field of the ``displace``
+    settings section (``fill``, ``feather``, ``out_of_frame``, ...) may be overridden per action.
 
-    opts = {k: v for k, v in options.items() if v is not None}
-    dx = parse_offset(opts.pop("x", 0), image.width)
-    dy = parse_offset(opts.pop("y", 0), image.height)
-    params = DisplaceSettings.model_validate({**settings.displace.model_dump(), **opts}) if opts else settings.displace
-    return displace(image, mask, label, dx, dy, params, registry=registry)
+    ``x``/``y``: whole pixels (``162``, ``"-40"``) or a fraction of the image's width / height
+    (``0.1``, ``"-10%"``), see :func:`pipeline.composite.parse_offset`; resolved per image."""
+
+    section = "displace"
+    x: int | float | str = 0
+    y: int | float | str = 0
+    settings: DisplaceSettings
+
+    @field_validator("x", "y", mode="before")
+    @classmethod
+    def _offset(cls, v: object) -> object:
+        parse_offset(v, 1000)  # syntax and range only: the real size is the image's
+        return v
+
+
+def run_displace(image: Image.Image, mask: np.ndarray, label: str, params: DisplaceParams, ctx: EditContext) -> Edit:
+    """The operation-table entry for ``displace`` (rules, ``run --op displace``, catalog rows)."""
+    dx = parse_offset(params.x, image.width)
+    dy = parse_offset(params.y, image.height)
+    return displace(image, mask, label, dx, dy, params.settings, registry=ctx.registry, classes=ctx.classes)

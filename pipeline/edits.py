@@ -1,22 +1,66 @@
-"""What every edit (enhance, rotate, displace) returns, and how it refuses.
+"""What every edit takes and returns, and how it refuses.
 
-An edit is a function ``(image, detection, params, models) -> Edit``. ``Edit.edit_mask`` is the
-contract QA checks: every pixel where ``Edit.image`` may differ from the input is True there;
-every pixel where it is False is bit-identical to the input.
+An operation is one function ``run(image, product, label, params, ctx) -> Edit`` and one params
+model (a subclass of :class:`OpParams`), registered once in :mod:`pipeline.actions`.
+
+``Edit.edit_mask`` is the contract the QA gate (:mod:`pipeline.qa`) proves: every pixel where
+``Edit.image`` may differ from the input is True there; every pixel where it is False is
+bit-identical to the input. ``Edit.product_mask`` is where the product is afterwards, so the
+next edit (and every other product in the image) works on what is really there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.errors import BadInput
 
 
-class EditError(ValueError):
+class EditError(BadInput):
     """An edit refused for a reason the user can act on (e.g. the product would leave the frame
     beyond the allowed share). ``str()`` is the full, human-readable message."""
+
+
+class OpParams(BaseModel):
+    """Base of every operation's parameters. A subclass declares the operation's own fields (e.g.
+    displace's ``x``, ``y``) and ``settings``, the operation's settings section with this action's
+    overrides applied (built by :func:`pipeline.actions.parse_action`). ``section`` names that
+    section in :class:`~pipeline.settings.Settings`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    section: ClassVar[str]
+
+    def own(self) -> dict[str, Any]:
+        """The operation's own fields that were set (JSON-able), without the settings section."""
+        return self.model_dump(mode="json", exclude={"settings"}, exclude_none=True)
+
+
+@dataclass
+class EditContext:
+    """What an operation may use besides the image: the settings in force, the model registry
+    (None for operations that need no model) and the product classes of the rules."""
+
+    settings: Any
+    registry: Any = None
+    classes: list[Any] | None = None
+
+
+@dataclass
+class Moved:
+    """The product moved rigidly: every pixel of ``source_mask`` (HxW bool, input coordinates) is
+    at ``(x + dx, y + dy)`` in the result with the same value, where that lies inside the frame.
+    ``allowed_outside``: the share of the product that may end outside the frame (1.0 when the
+    user asked for clipping)."""
+
+    source_mask: np.ndarray
+    dx: int
+    dy: int
+    allowed_outside: float = 1.0
 
 
 @dataclass
@@ -26,18 +70,25 @@ class Edit:
     ``image``: PIL image, mode ``"RGB"`` (uint8, 0..255, R, G, B order), the input's size.
     ``edit_mask``: HxW ``bool`` numpy array (H, W = the image's height and width); True on every
     pixel that may differ from the input, False where the output equals the input exactly.
+    ``product_mask``: HxW ``bool``, where the edited product is in ``image`` (unchanged for an
+    edit that restyles in place; shifted for displace; the new view for rotate).
     ``record``: JSON-serialisable dict describing what was done (parameters, seeds, backends,
-    scores, timings, model provenance).
+    scores, timings, model provenance). ``moved``: set when the product's own pixels were moved
+    unchanged (displace), so QA can prove it.
     """
 
     image: Image.Image
     edit_mask: np.ndarray
+    product_mask: np.ndarray
     record: dict[str, Any] = field(default_factory=dict)
+    moved: Moved | None = None
 
     def __post_init__(self) -> None:
         w, h = self.image.size
         if self.image.mode != "RGB":
-            raise ValueError(f"Edit.image must be mode RGB, got {self.image.mode}")
-        if self.edit_mask.shape != (h, w) or self.edit_mask.dtype != bool:
-            raise ValueError(f"Edit.edit_mask must be a bool array of shape {(h, w)}, "
-                             f"got {self.edit_mask.dtype} {self.edit_mask.shape}")
+            raise TypeError(f"Edit.image must be mode RGB, got {self.image.mode}")
+        for name in ("edit_mask", "product_mask"):
+            m = getattr(self, name)
+            if not isinstance(m, np.ndarray) or m.shape != (h, w) or m.dtype != bool:
+                raise TypeError(f"Edit.{name} must be a bool array of shape {(h, w)}, "
+                                f"got {getattr(m, 'dtype', type(m).__name__)} {getattr(m, 'shape', '')}")

@@ -35,13 +35,14 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Sequence
 
 import numpy as np
 from PIL import Image
+from pydantic import BeforeValidator, ValidationInfo, field_validator
 
 from pipeline.composite import bbox, dilate, inner_feather_alpha, paste
-from pipeline.edits import Edit, EditError
+from pipeline.edits import Edit, EditContext, EditError, OpParams
 from pipeline.inpaint import CropBox, plan_crop
 from pipeline.lora_weights import LoraAdapters, LoraError, LoraSpec, check_unique, parse_lora
 from pipeline.settings import EnhanceSettings
@@ -50,8 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipeline.detect import Detection
     from pipeline.models import ModelRegistry
 
-__all__ = ["LoraError", "build_prompt", "class_loras", "controlnet_pipeline", "enhance", "enhance_detection", "lora_adapters",
-           "op_enhance", "plan_work"]
+__all__ = ["EnhanceParams", "LoraError", "build_prompt", "class_loras", "controlnet_pipeline", "enhance",
+           "enhance_detection", "lora_adapters", "plan_work", "run_enhance"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,8 +281,6 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
     gen_win[crop.y0 - wy0:crop.y1 - wy0, crop.x0 - wx0:crop.x1 - wx0] = np.asarray(crop.from_work(work_out))
     alpha = inner_feather_alpha(reg_win, params.mask_feather, core=m[wy0:wy1, wx0:wx1])
     out_win = paste(src_win, gen_win, alpha)
-    # Belt and braces: whatever the model or a resize did, nothing outside the region may change.
-    out_win = np.where(reg_win[..., None], out_win, src_win).astype(np.uint8)
     out = src.copy()
     out[wy0:wy1, wx0:wx1] = out_win
     timings["paste"] = time.perf_counter() - t0
@@ -307,7 +306,8 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
         "timings": {k: _round(v) for k, v in timings.items()},
         "params": params.model_dump(mode="json"),
     }
-    return Edit(result, region, record)
+    # The product stays where it was: enhance restyles it in place.
+    return Edit(result, region, m.copy(), record)
 
 
 def enhance_detection(image: Image.Image, detection: "Detection", params: EnhanceSettings,
@@ -319,59 +319,54 @@ def enhance_detection(image: Image.Image, detection: "Detection", params: Enhanc
 
 
 # ------------------------------------------------------------------------------------------------
-# The `run --op enhance` / rules handler
+# The operation-table entry (rules, `run --op enhance`, catalog rows)
 
 
-def _option_params(base: EnhanceSettings, overrides: dict[str, Any]) -> EnhanceSettings:
-    from pydantic import ValidationError
-
-    if not overrides:
-        return base
-    unknown = sorted(set(overrides) - set(EnhanceSettings.model_fields))
-    if unknown:
-        raise ValueError(f"enhance does not take option(s) {', '.join(unknown)} (known: loras, prompt, tag, seed "
-                         f"and the enhance settings {', '.join(EnhanceSettings.model_fields)})")
+def _lora_item(v: Any, info: ValidationInfo) -> LoraSpec:
+    # parse_lora checks the file (exists, loads, is a LoRA) and hashes it: a bad file is refused
+    # when the rules load, not mid-image. Relative paths: the caller's bases, in order.
     try:
-        return EnhanceSettings.model_validate({**base.model_dump(), **overrides})
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "enhance"
-            msg = err["msg"].removeprefix("Value error, ")
-            if "input" in err and not isinstance(err["input"], dict):
-                msg += f" (got {err['input']!r})"
-            problems.append(f"{where}: {msg}")
-        raise ValueError("invalid enhance option(s): " + "; ".join(problems)) from None
+        return parse_lora(v, bases=(info.context or {}).get("bases", (None,)))
+    except LoraError as e:
+        raise ValueError(str(e)) from None
 
 
-def op_enhance(image: Image.Image, mask: np.ndarray, label: str, options: dict[str, Any], settings: Any,
-               registry: "ModelRegistry") -> Edit:
-    """The ``run --op enhance`` / rules handler.
+class EnhanceParams(OpParams):
+    """``enhance``: restyle the product. ``loras``: replaces the class's configured LoRAs (each
+    ``"FILE[:WEIGHT]"`` or ``{path: FILE, weight: W}``; a relative FILE is looked up against the
+    places the caller gives: the rule file's folder, the working directory, the settings root);
+    ``prompt`` replaces the template; ``tag`` the activation tag. Every field of the ``enhance``
+    settings section (``steps``, ``strength``, ``seed``, ``mode``, ...) may be overridden."""
 
-    ``options``: ``loras`` (a list of ``"FILE[:WEIGHT]"``, ``{path: FILE, weight: W}`` or
-    :class:`~pipeline.lora_weights.LoraSpec`; replaces the class's configured LoRAs; relative paths
-    are looked up in the working directory, then under the settings root),
-    ``prompt``, ``tag``, ``seed``, and any ``enhance`` setting to override for this edit
-    (``steps``, ``strength``, ``mode``, ...). Every option and LoRA file is checked before a model
-    is loaded; problems raise ValueError with the reason.
-    """
-    opts = {k: v for k, v in (options or {}).items() if v is not None}
-    lora_opt = opts.pop("loras", None)
-    prompt = opts.pop("prompt", None)
-    tag = opts.pop("tag", None)
-    seed = opts.pop("seed", None)
-    if isinstance(seed, str) and seed.strip().lstrip("+-").isdigit():
-        seed = int(seed)
-    params = _option_params(settings.enhance, opts)
-    base_dir = getattr(settings, "base_dir", None)
-    if lora_opt is not None:
-        items = [lora_opt] if isinstance(lora_opt, (str, Path, dict, LoraSpec)) else list(lora_opt)
-        loras = [parse_lora(item, bases=(None, base_dir)) for item in items]
-    else:
-        loras = class_loras(params, label, base_dir)
-    if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text, got {prompt!r}")
-    if tag is not None and not isinstance(tag, str):
-        raise ValueError(f"tag must be text, got {tag!r}")
-    return enhance(image, mask, label, params, registry, loras=loras, tag=tag, prompt=prompt, seed=seed)
+    section = "enhance"
+    loras: list[Annotated[LoraSpec, BeforeValidator(_lora_item)]] | None = None
+    prompt: str | None = None
+    tag: str | None = None
+    settings: EnhanceSettings
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path, dict, LoraSpec)) else v
+
+    @field_validator("loras", mode="after")
+    @classmethod
+    def _unique(cls, v: list[LoraSpec] | None) -> list[LoraSpec] | None:
+        try:
+            return None if v is None else check_unique(v)
+        except LoraError as e:
+            raise ValueError(str(e)) from None
+
+    def own(self) -> dict[str, Any]:
+        out = super().own()
+        if self.loras is not None:
+            out["loras"] = [{"path": str(l.path), "weight": l.weight} for l in self.loras]
+        return out
+
+
+def run_enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceParams, ctx: EditContext) -> Edit:
+    """Enhance with the action's LoRAs, or else the class's configured ones (relative to the
+    settings root)."""
+    s = params.settings
+    loras = params.loras if params.loras is not None else class_loras(s, label, getattr(ctx.settings, "base_dir", None))
+    return enhance(image, mask, label, s, ctx.registry, loras=loras, tag=params.tag, prompt=params.prompt)

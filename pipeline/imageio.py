@@ -35,6 +35,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.errors import BadInput
+
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_PIXELS",
@@ -45,13 +47,20 @@ __all__ = [
     "atomic_write_text",
     "is_image_name",
     "load_image",
+    "looks_incomplete",
     "save_image",
     "to_rgb_array",
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "TIFF", "BMP"})
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+# GIF: the first frame (the frame count is reported). HEIF (HEIC, what phones shoot) is decoded by
+# the pillow-heif plugin, registered on first use; AVIF by Pillow's own plugin (Pillow >= 11.3).
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif",
+                            ".avif"})
+# ISO-BMFF brands (the ``ftyp`` box) of HEIF still images and sequences.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
+                          b"msf1"})
 
 PathLike = Union[str, os.PathLike]
 
@@ -72,7 +81,7 @@ _SAVE_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
 _BOMB_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(BadInput):
     """One error type for every unreadable input.
 
     Attributes: ``path`` (the file path or the ``name`` given for bytes input, else None) and
@@ -81,7 +90,7 @@ class ImageLoadError(ValueError):
     """
 
     def __init__(self, path: str | None, reason: str):
-        # Both go to ValueError so that args survive pickling (multiprocessing workers re-raise it).
+        # Both go to Exception.args so that they survive pickling (multiprocessing workers re-raise it).
         super().__init__(path, reason)
         self.path = path
         self.reason = reason
@@ -104,6 +113,7 @@ class LoadedImage:
     ``icc_profile`` is the profile that describes ``image``'s RGB pixels (the source one, or sRGB
     after a colour-managed CMYK conversion), or None. ``sha256`` is the hex digest of the raw input
     bytes. ``exif_transposed`` is True when an EXIF orientation other than 1 was applied.
+    ``frames`` is the number of frames (images) in the file; ``image`` is always the first.
     """
 
     image: Image.Image
@@ -113,6 +123,7 @@ class LoadedImage:
     icc_profile: bytes | None
     sha256: str
     exif_transposed: bool
+    frames: int = 1
 
     @property
     def size(self) -> tuple[int, int]:
@@ -180,6 +191,11 @@ def load_image(
                 )
             # image.size is known from the header; nothing has been decoded yet.
             _check_pixels(label, im.size, max_pixels)
+            try:
+                # GIF counts by walking the frame headers (no pixel decoding), then seeks back to 0.
+                frames = max(1, int(getattr(im, "n_frames", 1) or 1))
+            except Exception as exc:
+                raise ImageLoadError(label, f"truncated or corrupt image data: {_describe(exc)}") from exc
             # Pillow's TIFF plugin applies (and deletes) the orientation tag itself while loading,
             # so remember it from the already-parsed IFD to report exif_transposed truthfully.
             pre_load_orientation = _tiff_orientation(im)
@@ -222,6 +238,7 @@ def load_image(
         icc_profile=icc,
         sha256=digest,
         exif_transposed=transposed,
+        frames=frames,
     )
 
 
@@ -266,7 +283,26 @@ def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[s
         raise ImageLoadError(label, f"cannot read file: {_describe(exc)}") from None
 
 
+def _is_heif(head: bytes) -> bool:
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+@functools.lru_cache(maxsize=1)
+def _register_heif() -> str | None:
+    """Register the pillow-heif plugin once; None when done, else why it cannot be."""
+    try:
+        import pillow_heif
+    except ImportError as exc:
+        return f"HEIC/HEIF needs the pillow-heif package, which is not installed ({exc})"
+    pillow_heif.register_heif_opener()
+    return None
+
+
 def _open(data: bytes, label: str | None, max_pixels: int) -> Image.Image:
+    if _is_heif(data[:12]):
+        problem = _register_heif()
+        if problem:
+            raise ImageLoadError(label, problem)
     try:
         return Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
@@ -483,6 +519,82 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.array(image, dtype=np.uint8))
 
 
+def looks_incomplete(path: PathLike) -> bool:
+    """True when the file's bytes end before its image does: a JPEG without its end marker, a PNG
+    without ``IEND``, a GIF without its trailer, a WebP / BMP shorter than its header says, a
+    HEIF / AVIF whose last box runs past the end, a TIFF whose strips or tiles do. Reads headers
+    and the last few KB only, never pixel data (for intake: an upload that paused). False for
+    anything else and for unreadable files: the loader decides those."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - 4096))
+            tail = fh.read(4096)
+    except OSError:
+        return False
+    if head[:2] == b"\xff\xd8":
+        # Some writers pad after the end marker.
+        return not tail.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return not tail.endswith(b"IEND\xaeB`\x82")
+    if head[:4] == b"GIF8":
+        return not tail.rstrip(b"\x00").endswith(b";")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 > size
+    if head[:2] == b"BM" and len(head) >= 6:
+        declared = int.from_bytes(head[2:6], "little")
+        return declared > size
+    if head[4:8] == b"ftyp":
+        return _bmff_incomplete(path, size)
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_incomplete(path, size)
+    return False
+
+
+def _bmff_incomplete(path: PathLike, size: int) -> bool:
+    # HEIF/AVIF are ISO-BMFF: top-level boxes back to back; a cut-off file ends inside the last one.
+    off = 0
+    with open(path, "rb") as fh:
+        for _ in range(10_000):
+            if off >= size:
+                return False
+            fh.seek(off)
+            hdr = fh.read(16)
+            if len(hdr) < 8:
+                return True
+            box = int.from_bytes(hdr[:4], "big")
+            if box == 1:
+                if len(hdr) < 16:
+                    return True
+                box = int.from_bytes(hdr[8:16], "big")
+            elif box == 0:
+                return False  # "to the end of the file": nothing to compare
+            if box < 8:
+                return False  # corrupt, not cut off: the loader says so
+            if off + box > size:
+                return True
+            off += box
+    return False
+
+
+def _tiff_incomplete(path: PathLike, size: int) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about a directory cut short: we answer that
+            with Image.open(path) as im:
+                tags = im.tag_v2
+                offsets = tags.get(273) or tags.get(324) or ()
+                counts = tags.get(279) or tags.get(325) or ()
+    except Exception:
+        return True  # a TIFF signature whose directory cannot be read yet
+    if isinstance(offsets, int):
+        offsets = (offsets,)
+    if isinstance(counts, int):
+        counts = (counts,)
+    return any(o + c > size for o, c in zip(offsets, counts))
+
+
 def is_image_name(path: PathLike) -> bool:
     """True when the file name ends in one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
     return Path(os.fspath(path)).suffix.lower() in IMAGE_SUFFIXES
@@ -656,3 +768,36 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_mask(path: PathLike, size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """A product mask file (white = product; any format :func:`load_image` takes, EXIF orientation
+    applied) -> HxW ``bool`` (True = product) for an image of ``size`` (width, height).
+
+    Raises :class:`ImageLoadError` when it cannot be read, is not the image's size, or holds no
+    product pixel (nothing above mid-grey)."""
+    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+    m = load_image(path, **kw)
+    name = os.fspath(path)
+    if m.size != tuple(size):
+        raise ImageLoadError(name, f"mask is {m.size[0]}x{m.size[1]} but the image is {size[0]}x{size[1]}")
+    arr = np.asarray(m.image.convert("L")) > 127
+    if not arr.any():
+        raise ImageLoadError(name, "mask has no white (product) pixels")
+    return arr
+
+
+def find_mask(mask: PathLike, image_name: str) -> Path:
+    """The mask for the input ``image_name``: ``mask`` itself when it is a file, else the image
+    file in the folder ``mask`` with the same stem (``scene.jpg`` -> ``DIR/scene.png``). Raises
+    :class:`ImageLoadError` when there is none, or more than one."""
+    p = Path(os.fspath(mask))
+    if not p.is_dir():
+        return p
+    stem = Path(image_name).stem
+    found = sorted(f for f in p.iterdir() if f.is_file() and f.stem == stem and is_image_name(f))
+    if not found:
+        raise ImageLoadError(str(p), f"no mask for {image_name} in this folder (looked for {stem}.<image suffix>)")
+    if len(found) > 1:
+        raise ImageLoadError(str(p), f"more than one mask for {image_name}: {', '.join(f.name for f in found)}")
+    return found[0]

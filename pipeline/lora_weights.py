@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pipeline.errors import BadInput
+
 __all__ = ["LoraAdapters", "LoraError", "LoraSpec", "MAX_WEIGHT", "check_unique", "file_sha256", "load_spec",
            "make_diffusers_lora", "make_kohya_lora", "parse_lora", "split_entry", "split_spec"]
 
@@ -44,7 +46,7 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
-class LoraError(ValueError):
+class LoraError(BadInput):
     """A LoRA file or spec that cannot be used; ``str()`` names the file and the reason."""
 
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import ModelUnavailable
 from pipeline.settings import ROLES, ModelSource, Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelUnavailable):
     """A role could not be located or loaded. ``str()`` names role, source and reason."""
 
     def __init__(self, role: str, source: str, reason: str, hint: str = ""):

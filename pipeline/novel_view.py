@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from pipeline.novel_view_layout import COMPONENTS, write_model_index
+from pipeline.pose import AZIMUTH_LIMIT, POLAR_LIMIT, RADIUS_LIMIT, check_pose  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.models import NovelViewComponents
@@ -46,9 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["AZIMUTH_LIMIT", "POLAR_LIMIT", "RADIUS_LIMIT", "NovelViewPipeline", "check_pose", "pose_embedding"]
 
 # The ranges of the reference demo's sliders; beyond them the model was never asked anything.
-AZIMUTH_LIMIT = 180.0
-POLAR_LIMIT = 90.0
-RADIUS_LIMIT = 0.5
 
 
 def _as_list(v: float | Sequence[float]) -> list[float]:
@@ -79,23 +77,6 @@ def pose_embedding(polar_deg: float | Sequence[float], azimuth_deg: float | Sequ
     az = torch.deg2rad(torch.tensor(a, dtype=torch.float64))
     t = torch.stack([pol, torch.sin(az), torch.cos(az), torch.tensor(r, dtype=torch.float64)], dim=-1)
     return t[:, None, :].to(device=device, dtype=dtype)
-
-
-def check_pose(polar: float, azimuth: float, radius: float = 0.0, *, max_polar: float = POLAR_LIMIT) -> None:
-    """Raise ValueError (naming the value, the range and the sign convention) unless azimuth lies in
-    [-180, 180], |polar| <= ``max_polar`` (at most 90) and |radius| <= 0.5."""
-    for name, v in (("azimuth", azimuth), ("polar", polar), ("radius", radius)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise ValueError(f"rotate: {name} must be a finite number, got {v!r}")
-    if not -AZIMUTH_LIMIT <= azimuth <= AZIMUTH_LIMIT:
-        raise ValueError(f"rotate: azimuth {azimuth:g} degrees is outside -180..180 "
-                         "(+ turns the camera to the right, - to the left; 180 = from behind)")
-    lim = min(float(max_polar), POLAR_LIMIT)
-    if not -lim <= polar <= lim:
-        raise ValueError(f"rotate: polar {polar:g} degrees is outside -{lim:g}..{lim:g} "
-                         "(+ moves the camera down, - moves it up; rotate.max_polar sets the limit, at most 90)")
-    if not -RADIUS_LIMIT <= radius <= RADIUS_LIMIT:
-        raise ValueError(f"rotate: radius {radius:g} is outside -0.5..0.5 (relative camera distance, + = farther)")
 
 
 def _module_dtype(m: torch.nn.Module) -> torch.dtype:

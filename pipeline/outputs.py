@@ -1,4 +1,14 @@
-"""Writing results: mask PNGs, overlay PNG and the JSON record (written last), all atomically."""
+"""The one output writer: stems, result files and the JSON record (written last), all atomic.
+
+Every path that writes results (rules runs, ``run --op``, ``detect``, the daemon, the Ray
+coordinator) names its outputs with :func:`stem_for` and claims a stem through
+:class:`OutputFolder`, so no input's outputs can overwrite another's, whatever the names; every
+record goes through :func:`write_record` (validated as :class:`Record`, with ``record_version``).
+
+Stems hold letters, digits, ``-`` and ``_`` only, never a dot: an output is ``STEM.KIND.png``,
+so the part before the first dot names its input, and ``a.mask.png`` given as an input
+(stem ``a_mask``) can never collide with ``a.png``'s mask (``a.mask.png``).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +20,116 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from pydantic import BaseModel, ConfigDict
+
 from pipeline import PIPELINE_VERSION
 from pipeline.imageio import LoadedImage, atomic_write_text, save_image
+
+RECORD_VERSION = 2
+SUBFOLDERS = {"skipped": "skipped", "failed": "failed"}  # other statuses write at the top level
 
 # Distinct, colour-blind-friendly-ish RGB colours for masks (Okabe-Ito palette).
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167)]
 
 
-def safe_stem(name: str) -> str:
-    stem = Path(name).stem or "image"
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem)[:100]
+def stem_for(name: str) -> str:
+    """The output stem for an input name (a file name, or a path relative to a watched folder):
+    folders joined with ``-``, the suffix dropped, every character but letters, digits, ``-``
+    and ``_`` replaced by ``_``; at most 100 characters; never empty."""
+    parts = Path(str(name)).parts
+    raw = "-".join([*parts[:-1], Path(parts[-1]).stem]) if parts else "image"
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in raw).strip("_")
+    return stem[:100] or "image"
+
+
+class Record(BaseModel):
+    """Every record's common fields; the rest depends on the status (detections, actions, QA,
+    outputs, error ...) and is kept as given. ``status``: edited | skipped | failed | planned |
+    detected."""
+
+    model_config = ConfigDict(extra="allow")
+    record_version: int = RECORD_VERSION
+    status: str
+    input: dict[str, Any]
+    pipeline_version: str = PIPELINE_VERSION
+    created: str = ""
+    error: str | None = None
+
+
+def record_folder(out_dir: Path, status: str) -> Path:
+    """Where a record of ``status`` goes under the output folder ``out_dir``."""
+    sub = SUBFOLDERS.get(status)
+    return out_dir / sub if sub else out_dir
+
+
+def write_record(out_dir: Path, stem: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``record`` as a :class:`Record` and write ``STEM.json`` into the folder its status
+    belongs to under ``out_dir`` (atomic; call it last). Returns the record as written."""
+    rec = Record.model_validate({"created": now_iso(), **record}).model_dump(mode="json", exclude_none=False)
+    folder = record_folder(out_dir, rec["status"])
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / f"{stem}.json", json.dumps(rec, indent=2, default=str) + "\n")
+    return rec
+
+
+def output_exists(out_dir: Path, stem: str) -> bool:
+    """Has any earlier run written a record with this stem (any status)?"""
+    return any((d / f"{stem}.json").exists() for d in {record_folder(out_dir, s) for s in ("edited", *SUBFOLDERS)})
+
+
+class OutputFolder:
+    """Hands out stems in one output folder, collision-free within a run and against outputs
+    already there. ``policy`` for a stem whose outputs exist: ``suffix`` (``STEM-1``,
+    ``STEM-2``, ...), ``skip`` (None), ``overwrite`` (the stem), ``replace-own`` (the stem when
+    the existing record is of the same input file, else a suffix). A stem already handed out in
+    this run always gets a suffix."""
+
+    POLICIES = ("suffix", "skip", "overwrite", "replace-own")
+
+    def __init__(self, out_dir: Path, policy: str = "suffix"):
+        if policy not in self.POLICIES:
+            raise ValueError(f"conflict policy must be one of {', '.join(self.POLICIES)}, not {policy!r}")
+        self.out_dir = out_dir
+        self.policy = policy
+        self.taken: set[str] = set()
+
+    def _own(self, stem: str, source: str | None) -> bool:
+        if source is None:
+            return False
+        for status in ("edited", *SUBFOLDERS):
+            p = record_folder(self.out_dir, status) / f"{stem}.json"
+            try:
+                rec = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            return str((rec.get("input") or {}).get("path")) == str(source)
+        return False
+
+    def claim(self, name: str, tag: str = "", source: str | None = None) -> str | None:
+        """A stem for the input ``name`` (``tag`` appended with ``-``, e.g. the op of ``run --op``);
+        ``source``: the input's path as records name it (for ``replace-own``)."""
+        stem = stem_for(name) + (f"-{stem_for(tag)}" if tag else "")
+        chosen: str | None
+        if stem in self.taken:
+            policy = "suffix"
+        elif not output_exists(self.out_dir, stem):
+            policy = "free"
+        elif self.policy == "replace-own":
+            policy = "overwrite" if self._own(stem, source) else "suffix"
+        else:
+            policy = self.policy
+        if policy in ("free", "overwrite"):
+            chosen = stem
+        elif policy == "skip":
+            chosen = None
+        else:
+            i = 1
+            while output_exists(self.out_dir, f"{stem}-{i}") or f"{stem}-{i}" in self.taken:
+                i += 1
+            chosen = f"{stem}-{i}"
+        if chosen is not None:
+            self.taken.add(chosen)
+        return chosen
 
 
 def draw_overlay(image: Image.Image, detections: Sequence[Any], banner: str | None = None) -> Image.Image:
@@ -64,6 +174,7 @@ def input_record(loaded: LoadedImage) -> dict[str, Any]:
         "mode": loaded.original_mode,
         "size": list(loaded.size),
         "exif_transposed": loaded.exif_transposed,
+        "frames": loaded.frames,  # GIF and HEIF may hold several; the first is processed
     }
 
 
@@ -71,40 +182,39 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_detect_outputs(out_dir: Path, stem: str, loaded: LoadedImage, result: Any,
-                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``stem.maskN.label.png`` per detection, ``stem.overlay.png``, then ``stem.json`` (last).
-
-    Returns the record. Masks are 8-bit greyscale PNGs (255 = product) at the input's size."""
+def write_detect_outputs(out_root: Path, stem: str, loaded: LoadedImage, result: Any,
+                         extra: dict[str, Any] | None = None, *, status: str | None = None) -> dict[str, Any]:
+    """Write ``STEM.maskN.LABEL.png`` per detection and ``STEM.overlay.png``, then ``STEM.json``
+    (last), in the folder the record's status belongs to under the output root ``out_root``
+    (``skipped/`` for skipped images). ``status``: default ``skipped`` when the detection skipped
+    the image, else ``detected``. Returns the record. Masks are 8-bit greyscale PNGs (255 =
+    product) at the input's size."""
+    status = status or (extra or {}).get("status") or ("skipped" if result.skipped else "detected")
+    out_dir = record_folder(out_root, status)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_files = []
     for i, d in enumerate(result.detections):
-        name = f"{stem}.mask{i}.{safe_stem(d.label)}.png"
+        name = f"{stem}.mask{i}.{stem_for(d.label)}.png"
         save_image(d.mask, out_dir / name)
         mask_files.append(name)
-    banner = f"skipped: {result.reason}" if result.skipped else None
+    banner = f"skipped: {result.reason}" if status == "skipped" else None
     overlay = f"{stem}.overlay.png"
     save_image(draw_overlay(loaded.image, result.detections, banner), out_dir / overlay)
     det = result.to_record()
     for d, f in zip(det["detections"], mask_files):
         d["mask_file"] = f
     record = {
-        "status": "skipped" if result.skipped else "detected",
         "input": input_record(loaded),
         "detect": det,
         "outputs": {"overlay": overlay, "masks": mask_files},
-        "pipeline_version": PIPELINE_VERSION,
-        "created": now_iso(),
         **(extra or {}),
+        "status": status,
     }
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=2, default=str) + "\n")
-    return record
+    return write_record(out_root, stem, record)
 
 
 def write_failure(out_dir: Path, stem: str, source: str, error: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A ``stem.json`` record for an input that could not be processed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"status": "failed", "input": {"path": source}, "error": error,
-              "pipeline_version": PIPELINE_VERSION, "created": now_iso(), **(extra or {})}
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=2, default=str) + "\n")
-    return record
+    """``out_dir/failed/STEM.json`` for an input that could not be processed (``out_dir``: the
+    output folder, not its ``failed/``)."""
+    return write_record(out_dir, stem, {"status": "failed", "input": {"path": source}, "error": error,
+                                        **(extra or {})})

@@ -1,40 +1,45 @@
-"""`process`: the whole pipeline for one input file, shared by the daemon and catalog runs.
+"""`process`: the one runner for one input file, shared by rules runs, ``run --op``, catalog
+rows, the daemon and the Ray actors.
 
-load (safe loader) -> detect (SAM + CLIP, cheap skip) -> rules (plan) -> edits (enhance | rotate |
-displace, in rule order, each on the result of the previous) -> outputs. Every input ends as
-exactly one record:
+load (safe loader) -> products (detection, SAM + CLIP with the cheap skip; or a mask file) ->
+plan (rules, or the given actions) -> edits (in plan order, each on the result of the previous
+and on where its product is *now*: every edit returns the product's new mask, and other products
+lose the pixels an edit painted over) -> QA gate (:mod:`pipeline.qa`) -> outputs. Every input
+ends as exactly one record (:func:`pipeline.outputs.write_record`, written last):
 
 - ``edited``:  ``OUT/STEM.png`` (final image, PNG so untouched pixels stay bit-identical),
   ``OUT/STEM.mask.png`` (every pixel any edit may have changed), ``OUT/STEM.overlay.png``
-  (detections), ``OUT/STEM.json`` (written last).
+  (detections), ``OUT/STEM.json`` with ``qa: {passed, checks}``.
 - ``skipped``: ``OUT/skipped/STEM.json`` + overlay: no product, or no rule matched (reason and
   best scores recorded).
-- ``failed``:  ``OUT/failed/STEM.json``: bad input or bad parameters, with the error.
+- ``failed``:  ``OUT/failed/STEM.json``: bad input, bad parameters, a refused edit or a failed QA
+  check, with the error; no edited image is written.
 - ``planned`` (dry run): detections, masks, overlay and the actions that would run; no diffusion.
 
-Unexpected exceptions (bugs, out-of-memory) propagate: the caller decides whether to retry.
+Internal errors (bugs, out-of-memory) and unavailable models propagate: the caller decides (the
+daemon retries internal errors, then fails the image with "internal error"; a model that cannot
+load stops it).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from pipeline import PIPELINE_VERSION
-from pipeline.imageio import ImageLoadError, atomic_write_text, load_image, save_image
-from pipeline.outputs import draw_overlay, input_record, now_iso, write_detect_outputs, write_failure
+from pipeline.actions import Action
+from pipeline.composite import bbox
+from pipeline.detect import Detection, DetectResult
+from pipeline.edits import EditContext, EditError
+from pipeline.errors import BadInput, QAFailed
+from pipeline.imageio import ImageLoadError, find_mask, load_image, load_mask, save_image
+from pipeline.outputs import draw_overlay, input_record, now_iso, stem_for, write_detect_outputs, write_failure, write_record
+from pipeline.qa import Step, check
 from pipeline.rules import PlannedAction, RuleSet, default_rules, load_rules
 from pipeline.settings import Settings
-
-
-def _lora_option(loras: Any) -> Any:
-    # Rule files give {path, weight}; the op handlers take the CLI's "FILE[:WEIGHT]" strings.
-    if not isinstance(loras, list):
-        return loras
-    return [f"{l['path']}:{l.get('weight', 1.0)}" if isinstance(l, dict) else l for l in loras]
 
 
 def record_base(settings: Settings, rules: RuleSet) -> dict[str, Any]:
@@ -46,6 +51,14 @@ def record_base(settings: Settings, rules: RuleSet) -> dict[str, Any]:
         "settings_file": str(settings.source_file) if settings.source_file else None,
         "rules": {"file": str(rules.path) if rules.path else None, "sha256": rules.sha256},
     }
+
+
+def mask_products(mask: np.ndarray, label: str, source: str) -> DetectResult:
+    """A product given as a mask (HxW bool) instead of detected: one detection, score 1."""
+    h, w = mask.shape
+    box = bbox(mask)
+    det = Detection(label=label, score=1.0, box=tuple(box), mask=mask, margin=1.0, source=source)
+    return DetectResult(image_size=(w, h), detections=[det], best_scores={label: 1.0}, proposal_mode="mask file")
 
 
 class Processor:
@@ -100,104 +113,160 @@ class Processor:
         return record_base(self.settings, self.rules)
 
     def process(self, path: Path, outbox: Path, *, sha256: str | None = None, stem: str | None = None,
-                dry_run: bool = False, classes: list[str] | None = None,
-                actions: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+                dry_run: bool = False, classes: list[str] | None = None, actions: Sequence[Action] | None = None,
+                mask: Path | str | None = None, product_class: str | None = None, detect_only: bool = False,
+                detect_options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the pipeline on ``path``; write outputs under ``outbox``; return the record.
 
         ``classes`` narrows detection to those class names; ``actions`` replaces the rules' plan
-        with ``[(op, params)]`` applied to the best detection (catalog per-row overrides)."""
-        from pipeline.edits import EditError
-        from pipeline.outputs import safe_stem
-
+        with these actions on the best detection (catalog rows, ``run --op``). ``mask``: a mask
+        file, or a folder holding one with the input's stem (white = product): detection is
+        skipped and the product is that mask, of class ``product_class`` (default: the first of
+        ``classes``, else the rules' first class). ``product_class`` with ``actions``: they apply
+        to the best detection of that class (every class is still scored, so a neighbour that
+        looks more like another class is not taken for this one); none found: ``skipped``.
+        ``detect_only`` (the ``detect`` command): stop after detection with a ``detected`` (or
+        ``skipped``) record; ``detect_options``: passed to the detector (``proposals``,
+        ``prefilter``)."""
         t0 = time.perf_counter()
-        stem = stem or safe_stem(path.name)
+        path = Path(path)
+        stem = stem or stem_for(path.name)
         base = self._base(sha256)
         try:
             loaded = load_image(path, max_pixels=self.settings.limits.max_pixels)
         except ImageLoadError as e:
-            return write_failure(outbox / "failed", stem, str(path), str(e), {**base, "stage": "load"})
+            return write_failure(outbox, stem, str(path), str(e), {**base, "stage": "load"})
         if sha256 and loaded.sha256 != sha256:
             base["note"] = "file changed between intake and processing; hashed again"
+        ctx: dict[str, Any] = {"base": base, "loaded": loaded, "stage": "detect"}
+        try:
+            return self._process(path, outbox, stem, loaded, ctx, t0, dry_run=dry_run, classes=classes,
+                                 actions=actions, mask=mask, product_class=product_class, detect_only=detect_only,
+                                 detect_options=detect_options or {})
+        except BadInput as e:
+            rec = {**base, "stage": ctx["stage"], "input": input_record(loaded), **ctx.get("extra", {})}
+            return write_failure(outbox, stem, str(path), ctx.get("prefix", "") + str(e), rec)
+
+    def _process(self, path: Path, outbox: Path, stem: str, loaded: Any, ctx: dict[str, Any], t0: float, *,
+                 dry_run: bool, classes: list[str] | None, actions: Sequence[Action] | None,
+                 mask: Path | str | None, product_class: str | None, detect_only: bool,
+                 detect_options: dict[str, Any]) -> dict[str, Any]:
+        base = ctx["base"]
         image = loaded.image.convert("RGB")
         cls = self.rules.classes
         if classes:
             known = {c.name: c for c in cls}
             unknown = [c for c in classes if c not in known]
             if unknown:
-                rec = {**base, "stage": "plan", "input": input_record(loaded)}
-                return write_failure(outbox / "failed", stem, str(path),
-                                     f"unknown class {', '.join(unknown)} (rules classes: {', '.join(known)})", rec)
+                ctx["stage"] = "plan"
+                raise BadInput(f"unknown class {', '.join(unknown)} (rules classes: {', '.join(known)})")
             cls = [known[c] for c in classes]
-        result = self.detector.detect(image, cls)
-        timings = {"detect": result.timings.get("total", 0.0)}
+        if mask is not None:
+            ctx["stage"] = "mask"
+            mask_file = find_mask(mask, path.name)
+            label = product_class or (cls[0].name if cls else "product")
+            result = mask_products(load_mask(mask_file, image.size, self.settings.limits.max_pixels), label,
+                                   f"mask file {mask_file}")
+            base["product_mask"] = {"file": str(mask_file), "class": label}
+            timings: dict[str, float] = {"detect": 0.0}
+        else:
+            result = self.detector.detect(image, cls, **detect_options)
+            timings = {"detect": result.timings.get("total", 0.0)}
+        if detect_only:
+            return write_detect_outputs(outbox, stem, loaded, result, {
+                **base, "timings": timings, "classes": [c.model_dump() for c in cls],
+                "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else []})
         if result.skipped:
-            return write_detect_outputs(outbox / "skipped", stem, loaded, result, {**base, "timings": timings})
+            return write_detect_outputs(outbox, stem, loaded, result, {**base, "timings": timings})
 
         if actions is not None:
-            best = max(range(len(result.detections)), key=lambda i: result.detections[i].score)
-            plan = [PlannedAction(op, p, -1, "catalog override", best, result.detections[best].label) for op, p in actions]
-            matches = [{"detection": best, "label": result.detections[best].label, "rules": None, "override": True}]
+            cand = [i for i, d in enumerate(result.detections) if product_class in (None, d.label)]
+            if not cand:
+                found = ", ".join(sorted({d.label for d in result.detections}))
+                result.skipped, result.reason = True, f"no {product_class!r} found (found: {found})"
+                return write_detect_outputs(outbox, stem, loaded, result, {**base, "timings": timings})
+            best = max(cand, key=lambda i: result.detections[i].score)
+            label = result.detections[best].label
+            plan = [PlannedAction(a, -1, "given actions", best, label) for a in actions]
+            matches = [{"detection": best, "label": label, "rules": None, "override": True}]
         else:
             plan, matches = self.rules.plan(result.detections, image.size)
         planned = [p.to_record() for p in plan]
         if dry_run:
             return write_detect_outputs(outbox, stem, loaded, result,
-                                        {**base, "status": "planned", "matches": matches, "plan": planned,
-                                         "no_match": self.rules.no_match if not plan else None, "timings": timings})
-        if not plan:
-            if self.rules.no_match == "skip":
-                labels = ", ".join(f"{d.label} {d.score:.2f}" for d in result.detections)
-                result.skipped, result.reason = True, f"no rule matched the detections ({labels})"
-                return write_detect_outputs(outbox / "skipped", stem, loaded, result,
-                                            {**base, "matches": matches, "timings": timings})
-            # no_match: copy -> the input, unchanged, as the output
+                                        {**base, "matches": matches, "plan": planned,
+                                         "no_match": self.rules.no_match if not plan else None, "timings": timings},
+                                        status="planned")
+        if not plan and self.rules.no_match == "skip":
+            labels = ", ".join(f"{d.label} {d.score:.2f}" for d in result.detections)
+            result.skipped, result.reason = True, f"no rule matched the detections ({labels})"
+            return write_detect_outputs(outbox, stem, loaded, result, {**base, "matches": matches, "timings": timings})
+        # no plan and no_match: copy -> the input, unchanged, as the output
+
+        # -- the edits, each on the current image and its product's current mask ---------------------
+        dets = result.detections
+        products = [d.mask.copy() for d in dets]
+        source = np.asarray(image)
         current = image
         edit_mask = np.zeros((image.height, image.width), bool)
+        steps: list[Step] = []
         done: list[dict[str, Any]] = []
-        from pipeline.run_edit import op_handler
-
+        ectx = EditContext(self.settings, self.registry, list(self.rules.classes))
+        ctx["extra"] = {"detect": result.to_record(), "matches": matches, "plan": planned, "actions": done}
         for p in plan:
-            det = result.detections[p.detection_index]
+            i, label = p.detection_index, dets[p.detection_index].label
+            ctx["stage"], ctx["prefix"] = p.op, f"{p.op} on {label}: "
+            if not products[i].any():
+                raise EditError("the product is no longer in the image (an earlier edit moved it out of the frame "
+                                "or painted over it)")
             t = time.perf_counter()
-            params = dict(p.params)
-            if "loras" in params:
-                params["loras"] = _lora_option(params["loras"])
-            try:
-                edit = op_handler(p.op)(current, det.mask, det.label, params, self.settings, self.registry)
-            except (EditError, ValueError) as e:
-                rec = {**base, "stage": p.op, "input": input_record(loaded), "detect": result.to_record(),
-                       "matches": matches, "plan": planned, "actions": done}
-                return write_failure(outbox / "failed", stem, str(path), f"{p.op} on {det.label}: {e}", rec)
+            edit = p.action.run(current, products[i], label, ectx)
             timings[p.op] = timings.get(p.op, 0.0) + time.perf_counter() - t
+            steps.append(Step(p.op, label, i, np.asarray(current), edit))
+            products[i] = edit.product_mask
+            for j in range(len(products)):
+                if j != i:
+                    products[j] = products[j] & ~edit.edit_mask
             current = edit.image
             edit_mask |= edit.edit_mask
-            done.append({**p.to_record(), "record": edit.record})
+            done.append({**p.to_record(), "record": edit.record, "product": _product_record(products[i])})
+        ctx["prefix"] = ""
+
+        # -- the QA gate, before anything is written -------------------------------------------------
+        t = time.perf_counter()
+        qa = check(source, np.asarray(current), steps, products, [d.label for d in dets])
+        timings["qa"] = time.perf_counter() - t
+        ctx["extra"]["qa"] = qa.to_record()
+        if not qa.passed:
+            ctx["stage"] = "qa"
+            raise QAFailed("QA failed: " + "; ".join(qa.failures()), qa.checks)
 
         outbox.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         out_img, out_mask, overlay = f"{stem}.png", f"{stem}.mask.png", f"{stem}.overlay.png"
         save_image(current, outbox / out_img, icc_profile=loaded.icc_profile)
         save_image(edit_mask, outbox / out_mask)
-        save_image(draw_overlay(image, result.detections), outbox / overlay)
+        save_image(draw_overlay(image, dets), outbox / overlay)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         record = {
             **base,
             "status": "edited",
             "input": input_record(loaded),
-            "detect": result.to_record(),
-            "matches": matches,
-            "actions": done,
+            **ctx["extra"],
             "copied": not plan,
+            "products": [{"label": d.label, **_product_record(m)} for d, m in zip(dets, products)],
             "outputs": {"image": out_img, "edit_mask": out_mask, "overlay": overlay},
             "edit_pixels": int(edit_mask.sum()),
-            "models": [self.registry.provenance(r) for r in ("clip", "sam")],
+            "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else [],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
-        import json
+        return write_record(outbox, stem, record)
 
-        atomic_write_text(outbox / f"{stem}.json", json.dumps(record, indent=2, default=str) + "\n")
-        return record
+
+def _product_record(mask: np.ndarray) -> dict[str, Any]:
+    box = bbox(mask)
+    return {"pixels": int(mask.sum()), "box": list(box) if box else None}
 
 
 def make_processor(settings: Settings, rules_path: Path | None) -> Processor:

@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.imageio import ImageLoadError, atomic_write_bytes, read_file_bytes
-from pipeline.outputs import safe_stem, write_failure
+from pipeline.outputs import stem_for, write_failure
+
+from pipeline.deaths import DEFAULT_MAX_DEATHS, death_message  # noqa: F401  (one policy, re-exported)
 
 RAY_INSTALL_HINT = "pip install 'product-studio[ray]'"
-DEFAULT_MAX_DEATHS = 3
 # Inside a ray worker, its temp folders are named so; only paths under them are rewritten.
 _TASK_PREFIX = "product-studio-task-"
 
@@ -82,11 +83,6 @@ def import_ray() -> Any:
         raise EngineError(f"--engine ray needs Ray, which is not installed ({e}). Install it with: "
                           f"{RAY_INSTALL_HINT}") from None
     return ray
-
-
-def death_message(deaths: int) -> str:
-    """The reason recorded for an image that killed its worker ``deaths`` times (daemon and run)."""
-    return f"worker process died {deaths} times on this image"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,6 +510,9 @@ class RayProcessor:
     ``concurrency`` tells callers how many images to keep in flight (the daemon runs that many
     dispatcher threads; catalog runs that many jobs at once)."""
 
+    # Every image already runs in an actor process of its own: the daemon needs no isolated child.
+    isolates = True
+
     def __init__(self, settings: Any, rules: Any = None, options: PoolOptions | None = None):
         from pipeline.rules import RuleSet, default_rules, load_rules
 
@@ -550,12 +549,12 @@ class RayProcessor:
         from pipeline.process import record_base
 
         path = Path(path)
-        stem = stem or safe_stem(path.name)
+        stem = stem or stem_for(path.name)
         rules = self.rules  # one snapshot for the whole image, even if an edit lands meanwhile
         try:
             data = read_file_bytes(path)
         except ImageLoadError as e:
-            return write_failure(Path(outbox) / "failed", stem, str(path), str(e),
+            return write_failure(Path(outbox), stem, str(path), str(e),
                                  {**record_base(self.settings, rules), "stage": "load"})
         task = ImageTask(name=path.name, data=data, source=str(path), outbox=str(outbox), stem=stem, sha256=sha256,
                          options={k: v for k, v in options.items() if v is not None})

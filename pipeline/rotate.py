@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationInfo, field_validator
 
 from pipeline.composite import bbox, dilate, extend_edges, feather_alpha, paste
-from pipeline.edits import Edit, EditError
+from pipeline.edits import Edit, EditContext, EditError, OpParams
 from pipeline.inpaint import BACKEND_ROLES, fill_in_order
+from pipeline.pose import check_pose
 from pipeline.settings import RotateSettings, check_fill, fill_order
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # (NovelViewPipeline's call signature; tests inject a stand-in with a known object).
 ViewFn = Callable[..., Image.Image]
 
-__all__ = ["ViewFn", "check_licences", "op_rotate", "place_box", "prepare_input", "rotate", "segment_only"]
+__all__ = ["RotateParams", "ViewFn", "check_licences", "place_box", "prepare_input", "rotate", "run_rotate", "segment_only"]
 
 
 def _round(v: float) -> float:
@@ -222,7 +224,7 @@ def segment_only(image: Image.Image, mask: np.ndarray, label: str) -> Edit:
               "reason": "no --azimuth or --polar given: segmented only, nothing rotated",
               "image_size": [W, H], "mask_pixels": area, "mask_area": _round(area / float(W * H)),
               "box": list(box) if box else None, "edit_pixels": 0, "warnings": []}
-    return Edit(image.copy(), np.zeros((H, W), bool), record)
+    return Edit(image.copy(), np.zeros((H, W), bool), m.copy(), record)
 
 
 def _validate(image: Image.Image, mask: np.ndarray) -> np.ndarray:
@@ -257,7 +259,7 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     :class:`EditError` for refusals (licence, empty mask, a view with no object).
     """
     from pipeline.matte import clean_mask, matte, rough_mask
-    from pipeline.novel_view import check_pose, pose_embedding
+    from pipeline.novel_view import pose_embedding
 
     t_start = time.perf_counter()
     m = _validate(image, mask)
@@ -404,10 +406,7 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
                            "blend_pixels": int((paste_region & ~new_mask).sum())}
 
     edit_mask = hole | paste_region
-    # Belt and braces: whatever a backend did, nothing outside the edit mask may change.
-    src_img = np.asarray(image)
-    out = np.where(edit_mask[..., None], out, src_img).astype(np.uint8)
-    result = Image.fromarray(out, "RGB")
+    result = Image.fromarray(np.ascontiguousarray(out, np.uint8), "RGB")
     if "icc_profile" in image.info:
         result.info["icc_profile"] = image.info["icc_profile"]
 
@@ -424,30 +423,40 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     timings["total"] = time.perf_counter() - t_start
     record.update(edit_pixels=int(edit_mask.sum()), warnings=warnings, models=models,
                   timings={k: _round(v) for k, v in timings.items()}, params=params.model_dump(mode="json"))
-    return Edit(result, edit_mask, record)
+    return Edit(result, edit_mask, new_mask, record)
 
 
-def _angle(opts: dict[str, Any], name: str) -> float | None:
-    v = opts.pop(name, None)
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        raise ValueError(f"rotate: {name} must be a number of degrees, got {v!r}")
-    try:
-        return float(str(v).strip().rstrip("°")) if isinstance(v, str) else float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"rotate: {name} must be a number of degrees, got {v!r}") from None
+class RotateParams(OpParams):
+    """``rotate``: a new pose, ``azimuth`` / ``polar`` degrees of relative camera change (a missing
+    one is 0; neither: the product is only segmented, nothing changes). Every field of the
+    ``rotate`` settings section (``fill``, ``seed``, ``anchor``, ...) may be overridden."""
+
+    section = "rotate"
+    settings: RotateSettings  # first: the angle checks read its limits
+    azimuth: float | None = None
+    polar: float | None = None
+
+    @field_validator("azimuth", "polar", mode="before")
+    @classmethod
+    def _degrees(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"must be a number of degrees, got {v!r}")
+        return v.strip().rstrip("°") if isinstance(v, str) else v
+
+    @field_validator("azimuth", "polar", mode="after")
+    @classmethod
+    def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        s = info.data.get("settings")
+        if v is not None and s is not None:
+            if info.field_name == "azimuth":
+                check_pose(0.0, v, s.radius, max_polar=s.max_polar)
+            else:
+                check_pose(v, 0.0, s.radius, max_polar=s.max_polar)
+        return v
 
 
-def op_rotate(image: Image.Image, mask: np.ndarray, label: str, options: dict[str, Any], settings: Any,
-              registry: "ModelRegistry | None") -> Edit:
-    """The ``run --op rotate`` / rules handler. ``options``: ``azimuth``, ``polar`` (degrees; a
-    missing one is 0; neither -> segment only), optional ``fill`` (lama | sd | classical or a list in
-    fallback order), ``seed`` and any
-    other ``rotate`` setting to override for this edit."""
-    opts = {k: v for k, v in options.items() if v is not None}
-    azimuth, polar = _angle(opts, "azimuth"), _angle(opts, "polar")
-    if azimuth is None and polar is None:
+def run_rotate(image: Image.Image, mask: np.ndarray, label: str, params: RotateParams, ctx: EditContext) -> Edit:
+    """The operation-table entry for ``rotate`` (rules, ``run --op rotate``, catalog rows)."""
+    if params.azimuth is None and params.polar is None:
         return segment_only(image, mask, label)
-    params = RotateSettings.model_validate({**settings.rotate.model_dump(), **opts}) if opts else settings.rotate
-    return rotate(image, mask, label, azimuth or 0.0, polar or 0.0, params, registry)
+    return rotate(image, mask, label, params.azimuth or 0.0, params.polar or 0.0, params.settings, ctx.registry)

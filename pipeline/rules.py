@@ -22,26 +22,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.settings import (
-    DisplaceSettings,
-    EnhanceSettings,
-    ProductClass,
-    RotateSettings,
-    Settings,
-    SettingsError,
-    read_yaml_mapping,
-    validation_problems,
-    yaml_line,
-)
-
-ACTIONS = ("enhance", "rotate", "displace")
-# Parameters an action takes besides its settings section's fields.
-ACTION_EXTRA: dict[str, dict[str, Any]] = {
-    "enhance": {"loras": list, "tag": str, "prompt": str},
-    "rotate": {"azimuth": (int, float), "polar": (int, float)},
-    "displace": {"x": (int, float, str), "y": (int, float, str)},
-}
-SECTION_MODEL = {"enhance": EnhanceSettings, "rotate": RotateSettings, "displace": DisplaceSettings}
+from pipeline.actions import OPS as ACTIONS
+from pipeline.actions import Action, chain_problems, parse_action
+from pipeline.errors import ParamsError
+from pipeline.settings import ProductClass, Settings, SettingsError, read_yaml_mapping, validation_problems, yaml_line
 
 
 class _Strict(BaseModel):
@@ -116,18 +100,22 @@ class RulesFile(_Strict):
 
 @dataclass(frozen=True)
 class PlannedAction:
-    """One action to run on one detection. ``params``: the action's options, defaults merged."""
+    """One action to run on one detection (``detection_index`` into the detections; ``label``
+    its class). ``rule_index`` -1: not from a rule (catalog row, ``run --op``)."""
 
-    op: str
-    params: dict[str, Any]
+    action: Action
     rule_index: int
     rule_name: str | None
     detection_index: int
     label: str
 
+    @property
+    def op(self) -> str:
+        return self.action.op
+
     def to_record(self) -> dict[str, Any]:
-        return {"op": self.op, "params": self.params, "rule": self.rule_index, "rule_name": self.rule_name,
-                "detection": self.detection_index, "label": self.label}
+        return {**self.action.to_record(), "rule": self.rule_index if self.rule_index >= 0 else None,
+                "rule_name": self.rule_name, "detection": self.detection_index, "label": self.label}
 
 
 @dataclass
@@ -138,7 +126,7 @@ class RuleSet:
     path: Path | None
     sha256: str
     classes: list[ProductClass]
-    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    actions: list[list[Action]] = field(default_factory=list)  # per rule, defaults merged, validated
 
     @property
     def no_match(self) -> str:
@@ -162,10 +150,8 @@ class RuleSet:
                 if not rule.match.fits(d.label, d.score, size):
                     continue
                 hit.append(ri)
-                for a in rule.actions:
-                    (op, params), = a.items()
-                    merged = {**self.defaults.get(op, {}), **(params or {})}
-                    actions.append(PlannedAction(op, merged, ri, rule.name, di, d.label))
+                for a in self.actions[ri]:
+                    actions.append(PlannedAction(a, ri, rule.name, di, d.label))
                 if not rule.continue_:
                     break
             matches.append({"detection": di, "label": d.label, "score": round(float(d.score), 4),
@@ -186,11 +172,7 @@ class RuleSet:
                     cond.append(f"score >= {m.min_score}")
                 if m.min_size is not None or m.max_size is not None:
                     cond.append(f"size {m.min_size or 0:.0%}..{m.max_size if m.max_size is not None else 1:.0%}")
-                acts = []
-                for a in r.actions:
-                    (op, params), = a.items()
-                    merged = {**self.defaults.get(op, {}), **(params or {})}
-                    acts.append(f"{op}({', '.join(f'{k}={_short(v)}' for k, v in merged.items())})")
+                acts = [a.describe() for a in self.actions[ri]]
                 label = f"rule {ri + 1}" + (f" '{r.name}'" if r.name else "")
                 lines.append(f"{label}{' if ' + ' and '.join(cond) if cond else ''}: {'; '.join(acts)}"
                              + (" (then continue)" if r.continue_ else ""))
@@ -198,102 +180,6 @@ class RuleSet:
                 lines.append(f"no rule: {self.no_match}")
             out.append((c.name, lines))
         return out
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, list):
-        return "[" + ", ".join(_short(x) for x in v) + "]"
-    if isinstance(v, dict):
-        if "path" in v:
-            return f"{Path(str(v['path'])).name}x{v.get('weight', 1.0)}"
-        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and validation
-
-
-def _check_params(op: str, params: dict[str, Any], settings: Settings, base_dir: Path,
-                  where: tuple[Any, ...], text: str, problems: list) -> dict[str, Any]:
-    """Validate one action's parameters against its settings section + extras. Returns them with
-    LoRA paths resolved."""
-    extras = ACTION_EXTRA[op]
-    model = SECTION_MODEL[op]
-    section = {k: v for k, v in params.items() if k not in extras}
-    out = dict(params)
-    unknown = [k for k in section if k not in model.model_fields]
-    for k in unknown:
-        loc = (*where, k)
-        problems.append((".".join(map(str, loc)), f"unknown parameter for {op} (known: "
-                         f"{', '.join(sorted([*model.model_fields, *extras]))})", yaml_line(text, loc)))
-    try:
-        model.model_validate({**getattr(settings, op).model_dump(), **{k: v for k, v in section.items() if k not in unknown}})
-    except ValidationError as e:
-        for f, reason, _ in validation_problems(e, text):
-            loc = (*where, *f.split("."))
-            problems.append((".".join(map(str, loc)), reason, yaml_line(text, loc)))
-    for k, typ in extras.items():
-        if k in params and not isinstance(params[k], typ) or (k in params and isinstance(params[k], bool)):
-            loc = (*where, k)
-            problems.append((".".join(map(str, loc)), f"expected {_typename(typ)}, got {params[k]!r}", yaml_line(text, loc)))
-    if op == "rotate":
-        max_polar = params.get("max_polar", getattr(settings.rotate, "max_polar", 90.0))
-        max_polar = min(float(max_polar), 90.0) if isinstance(max_polar, (int, float)) else 90.0
-        for k, lim in (("azimuth", 180.0), ("polar", max_polar)):
-            v = params.get(k)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not -lim <= v <= lim:
-                loc = (*where, k)
-                problems.append((".".join(map(str, loc)), f"must be within -{lim:g}..{lim:g} degrees (got {v})",
-                                 yaml_line(text, loc)))
-    if op == "displace":
-        from pipeline.composite import parse_offset
-
-        for k in ("x", "y"):
-            if k in params and not isinstance(params[k], bool):
-                try:
-                    parse_offset(params[k], 1000)
-                except (ValueError, TypeError) as e:
-                    loc = (*where, k)
-                    problems.append((".".join(map(str, loc)), str(e), yaml_line(text, loc)))
-    if op == "enhance" and isinstance(params.get("loras"), list):
-        resolved = []
-        for i, l in enumerate(params["loras"]):
-            loc = (*where, "loras", i)
-            if isinstance(l, str):
-                l = {"path": l}
-            if not isinstance(l, dict) or "path" not in l or set(l) - {"path", "weight"}:
-                problems.append((".".join(map(str, loc)), "a LoRA is a path or {path: FILE, weight: NUMBER}",
-                                 yaml_line(text, loc)))
-                continue
-            w = l.get("weight", 1.0)
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
-                problems.append((".".join(map(str, (*loc, "weight"))), f"expected a number, got {w!r}",
-                                 yaml_line(text, (*loc, "weight"))))
-            p = Path(str(l["path"])).expanduser()
-            p = p if p.is_absolute() else (base_dir / p)
-            if not p.is_file():
-                problems.append((".".join(map(str, (*loc, "path"))), f"LoRA file not found: {p}",
-                                 yaml_line(text, (*loc, "path"))))
-            resolved.append({"path": str(p), "weight": w})
-        out["loras"] = resolved
-    return out
-
-
-def _available(op: str) -> bool:
-    from pipeline.run_edit import op_handler
-
-    try:
-        op_handler(op)
-    except ValueError:
-        return False
-    return True
-
-
-def _typename(t: Any) -> str:
-    ts = t if isinstance(t, tuple) else (t,)
-    names = {int: "a number", float: "a number", str: "text", list: "a list"}
-    return " or ".join(dict.fromkeys(names.get(x, x.__name__) for x in ts))
 
 
 def load_rules(path: str | Path, settings: Settings) -> RuleSet:
@@ -327,34 +213,64 @@ def default_rules(settings: Settings) -> RuleSet:
 def _resolve(rf: RulesFile, path: Path | None, text: str, settings: Settings, base_dir: Path | None = None) -> RuleSet:
     base = base_dir or (path.resolve().parent if path else Path.cwd())
     problems: list[tuple[str, str, int | None]] = []
+
+    def add(loc: tuple[Any, ...], reason: str) -> None:
+        problems.append((".".join(map(str, loc)), reason, yaml_line(text, loc)))
+
+    def parse(op: str, given: dict[str, Any], where: tuple[Any, ...]) -> Action | None:
+        try:
+            return parse_action(op, given, settings, bases=(base,))
+        except ParamsError as e:
+            for f, reason in e.problems:
+                add((*where, *[int(x) if x.isdigit() else x for x in f.split(".") if x]), reason)
+            return None
+
     classes = rf.classes if rf.classes is not None else list(settings.detect.classes)
     names = {c.name for c in classes}
     if rf.classes is not None:
         dup = sorted({c.name for c in classes if sum(x.name == c.name for x in classes) > 1})
         if dup:
-            problems.append(("classes", f"class names must be unique; repeated: {', '.join(dup)}", yaml_line(text, ("classes",))))
-    defaults = {}
+            add(("classes",), f"class names must be unique; repeated: {', '.join(dup)}")
     for op, params in rf.defaults.items():
-        defaults[op] = _check_params(op, params or {}, settings, base, ("defaults", op), text, problems)
+        parse(op, params or {}, ("defaults", op))
+    per_rule: list[list[Action]] = []
     for ri, rule in enumerate(rf.rules):
         for cname in rule.match.classes:
             if cname != "*" and cname not in names:
-                loc = ("rules", ri, "match", "class")
-                problems.append((".".join(map(str, loc)), f"unknown class {cname!r} (classes: {', '.join(sorted(names))})",
-                                 yaml_line(text, loc)))
+                add(("rules", ri, "match", "class"), f"unknown class {cname!r} (classes: {', '.join(sorted(names))})")
+        acts: list[Action] = []
         for ai, a in enumerate(rule.actions):
             (op, params), = a.items()
-            if not _available(op):
-                loc = ("rules", ri, "actions", ai, op)
-                problems.append((".".join(map(str, loc)), f"action {op!r} is not available in this version",
-                                 yaml_line(text, loc)))
-                continue
-            merged = {**rf.defaults.get(op, {}), **(params or {})}
-            a[op] = _check_params(op, params or {}, settings, base, ("rules", ri, "actions", ai, op), text, problems)
+            where = ("rules", ri, "actions", ai, op)
+            merged = {**(rf.defaults.get(op) or {}), **(params or {})}
             if op == "rotate" and merged.get("azimuth") is None and merged.get("polar") is None:
-                loc = ("rules", ri, "actions", ai, op)
-                problems.append((".".join(map(str, loc)), "rotate needs azimuth and/or polar", yaml_line(text, loc)))
+                add(where, "rotate needs azimuth and/or polar")
+            act = parse(op, merged, where)
+            if act is not None:
+                acts.append(act)
+        per_rule.append(acts)
+    if not problems:
+        _check_chains(rf, per_rule, classes, add)
     if problems:
         raise SettingsError(path or "<rules>", problems)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return RuleSet(file=rf, path=path, sha256=digest, classes=list(classes), defaults=defaults)
+    return RuleSet(file=rf, path=path, sha256=digest, classes=list(classes), actions=per_rule)
+
+
+def _check_chains(rf: RulesFile, per_rule: list[list[Action]], classes: list[ProductClass], add: Any) -> None:
+    """Refuse what cannot be honoured: for each class, the longest chain of actions one detection
+    may get (every rule that may match it, in order, until one without conditions stops the
+    evaluation) goes through :func:`pipeline.actions.chain_problems`."""
+    for c in classes:
+        chain: list[tuple[int, int, Action]] = []
+        for ri, rule in enumerate(rf.rules):
+            m = rule.match
+            if "*" not in m.classes and c.name not in m.classes:
+                continue
+            chain.extend((ri, ai, a) for ai, a in enumerate(per_rule[ri]))
+            unconditional = m.min_score is None and m.min_size is None and m.max_size is None
+            if unconditional and not rule.continue_:
+                break
+        for idx, reason in chain_problems([a for _, _, a in chain]):
+            ri, ai, a = chain[idx]
+            add(("rules", ri, "actions", ai, a.op), f"class {c.name!r}: {reason}")

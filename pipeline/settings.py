@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Sequence, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import BadInput
+
 ENV_CONFIG = "PRODUCT_STUDIO_CONFIG"
 DEFAULT_CONFIG = Path("conf") / "settings.yaml"
 
@@ -35,7 +37,7 @@ ROLES: tuple[str, ...] = (
 )
 
 
-class SettingsError(ValueError):
+class SettingsError(BadInput):
     """A settings (or rules) file that cannot be used.
 
     ``problems`` is a list of ``(field, reason, line)``; ``line`` is 1-based or None.
@@ -253,10 +255,13 @@ class EnhanceSettings(_Strict):
         @field_validator("loras")
         @classmethod
         def _loras(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
-            from pipeline.lora_weights import split_entry
+            from pipeline.lora_weights import LoraError, split_entry
 
             for item in v:
-                split_entry(item)  # syntax and weight range only; the file is checked when used
+                try:
+                    split_entry(item)  # syntax and weight range only; the file is checked when used
+                except LoraError as e:  # pydantic reports ValueErrors raised in validators
+                    raise ValueError(str(e)) from None
             return v
 
     prompt_template: str = Field("{tag}, {label}, studio photography, product photography, ultra realistic",

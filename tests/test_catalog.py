@@ -12,7 +12,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.catalog import choose_stem, parse_action, read_catalog_csv
+from pipeline.actions import parse_action_text, split_action_text
+from pipeline.catalog import CatalogError, read_catalog_csv
+from pipeline.errors import ParamsError
+from pipeline.outputs import OutputFolder
+from pipeline.settings import Settings
 
 runner = CliRunner()
 
@@ -87,8 +91,9 @@ def test_recursive_and_csv_with_overrides(tiny_dir, inputs, tmp_path):
     r = run([str(csvp), "--out", str(out2)], tiny_dir)
     assert r.exit_code == 4, r.output  # A2 missing, A3 unknown class
     a1 = json.loads((out2 / "A1.json").read_text())
-    assert a1["actions"][0]["params"] == {"x": 5, "y": 0, "fill": "classical"}
-    assert a1["actions"][0]["rule_name"] == "catalog override"
+    assert a1["actions"][0]["options"] == {"x": 5, "y": 0, "fill": "classical"}
+    assert a1["actions"][0]["settings"]["fill"] == "classical"
+    assert a1["actions"][0]["rule_name"] == "given actions"
     assert a1["actions"][0]["record"]["offset"] == {"dx": 5, "dy": 0}
     assert "nope.jpg" in (out2 / "failed" / "A2.json").read_text()
     assert "unknown class hat" in json.loads((out2 / "failed" / "A3.json").read_text())["error"]
@@ -147,16 +152,26 @@ def test_bad_rules_refused_before_running(tiny_dir, inputs, tmp_path):
 
 
 def test_catalog_helpers(tmp_path):
-    assert parse_action("displace x=-10% y=0; enhance seed=3") == [("displace", {"x": "-10%", "y": 0}),
-                                                                  ("enhance", {"seed": 3})]
-    with pytest.raises(ValueError, match="unknown action"):
-        parse_action("warp")
+    assert split_action_text("displace x=-10% y=0; enhance seed=3") == [("displace", {"x": "-10%", "y": 0}),
+                                                                       ("enhance", {"seed": 3})]
+    acts = parse_action_text("displace x=-10% y=0 fill=classical", Settings())
+    assert acts[0].params.x == "-10%" and acts[0].params.settings.fill == "classical"
+    with pytest.raises(ParamsError, match="unknown action"):
+        parse_action_text("warp", Settings())
+    with pytest.raises(ParamsError, match="fill"):
+        parse_action_text("displace x=1 fill=magic", Settings())
     (tmp_path / "c.csv").write_text("image\nx.jpg\n")
-    assert read_catalog_csv(tmp_path / "c.csv")[0].path == tmp_path / "x.jpg"
+    assert read_catalog_csv(tmp_path / "c.csv", Settings())[0].path == tmp_path / "x.jpg"
     (tmp_path / "bad.csv").write_text("file\nx.jpg\n")
-    with pytest.raises(ValueError, match="'path'"):
-        read_catalog_csv(tmp_path / "bad.csv")
-    assert choose_stem(tmp_path, "a", "suffix", {"a"}) == "a-1"
+    with pytest.raises(CatalogError, match="'path'"):
+        read_catalog_csv(tmp_path / "bad.csv", Settings())
+    # a bad action names the row and the column
+    (tmp_path / "act.csv").write_text("path,action\nx.jpg,displace x=far\n")
+    with pytest.raises(CatalogError, match=r"act.csv:2: column 'action': displace: x: .*far"):
+        read_catalog_csv(tmp_path / "act.csv", Settings())
+    folder = OutputFolder(tmp_path)
+    assert folder.claim("a.png") == "a" and folder.claim("a.jpg") == "a-1"
+    assert folder.claim("a.mask.png") == "a_mask"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (apt-get install chromium)")

@@ -30,7 +30,7 @@ def test_detect_writes_json_masks_overlay_and_reports_failures(tiny_dir, tmp_pat
                             "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 4, r.output  # one input failed; the others were processed
     assert "broken.jpg" in r.output and "failed" in r.output
-    fail = json.loads((out / "broken.json").read_text())
+    fail = json.loads((out / "failed" / "broken.json").read_text())
     assert fail["status"] == "failed" and "broken.jpg" in fail["error"]
     for p in inputs:
         stem = p.stem
@@ -57,7 +57,7 @@ def test_detect_skip_records_reason_and_best_scores(tiny_dir, tmp_path):
                             "--classes", "handbag,mug"])
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output
-    rec = json.loads((tmp_path / "o" / "wall.json").read_text())
+    rec = json.loads((tmp_path / "o" / "skipped" / "wall.json").read_text())
     assert rec["status"] == "skipped"
     assert "prefilter" in rec["detect"]["reason"]
     assert set(rec["detect"]["best_scores"]) == {"handbag", "mug"}

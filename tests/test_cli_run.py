@@ -27,14 +27,16 @@ def test_run_displace_with_mask_keeps_pixels_outside_edit_and_product_exact(tiny
                             "--x", "70", "--y", "-10%", "--mask", str(tmp_path / "m.png"), "--fill", "classical",
                             "--out", str(out), "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
-    res = np.asarray(Image.open(out / "p.displace.png").convert("RGB"))
-    edit = np.asarray(Image.open(out / "p.displace.mask.png")) > 0
+    res = np.asarray(Image.open(out / "p-displace.png").convert("RGB"))
+    edit = np.asarray(Image.open(out / "p-displace.mask.png")) > 0
     assert np.array_equal(res[~edit], src[~edit])
     dy = -12
     assert np.array_equal(res[40 + dy : 80 + dy, 90:130], src[40:80, 20:60])  # the product, moved, exact
-    rec = json.loads((out / "p.displace.json").read_text())
-    assert rec["status"] == "edited" and rec["edit"]["offset"] == {"dx": 70, "dy": -12}
-    assert rec["product"]["source"] == "mask file" and rec["input"]["sha256"]
+    rec = json.loads((out / "p-displace.json").read_text())
+    assert rec["status"] == "edited" and rec["actions"][0]["record"]["offset"] == {"dx": 70, "dy": -12}
+    assert rec["detect"]["proposal_mode"] == "mask file" and rec["input"]["sha256"]
+    assert rec["qa"]["passed"] and rec["record_version"] == 2
+    assert rec["products"][0]["box"] == [90, 40 + dy, 130, 80 + dy]
 
 
 def test_run_displace_detects_when_no_mask(tiny_dir, tmp_path):
@@ -42,8 +44,8 @@ def test_run_displace_detects_when_no_mask(tiny_dir, tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "handbag", "--x", "5",
                             "--fill", "classical", "--out", str(tmp_path / "o"), "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
-    rec = json.loads((tmp_path / "o" / "p.displace.json").read_text())
-    assert rec["status"] == "edited" and rec["product"]["source"] == "detection" and rec["detect"]["detections"]
+    rec = json.loads((tmp_path / "o" / "p-displace.json").read_text())
+    assert rec["status"] == "edited" and rec["detect"]["detections"] and rec["actions"][0]["label"] == "handbag"
 
 
 def test_run_displace_skips_without_product(tiny_dir, tmp_path):
@@ -56,9 +58,9 @@ def test_run_displace_skips_without_product(tiny_dir, tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "shoe", "--x", "5",
                             "--out", str(tmp_path / "o"), "--config", str(cfg)])
     assert r.exit_code == 0, r.output
-    rec = json.loads((tmp_path / "o" / "p.displace.json").read_text())
-    assert rec["status"] == "skipped" and "prefilter" in rec["reason"] and "shoe" in rec["detect"]["best_scores"]
-    assert not (tmp_path / "o" / "p.displace.png").exists()
+    rec = json.loads((tmp_path / "o" / "skipped" / "p-displace.json").read_text())
+    assert rec["status"] == "skipped" and "prefilter" in rec["detect"]["reason"] and "shoe" in rec["detect"]["best_scores"]
+    assert not (tmp_path / "o" / "p-displace.png").exists()
 
 
 def test_run_refusals_and_bad_arguments(tiny_dir, tmp_path):
@@ -68,10 +70,10 @@ def test_run_refusals_and_bad_arguments(tiny_dir, tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "bag", "--x", "5",
                             "--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "o"), "--config", cfg])
     assert r.exit_code == 4 and "10x10" in r.output
-    assert json.loads((tmp_path / "o" / "p.displace.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "o" / "failed" / "p-displace.json").read_text())["status"] == "failed"
     r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "bag", "--x", "2.5",
                             "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "o"), "--config", cfg])
-    assert r.exit_code == 4
+    assert r.exit_code == 2 and "--x" in r.output
     r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "teleport", "--class", "bag", "--config", cfg])
     assert r.exit_code == 2 and "--op" in r.output
 

@@ -6,6 +6,7 @@ test instead of hanging the suite."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -52,7 +53,8 @@ class Env:
             self.processors.append(p)
             return p
 
-        d = Daemon(self.settings, factory, DaemonSettings(**{**FAST, **ds}), rules_path=rules)
+        child = functools.partial(PassThroughProcessor, self.settings, **(processor_kw or {}))
+        d = Daemon(self.settings, factory, DaemonSettings(**{**FAST, **ds}), rules_path=rules, child_factory=child)
         self.daemons.append(d)
         return d
 
@@ -257,7 +259,8 @@ def test_transient_errors_are_retried_with_backoff_then_failed(env):
     assert rows["flaky.png"].state == "done" and rows["flaky.png"].attempts == 2
     assert rows["boom.png"].state == "failed" and rows["boom.png"].attempts == 3
     rec = json.loads((env.outbox / "failed" / "boom.json").read_text())
-    assert rec["error"].startswith("gave up after 3 attempts: RuntimeError: boom") and rec["attempts"] == 3
+    assert rec["error"].startswith("internal error after 3 attempts: RuntimeError: boom") and rec["attempts"] == 3
+    assert rec["error_type"] == "RuntimeError" and rec["stage"] == "internal"
     assert env.records()["edited"] == ["flaky"]
 
 
@@ -448,7 +451,10 @@ def test_rows_left_running_by_a_crash_are_resumed(env):
         wait_for(lambda: d.ledger.counts()["done"] == 2, 10, "b resumed")
         assert d.wait_idle(5)
     rows = {r.name: r for r in env.rows()}
-    assert rows["b.png"].attempts == 2 and rows["b.png"].id == row.id
+    # The daemon's "crash" is not counted against b; it ran in an isolated child instead.
+    assert rows["b.png"].attempts == 1 and rows["b.png"].interruptions == 1 and rows["b.png"].deaths == 0
+    assert rows["b.png"].id == row.id
+    assert json.loads((env.outbox / "b.json").read_text())["pid"] != os.getpid()
     assert sorted(env.records()["edited"]) == ["a", "b"] and not (env.outbox / ".b.png.tmp-abc123").exists()
 
 

@@ -141,6 +141,7 @@ def test_status_while_the_daemon_runs_and_after(app, cfg, tmp_path):
         (tmp_path / "inbox" / "a.png").write_bytes(png_bytes(1))
         (tmp_path / "inbox" / "b.png").write_bytes(png_bytes(2))
         (tmp_path / "inbox" / "bad.png").write_bytes(b"nope")
+        (tmp_path / "inbox" / "notes.txt").write_text("left alone")
 
         def running_view():
             r = runner.invoke(app, ["status", "--config", str(cfg), "--json"])
@@ -153,6 +154,7 @@ def test_status_while_the_daemon_runs_and_after(app, cfg, tmp_path):
         assert info["daemons"][0]["alive"] and info["daemons"][0]["current"]["name"] in ("a.png", "b.png", "bad.png")
         r = runner.invoke(app, ["status", "--config", str(cfg)], terminal_width=200)
         assert r.exit_code == 0 and "running" in r.output and "current:" in r.output
+        assert "ignored: notes.txt (not an image name (suffix .txt" in r.output
         wait_for(lambda: d.ledger.counts()["failed"] == 1, 10, "the bad file")
     finally:
         d.stop()

@@ -137,7 +137,9 @@ def test_kill_9_mid_image_then_restart_accounts_for_every_input_once(root):
     rows = {r.stem: r for r in led.rows()}
     led.close()
     assert len(rows) == 4 and all(r.state == "done" for r in rows.values())
-    assert rows[killed].attempts == 2 and all(r.attempts == 1 for s, r in rows.items() if s != killed)
+    # The kill was the operator's, not the image's: not counted; the image ran isolated after it.
+    assert all(r.attempts == 1 and r.deaths == 0 for r in rows.values())
+    assert rows[killed].interruptions == 1 and all(r.interruptions == 0 for s, r in rows.items() if s != killed)
     assert '"event": "resumed"' in p2.output() and '"event": "temp_removed"' in p2.output()
 
 
@@ -169,10 +171,10 @@ def test_a_second_signal_exits_at_once_and_the_image_is_resumed(root):
     wait_for(lambda: (p.status() or {}).get("current"), 10, "a being processed")
     t = time.monotonic()
     p.p.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(2.5)  # after the window in which repeated signals are one stop request
     p.p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 130, p.output()
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 7.5
     assert summary(tmp)["counts"]["running"] == 1 and not (tmp / "outbox" / "a.json").exists()
 
     p2 = start(root)
@@ -180,3 +182,70 @@ def test_a_second_signal_exits_at_once_and_the_image_is_resumed(root):
     p2.p.send_signal(signal.SIGINT)
     assert p2.wait(15) == 0, p2.output()
     assert [r.stem for r in outcome_records(tmp / "outbox")["edited"]] == ["a"]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 22: kills of the daemon never fail a photo; repeated stop signals; quiet stops
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except FileNotFoundError:
+        return False
+
+
+def test_three_daemon_kills_during_one_photo_do_not_fail_it(root):
+    tmp, _ = root
+    data = png_bytes(1, size=(64, 48))
+    (tmp / "inbox" / "a.png").write_bytes(data)
+    for i in range(3):
+        p = start(root, delay=3.0)
+        key = "child_pid" if i else "name"  # after the first kill, the photo runs in an isolated child
+        cur = wait_for(lambda: ((p.status() or {}).get("current") or {}).get(key) and p.status()["current"], 20,
+                       "a being processed")
+        p.p.send_signal(signal.SIGKILL)
+        assert p.wait(10) == -signal.SIGKILL
+        if i:
+            assert cur["isolated"] is True
+            wait_for(lambda: not _alive(cur["child_pid"]), 10, "the child to die with the daemon")
+        assert summary(tmp)["counts"]["running"] == 1
+    p = start(root)
+    wait_for(lambda: summary(tmp)["counts"]["done"] == 1, 30, "a done after three kills")
+    p.p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0, p.output()
+    recs = outcome_records(tmp / "outbox")
+    assert [r.stem for r in recs["edited"]] == ["a"] and not recs["failed"]
+    assert np.array_equal(np.asarray(load_image(tmp / "outbox" / "a.png").image), np.asarray(load_image(data).image))
+    led = Ledger(tmp / "outbox" / ".ledger.sqlite3").open()
+    (row,) = led.rows()
+    led.close()
+    assert row.state == "done" and row.deaths == 0 and row.interruptions == 3 and row.attempts == 1
+
+
+def test_two_sigterms_10ms_apart_finish_the_current_image_and_exit_0(root):
+    tmp, _ = root
+    (tmp / "inbox" / "a.png").write_bytes(png_bytes(1))
+    p = start(root, delay=1.5)
+    wait_for(lambda: (p.status() or {}).get("current"), 10, "a being processed")
+    p.p.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    p.p.send_signal(signal.SIGTERM)  # as `make run` / `systemctl stop` deliver them
+    assert p.wait(15) == 0, p.output()
+    assert (tmp / "outbox" / "a.json").exists() and summary(tmp)["counts"]["done"] == 1
+    assert "the same stop request" in p.output()
+
+
+def test_a_stop_right_after_start_logs_nothing_at_error(root):
+    tmp, _ = root
+    for i in range(3):
+        (tmp / "inbox" / f"a{i}.png").write_bytes(png_bytes(i))
+        p = start(root)
+        time.sleep(0.5 * i)
+        p.p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0, p.output()
+        lines = [json.loads(line) for line in p.output().splitlines() if line.startswith("{")]
+        assert lines and lines[-1]["event"] == "stopped"
+        assert [e for e in lines if e["level"] in ("error", "critical")] == [], p.output()
+        assert "Traceback" not in p.output()

@@ -16,14 +16,15 @@ from PIL import Image
 
 from pipeline.composite import dilate
 from pipeline.detect import Detection, mask_box
+from edit_helpers import run_action
 from pipeline.edits import Edit, EditError
+from pipeline.errors import ParamsError
 from pipeline.enhance import (
     build_prompt,
     controlnet_pipeline,
     enhance,
     enhance_detection,
     lora_adapters,
-    op_enhance,
     plan_work,
 )
 from pipeline.lora_weights import LoraError, load_spec, make_diffusers_lora
@@ -130,7 +131,7 @@ def test_loaded_inputs_stay_exact_outside_through_run_op(registry, tiny_settings
     """End to end as `product-studio run --op enhance --mask` does: the input goes through the one
     loader (EXIF orientation, RGBA), the output PNG is compared with that decoded input."""
     from pipeline.imageio import load_image
-    from pipeline.run_edit import run_op
+    from edit_helpers import run_op
 
     img, m = scene(seed=3)
     arr = np.asarray(img)
@@ -156,11 +157,11 @@ def test_loaded_inputs_stay_exact_outside_through_run_op(registry, tiny_settings
     assert outcome.status == "edited", outcome.record.get("error")
     src = np.asarray(loaded.image.convert("RGB"))
     out = np.asarray(Image.open(outcome.image_path).convert("RGB"))
-    edit_mask = np.asarray(Image.open(tmp_path / "out" / f"{path.stem}.enhance.mask.png")) > 0
+    edit_mask = np.asarray(Image.open(outcome.mask_path)) > 0
     assert (edit_mask == dilate(m, tiny_settings.enhance.mask_dilation)).all()
     assert (out[~edit_mask] == src[~edit_mask]).all()
     assert (out[m] != src[m]).any()
-    assert outcome.record["edit"]["seed"] == 5
+    assert outcome.edit["seed"] == 5 and outcome.record["qa"]["passed"]
 
 
 def test_edit_card_form_converts_rgba(registry):
@@ -344,7 +345,7 @@ def test_lora_changes_the_output_and_two_classes_get_their_own(registry, lora_re
     reg = lora_registry
 
     def run(label, **opts):
-        return op_enhance(img, m, label, opts, settings, reg)
+        return run_action("enhance", img, m, label, opts, settings, reg)
 
     shoe1 = run("shoe")  # only the shoe LoRA is in the model yet
     bag1 = run("handbag")
@@ -361,7 +362,7 @@ def test_lora_changes_the_output_and_two_classes_get_their_own(registry, lora_re
     assert bag1.record["prompt"].startswith("ppbag, handbag, ") and shoe1.record["tag"] == "ppshoe"
     # the same prompt without the LoRA: a different image, equal to a registry never given a LoRA
     plain = run("handbag", loras=[])
-    fresh = op_enhance(img, m, "handbag", {"loras": []}, settings, registry)
+    fresh = run_action("enhance", img, m, "handbag", {"loras": []}, settings, registry)
     assert (np.asarray(plain.image) == np.asarray(fresh.image)).all()
     assert not (np.asarray(plain.image) == np.asarray(bag1.image)).all()
     assert plain.record["loras"] == [] and plain.record["prompt"] == bag1.record["prompt"]
@@ -451,14 +452,14 @@ class _NoModels:
     ({"resolution": 500}, "multiple of 8"),
     ({"mode": "tiles"}, "mode"),
     ({"prompt_template": "{tag}, {colour} {label}"}, "unknown placeholder"),
-    ({"stepz": 3}, "does not take option"),
+    ({"stepz": 3}, "unknown parameter"),
     ({"seed": "abc"}, "seed"),
     ({"seed": 1.5}, "seed"),
 ])
 def test_bad_parameters_fail_before_any_model(tiny_settings, options, match):
     img, m = scene()
-    with pytest.raises(ValueError, match=match):
-        op_enhance(img, m, "handbag", options, tiny_settings, _NoModels())
+    with pytest.raises(ParamsError, match=match):
+        run_action("enhance", img, m, "handbag", options, tiny_settings, _NoModels())
 
 
 def test_bad_arguments_fail_before_any_model(tiny_settings, tmp_path):
@@ -476,18 +477,18 @@ def test_bad_arguments_fail_before_any_model(tiny_settings, tmp_path):
         enhance(img, m, "handbag", params(), none, loras=["style.safetensors"])
     ckpt = tmp_path / "style.ckpt"
     ckpt.write_bytes(b"not a safetensors file")
-    with pytest.raises(LoraError, match="only .safetensors"):
-        op_enhance(img, m, "handbag", {"loras": [str(ckpt)]}, tiny_settings, none)
+    with pytest.raises(ParamsError, match="only .safetensors"):
+        run_action("enhance", img, m, "handbag", {"loras": [str(ckpt)]}, tiny_settings, none)
     # a class configured with a LoRA that is missing is refused the same way
     settings = tiny_settings.model_copy(deep=True)
     settings.enhance = params(classes={"handbag": {"loras": ["loras/gone.safetensors:0.5"]}})
     with pytest.raises(LoraError, match="gone.safetensors"):
-        op_enhance(img, m, "handbag", {}, settings, none)
+        run_action("enhance", img, m, "handbag", {}, settings, none)
 
 
 def test_settings_options_override_per_edit(registry, tiny_settings):
     img, m = scene()
-    edit = op_enhance(img, m, "handbag", {"mode": "whole", "controlnet": False, "tag": "ppx", "seed": "3",
+    edit = run_action("enhance", img, m, "handbag", {"mode": "whole", "controlnet": False, "tag": "ppx", "seed": "3",
                                           "prompt": None}, tiny_settings, registry)
     rec = edit.record
     assert rec["mode"] == "whole" and rec["controlnet"] is False and rec["seed"] == 3

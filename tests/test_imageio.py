@@ -153,14 +153,17 @@ def listing(folder: Path) -> list[str]:
 
 def test_constants():
     assert DEFAULT_MAX_PIXELS == 64_000_000
-    assert ALLOWED_FORMATS == frozenset({"JPEG", "PNG", "WEBP", "TIFF", "BMP"})
-    assert IMAGE_SUFFIXES == frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+    assert ALLOWED_FORMATS == frozenset({"JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF"})
+    assert IMAGE_SUFFIXES == frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic",
+                                        ".heif", ".avif"})
 
 
 def test_error_str_attributes_and_pickle(tmp_path):
     path = write(tmp_path, "empty.png", b"")
     err = assert_load_error(path, "empty file (0 bytes)")
-    assert isinstance(err, ValueError)
+    from pipeline.errors import BadInput
+
+    assert isinstance(err, BadInput) and not isinstance(err, ValueError)
     assert err.path == str(path)
     assert err.reason == "empty file (0 bytes)"
     assert str(err) == f"{path}: empty file (0 bytes)"
@@ -200,9 +203,9 @@ def test_truncated_png(tmp_path):
     assert_load_error(path, "truncated or corrupt image data")
 
 
-def test_gif_not_allowed(tmp_path):
+def test_gif_can_still_be_narrowed_out(tmp_path):
     path = write(tmp_path, "anim.gif", encode(Image.new("P", (4, 4)), "GIF"))
-    assert_load_error(path, "format GIF not allowed (allowed: BMP, JPEG, PNG, TIFF, WEBP)")
+    assert_load_error(path, "format GIF not allowed (allowed: JPEG, PNG)", allowed_formats=["JPEG", "PNG"])
 
 
 def test_ico_not_allowed(tmp_path):
@@ -814,7 +817,8 @@ def test_is_image_name():
     assert is_image_name("a.JPG")
     assert is_image_name(Path("dir/b.Tiff"))
     assert is_image_name("c.webp")
-    assert not is_image_name("d.gif")
+    assert is_image_name("d.gif") and is_image_name("IMG_0001.HEIC") and is_image_name("e.avif")
+    assert not is_image_name("f.txt")
     assert not is_image_name("noext")
     assert not is_image_name(".e.png.tmp-abc123")
 

@@ -305,13 +305,13 @@ def test_run_displace_fill_lama_on_the_tiny_set(tiny_dir, tmp_path):
                                  "--mask", str(tmp_path / "scene_mask.png"), "--class", "box", "--fill", "lama",
                                  "--out", str(out), "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
-    res = np.asarray(Image.open(out / "scene.displace.png").convert("RGB"))
+    res = np.asarray(Image.open(out / "scene-displace.png").convert("RGB"))
     s = load_settings(tiny_dir / "settings.yaml").displace
     m = mask > 0
     allowed = dilate(m, s.mask_dilation) | dilate(shift_mask(m, 120, -20), max(s.feather, s.harmonize_ring))
     assert np.array_equal(res[~allowed], src[~allowed])
-    rec = json.loads((out / "scene.displace.json").read_text())
-    f = rec["edit"]["fill"]
+    rec = json.loads((out / "scene-displace.json").read_text())
+    f = rec["actions"][0]["record"]["fill"]
     assert f["requested"] == "lama" and f["tries"][0]["backend"] == "lama" and f["used"] in f["order"]
     assert f["checker"] == "clip" and all(t.get("score") is not None for t in f["tries"])
 
@@ -327,7 +327,7 @@ def test_run_fill_option_takes_an_order_and_refuses_unknown_backends(tiny_dir, t
             "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "o"), "--config", cfg]
     r = CliRunner().invoke(app, [*base, "--fill", "lama,sd,classical"])
     assert r.exit_code == 0, r.output
-    f = json.loads((tmp_path / "o" / "p.displace.json").read_text())["edit"]["fill"]
+    f = json.loads((tmp_path / "o" / "p-displace.json").read_text())["actions"][0]["record"]["fill"]
     assert f["requested"] == ["lama", "sd", "classical"] and set(f["skipped"]) | {f["used"]} == set(f["order"])
     r = CliRunner().invoke(app, [*base, "--fill", "lama,paint"])
     assert r.exit_code == 2 and "paint" in r.output
@@ -346,7 +346,7 @@ def test_rules_take_a_fill_order(tmp_path):
     rs = load_rules(rules(["lama", "classical"]), Settings())
     (action,), _ = rs.plan([type("D", (), {"label": "handbag", "score": 0.9, "mask": np.ones((4, 4), bool)})()],
                            (4, 4))
-    assert action.params["fill"] == ["lama", "classical"]
+    assert action.action.params.settings.fill == ["lama", "classical"]
     with pytest.raises(SettingsError) as ei:
         load_rules(rules(["lama", "paint"]), Settings())
     assert any("fill" in f and "'paint'" in r for f, r, _ in ei.value.problems)

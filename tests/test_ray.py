@@ -184,7 +184,8 @@ def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir,
     assert sorted(names) == sorted([*drops.values(), "e.png"])  # each input once in the ledger
     by_name = {r.name: r for r in rows}
     poison = by_name["c-crash-always.jpg"]
-    assert poison.state == "failed" and poison.attempts == 3
+    # Deaths are counted apart from attempts (pipeline.deaths: one policy with the daemon's isolated child).
+    assert poison.state == "failed" and poison.deaths == 3 and poison.attempts == 1
     assert poison.error == "worker process died 3 times on this image"
     failed = json.loads((outbox / "failed" / f"{poison.stem}.json").read_text())
     assert failed["error"] == poison.error

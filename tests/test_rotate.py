@@ -14,7 +14,9 @@ from pipeline.composite import bbox, dilate
 from pipeline.edits import EditError
 from pipeline.matte import matte, rough_mask
 from pipeline.models import ModelRegistry
-from pipeline.rotate import _seamless, op_rotate, place_box, prepare_input, rotate
+from edit_helpers import run_action
+from pipeline.errors import ParamsError
+from pipeline.rotate import _seamless, place_box, prepare_input, rotate
 from pipeline.settings import ModelSource, RotateSettings, SettingsError, load_settings
 
 H, W = 90, 120
@@ -317,12 +319,12 @@ def test_settings_file_carries_licence_flags(tiny_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# op_rotate: segment only, options
+# the rotate action: segment only, options
 
 
 def test_no_angles_only_segments(tiny_settings):
     img, m = scene()
-    e = op_rotate(img, m, "handbag", {"fill": "classical", "seed": 3}, tiny_settings, None)
+    e = run_action("rotate", img, m, "handbag", {"fill": "classical", "seed": 3}, tiny_settings, None)
     assert np.array_equal(np.asarray(e.image), np.asarray(img))
     assert e.edit_mask.shape == (H, W) and not e.edit_mask.any()
     rec = e.record
@@ -333,16 +335,16 @@ def test_no_angles_only_segments(tiny_settings):
 
 def test_op_rotate_parses_options_and_overrides(tiny_settings, registry):
     img, m = scene()
-    e = op_rotate(img, m, "handbag", {"azimuth": "-100", "fill": "classical", "seed": 5, "upscale": "off",
+    e = run_action("rotate", img, m, "handbag", {"azimuth": "-100", "fill": "classical", "seed": 5, "upscale": "off",
                                       "matte_refine": False}, tiny_settings, registry)
     rec = e.record
     assert rec["pose"]["azimuth"] == -100.0 and rec["pose"]["polar"] == 0.0
     assert rec["fill"]["used"] == "classical" and rec["novel_view"]["seed"] == 5
     assert any("azimuth" in w for w in rec["warnings"])
-    with pytest.raises(ValueError, match="azimuth must be a number"):
-        op_rotate(img, m, "handbag", {"azimuth": "left"}, tiny_settings, registry)
-    with pytest.raises(ValueError, match="polar"):
-        op_rotate(img, m, "handbag", {"polar": 120.0}, tiny_settings, registry)
+    with pytest.raises(ParamsError, match="azimuth: .*valid number"):
+        run_action("rotate", img, m, "handbag", {"azimuth": "left"}, tiny_settings, registry)
+    with pytest.raises(ParamsError, match="polar: rotate: polar 120 degrees is outside"):
+        run_action("rotate", img, m, "handbag", {"polar": 120.0}, tiny_settings, registry)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +371,7 @@ def test_tiny_models_end_to_end(registry, fill):
 
 
 def test_run_op_rotate_writes_outputs_and_warnings(tiny_settings, registry, tmp_path):
-    from pipeline.run_edit import run_op
+    from edit_helpers import run_op
 
     img, m = scene()
     img.save(tmp_path / "p.png")
@@ -379,21 +381,23 @@ def test_run_op_rotate_writes_outputs_and_warnings(tiny_settings, registry, tmp_
                options={"azimuth": 120.0, "polar": 10.0, "fill": "classical"}, mask_path=tmp_path / "m.png",
                registry=registry)
     assert o.status == "edited", o.record.get("error")
-    res = np.asarray(Image.open(out / "p.rotate.png").convert("RGB"))
-    edit = np.asarray(Image.open(out / "p.rotate.mask.png")) > 0
+    res = np.asarray(Image.open(out / "p-rotate.png").convert("RGB"))
+    edit = np.asarray(Image.open(out / "p-rotate.mask.png")) > 0
     assert np.array_equal(res[~edit], np.asarray(img)[~edit])
-    rec = json.loads((out / "p.rotate.json").read_text())
-    assert any("azimuth" in w for w in rec["edit"]["warnings"]) and rec["edit"]["models"]["novel_view"]["licence"]
+    rec = json.loads((out / "p-rotate.json").read_text())
+    e = rec["actions"][0]["record"]
+    assert any("azimuth" in w for w in e["warnings"]) and e["models"]["novel_view"]["licence"]
+    assert rec["qa"]["passed"] and rec["products"][0]["pixels"] > 0
     # Segment only (no angles): unchanged image, empty edit mask.
     o = run_op(tiny_settings, tmp_path / "p.png", "rotate", label="handbag", out_dir=out / "seg",
                options={}, mask_path=tmp_path / "m.png", registry=registry)
-    assert o.status == "edited" and o.record["edit"]["segment_only"]
-    assert np.array_equal(np.asarray(Image.open(out / "seg" / "p.rotate.png").convert("RGB")), np.asarray(img))
-    assert not (np.asarray(Image.open(out / "seg" / "p.rotate.mask.png")) > 0).any()
-    # Out of range: a failed record naming the range.
-    o = run_op(tiny_settings, tmp_path / "p.png", "rotate", label="handbag", out_dir=out / "bad",
+    assert o.status == "edited" and o.edit["segment_only"]
+    assert np.array_equal(np.asarray(Image.open(out / "seg" / "p-rotate.png").convert("RGB")), np.asarray(img))
+    assert not (np.asarray(Image.open(out / "seg" / "p-rotate.mask.png")) > 0).any()
+    # Out of range: refused when the options are read, naming the range.
+    with pytest.raises(ParamsError, match="-180..180"):
+        run_op(tiny_settings, tmp_path / "p.png", "rotate", label="handbag", out_dir=out / "bad",
                options={"azimuth": 270.0}, mask_path=tmp_path / "m.png", registry=registry)
-    assert o.status == "failed" and "-180..180" in o.record["error"]
 
 
 def test_rotate_settings_validation():
@@ -420,10 +424,10 @@ def test_cli_run_rotate_prints_warnings_and_segments_without_angles(tiny_dir, tm
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "warning" in r.output and "azimuth" in r.output
-    rec = json.loads((tmp_path / "o" / "p.rotate.json").read_text())
-    assert rec["edit"]["novel_view"]["seed"] == 2 and rec["edit"]["pose"]["azimuth"] == -120.0
+    rec = json.loads((tmp_path / "o" / "p-rotate.json").read_text())["actions"][0]["record"]
+    assert rec["novel_view"]["seed"] == 2 and rec["pose"]["azimuth"] == -120.0
     r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "s" / "p.rotate.json").read_text())["edit"]["segment_only"] is True
+    assert json.loads((tmp_path / "s" / "p-rotate.json").read_text())["actions"][0]["record"]["segment_only"] is True
     r = CliRunner().invoke(app, [*base, "--polar", "95", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 4 and "-90..90" in r.output
+    assert r.exit_code == 2 and "--polar" in r.output and "-90..90" in r.output

@@ -44,7 +44,7 @@ RULES = {
 def plan_for(rules, dets):
     rs = rules_from_dict(rules, S)
     actions, matches = rs.plan(dets, (10, 10))
-    return [(a.rule_name, a.params["x"], a.params.get("fill"), a.label) for a in actions], matches
+    return [(a.rule_name, a.action.params.x, a.action.params.settings.fill, a.label) for a in actions], matches
 
 
 def test_first_match_wins():
@@ -99,7 +99,7 @@ BAD = [
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - enhance: {steps: 0}\n",
      "rules.0.actions.0.enhance.steps", "greater than or equal to 1", 4),
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - enhance:\n          loras: [{path: missing.safetensors}]\n",
-     "rules.0.actions.0.enhance.loras.0.path", "LoRA file not found", 5),
+     "rules.0.actions.0.enhance.loras.0", "LoRA file not found", 5),
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - rotate: {azimuth: 400}\n",
      "rules.0.actions.0.rotate.azimuth", "-180..180", 4),
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - displace: {x: 5, colour: red}\n",

@@ -246,8 +246,6 @@ def run_cmd(
     max_in_flight: Optional[int] = MaxInFlightOption,
     cpus_per_actor: Optional[float] = CpusPerActorOption,
     gpus_per_actor: Optional[float] = GpusPerActorOption,
-    processor: Optional[str] = typer.Option(None, "--processor", hidden=True,
-                                            help="MODULE:FACTORY(settings, rules) building the processor (tests)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Run the rules over images, folders or a catalog CSV (path, optional class, action, sku
@@ -264,8 +262,8 @@ def run_cmd(
         if any(v is not None for v in (x, y, fill_backend, lora or None, prompt, tag, seed, azimuth, polar)):
             raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
                        EXIT_CONFIG)
-        opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
-        _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config, pool=opts, processor=processor)
+        opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
+        _run_rules(paths, rules, dry_run, on_conflict, recursive, out, config, pool=opts)
         return
     if engine != "local":
         raise fail("--engine ray runs the rules over many images; --op runs one edit here", EXIT_CONFIG)
@@ -317,15 +315,11 @@ def run_cmd(
         raise fail(f"{image.name}: {rec['error']}", EXIT_INPUT)
 
 
-def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -> tuple[Any, int]:
+def _make_processor(s: Any, ruleset: Any, pool: Any) -> tuple[Any, int]:
     """The processor for a catalog run and how many images it takes at once: the local one (1), or
     a Ray pool (its in-flight bound). Exits 2 when Ray is missing or cannot start, 3 when a model
     cannot be loaded (on an actor's warm-up too)."""
     if pool is None:
-        if processor:
-            from cli.daemon_cmd import _load_factory
-
-            return _load_factory(processor)(s, ruleset), 1
         from pipeline.process import Processor
 
         return Processor(s, ruleset), 1
@@ -343,7 +337,7 @@ def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -
 
 
 def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
-               out: Optional[Path], config: Optional[Path], *, pool: Any = None, processor: Optional[str] = None) -> None:
+               out: Optional[Path], config: Optional[Path], *, pool: Any = None) -> None:
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -371,7 +365,7 @@ def _run_rules(paths: List[Path], rules: Optional[Path], dry_run: bool, on_confl
     out_dir = out or s.resolve_path(s.paths.outbox)
     inbox = s.resolve_path(s.paths.inbox)
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc, concurrency = _make_processor(s, ruleset, pool, processor)
+    proc, concurrency = _make_processor(s, ruleset, pool)
     manifest = Manifest(out_dir / "manifest.jsonl")
     # Stems are chosen up front, in input order, so they do not depend on which image finishes first.
     jobs: list[CatalogJob] = []

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -272,3 +273,63 @@ def test_commercial_use_refuses_roles_marked_non_commercial(tiny_dir):
     assert r.exit_code == 0, r.output
     lines = {ln.split()[1]: ln for ln in r.output.splitlines() if ln.startswith("│ ") and len(ln.split()) > 2}
     assert "refused" in lines["inpaint"] and "cleared" in lines["clip"] and "not confirmed" in lines["sam"]
+
+
+# ------------------------------------------------------------------------------------------------
+# state built on the roles: derived objects, adapters, the per-role lock, unload
+
+
+class _Held:
+    """A stand-in object a weak reference can point at."""
+
+
+def test_derived_objects_are_built_once_and_follow_their_roles(tiny_settings):
+    import gc
+    import weakref
+
+    reg = ModelRegistry(tiny_settings)
+    reg.put("depth", _Held())
+    reg.put("upscaler", _Held())
+    built = []
+
+    def build():
+        built.append(reg.get("depth"))
+        time.sleep(0.05)  # a slow build: every thread below asks while it runs
+        return _Held()
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(reg.derived("d", build, roles=("depth",))))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(built) == 1 and len(got) == 6 and all(g is got[0] for g in got)
+    other = reg.derived("u", _Held, roles=("upscaler",))
+    first, model = weakref.ref(got[0]), weakref.ref(reg.get("depth"))
+    got.clear()
+    built.clear()
+
+    reg.unload("depth")
+    gc.collect()
+    assert first() is None and model() is None  # the role and what was built on it are gone
+    assert reg.derived("u", _Held, roles=("upscaler",)) is other  # built on another role: kept
+    assert not reg.is_loaded("depth")
+    # Replacing a role (put) drops what was built on the old object too.
+    reg.put("upscaler", _Held())
+    assert reg.derived("u", _Held, roles=("upscaler",)) is not other
+    with pytest.raises(KeyError, match="unknown model role"):
+        reg.derived("x", _Held, roles=("nope",))
+
+
+def test_unload_waits_for_the_role_lock(tiny_settings):
+    reg = ModelRegistry(tiny_settings)
+    reg.put("depth", _Held())
+    done = threading.Event()
+    with reg.lock("depth"):
+        with reg.lock("depth"):  # re-entrant: a holder may call code that takes it again
+            t = threading.Thread(target=lambda: (reg.unload("depth"), done.set()))
+            t.start()
+            assert not done.wait(0.3) and reg.is_loaded("depth")  # never freed under a running caller
+    assert done.wait(10) and not reg.is_loaded("depth")
+    assert reg.lock("depth") is reg.lock("depth") and reg.lock("depth") is not reg.lock("inpaint")

@@ -333,3 +333,28 @@ def test_unload_waits_for_the_role_lock(tiny_settings):
             assert not done.wait(0.3) and reg.is_loaded("depth")  # never freed under a running caller
     assert done.wait(10) and not reg.is_loaded("depth")
     assert reg.lock("depth") is reg.lock("depth") and reg.lock("depth") is not reg.lock("inpaint")
+
+
+def test_unload_frees_clip_while_a_detector_that_used_it_lives(tiny_settings):
+    """A Detector asks the registry for its CLIP scorer and text embeddings each time, so the
+    processor's long-lived detector never keeps an unloaded CLIP alive; scores stay the same after
+    the reload."""
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from pipeline.detect import Detector
+
+    reg = ModelRegistry(tiny_settings)
+    det = Detector(reg, tiny_settings.detect)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    classes = tiny_settings.detect.classes
+    before = det.score_views(img, [(0, 0, 32, 32), (20, 10, 60, 44)], classes)
+    assert det.bank is Detector(reg, tiny_settings.detect).bank  # one text bank per registry
+    refs = [weakref.ref(reg.get("clip").model), weakref.ref(det.scorer), weakref.ref(det.bank)]
+    reg.unload("clip")
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]
+    after = det.score_views(img, [(0, 0, 32, 32), (20, 10, 60, 44)], classes)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

@@ -253,7 +253,10 @@ class ModelRegistry:
         self._derived: dict[Hashable, _Derived] = {}
         self._adapters: dict[str, "LoraAdapters"] = {}
         self._build_locks: dict[Hashable, threading.Lock] = {}
-        self._state_lock = threading.RLock()  # guards the three dicts above
+        # Bumped whenever a role is unloaded or replaced: what was built from the old object while
+        # that happened is returned to its caller but never kept.
+        self._generation = {r: 0 for r in ROLES}
+        self._state_lock = threading.RLock()  # guards the four dicts above
         self._rt_lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
 
@@ -343,9 +346,11 @@ class ModelRegistry:
         with build_lock:
             hit = self._derived.get(key)
             if hit is None:
+                gens = self._generations(roles)
                 hit = _Derived(builder(), roles)
                 with self._state_lock:
-                    self._derived[key] = hit
+                    if self._generations(roles) == gens:
+                        self._derived[key] = hit
         return hit.value
 
     def adapters(self, role: str = "inpaint") -> "LoraAdapters":
@@ -354,15 +359,23 @@ class ModelRegistry:
         holding :meth:`lock` (``role``)."""
         from pipeline.lora_weights import LoraAdapters
 
+        gens = self._generations((role,))
         pipe = self.get(role)
         with self._state_lock:
             a = self._adapters.get(role)
             if a is None:
-                a = self._adapters[role] = LoraAdapters(pipe)
+                a = LoraAdapters(pipe)
+                if self._generations((role,)) == gens:
+                    self._adapters[role] = a
             return a
+
+    def _generations(self, roles: tuple[str, ...]) -> tuple[int, ...]:
+        with self._state_lock:
+            return tuple(self._generation[r] for r in roles)
 
     def _drop_state(self, role: str) -> None:
         with self._state_lock:
+            self._generation[role] += 1
             self._adapters.pop(role, None)
             for key in [k for k, d in self._derived.items() if role in d.roles]:
                 del self._derived[key]

@@ -322,6 +322,20 @@ def test_derived_objects_are_built_once_and_follow_their_roles(tiny_settings):
         reg.derived("x", _Held, roles=("nope",))
 
 
+def test_what_is_built_while_its_role_is_unloaded_is_not_kept(tiny_settings):
+    reg = ModelRegistry(tiny_settings)
+    reg.put("depth", _Held())
+
+    def build_during_unload():
+        obj = _Held()
+        reg.unload("depth")  # as another thread might, while this one builds on the old object
+        return obj
+
+    stale = reg.derived("d", build_during_unload, roles=("depth",))
+    fresh = reg.derived("d", _Held, roles=("depth",))
+    assert fresh is not stale and reg.derived("d", _Held, roles=("depth",)) is fresh
+
+
 def test_unload_waits_for_the_role_lock(tiny_settings):
     reg = ModelRegistry(tiny_settings)
     reg.put("depth", _Held())

@@ -20,7 +20,6 @@ operator's stop lets the image finish, like in the daemon) and dies with the dae
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import shutil

@@ -3,9 +3,9 @@
 ``python -m bench daemon`` (or ``python -m bench.daemon --images N``): N distinct ~1 MP JPEGs
 (default 200) are moved into the watched inbox of the real daemon, in-process (watchdog observer,
 settle check of 0.2 s, SQLite WAL ledger, worker, atomic outputs, archive), whose processor is
-:func:`daemon.testing.make_passthrough` (no models: the safe loader decodes the image, the input's
-own bytes are written back as the output, with the record; re-encoding would be pipeline work). Its ``process`` is wrapped to sum the time spent
-inside it. Reported: images per second from the first drop to the last record, images/s against
+:class:`PassThrough` (no models: the safe loader decodes the image, the input's own bytes are
+written back as the output, with the record; re-encoding would be pipeline work), which sums the
+time spent inside its ``process``. Reported: images per second from the first drop to the last record, images/s against
 the goal as a ratio, and the share of that wall time spent outside the pipeline (the daemon's own
 bookkeeping plus idle waits such as the settle time). Goal: >= 25 images/s on this machine.
 ``--tiny`` runs 20 small images (a smoke run); ``--size`` sets the JPEG size.
@@ -51,11 +51,59 @@ def _make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     return out
 
 
+class PassThrough:
+    """The daemon's processor contract (:class:`daemon.service.Processor`) without any model: the
+    input is decoded by the safe loader (what every real run pays), its own bytes are written as
+    ``OUT/STEM.<suffix>`` and the record ``OUT/STEM.json`` last, atomically; an undecodable input gets
+    ``OUT/failed/STEM.json``. ``seconds`` and ``calls`` sum up the time spent inside :meth:`process`:
+    the rest of the wall time is the daemon's own."""
+
+    rules_hash = "none"
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.seconds = 0.0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def reload_rules(self, path: Path) -> str:
+        return self.rules_hash
+
+    def process(self, path: Path, outbox: Path, *, sha256: str, stem: str) -> dict:
+        from pipeline.imageio import ImageLoadError, atomic_write_bytes, load_image
+        from pipeline.outputs import now_iso, write_failure, write_record
+
+        t0 = time.perf_counter()
+        try:
+            base = {"pipeline_version": "bench-passthrough", "created": now_iso(), "rules": {"sha256": self.rules_hash}}
+            try:
+                loaded = load_image(path, max_pixels=self.settings.limits.max_pixels)
+            except ImageLoadError as e:
+                return write_failure(outbox, stem, str(path), str(e), {**base, "stage": "load"})
+            out = outbox / f"{stem}{Path(path).suffix.lower()}"
+            atomic_write_bytes(out, Path(path).read_bytes())
+            rec = {**base, "status": "edited", "outputs": {"image": out.name},
+                   "input": {"name": Path(path).name, "path": str(path), "sha256": loaded.sha256,
+                             "size": list(loaded.size)}}
+            return write_record(outbox, stem, rec)
+        finally:
+            with self._lock:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+
+def count_outcomes(outbox: Path) -> dict[str, int]:
+    """Records in the outbox by outcome folder (``edited`` = the outbox itself)."""
+    def n(folder: Path) -> int:
+        return sum(1 for p in folder.glob("*.json") if not p.name.startswith("."))
+
+    return {"edited": n(outbox), "skipped": n(outbox / "skipped"), "failed": n(outbox / "failed")}
+
+
 def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SIZE, timeout: float = 600.0,
                      log=print) -> dict[str, Any]:
     from daemon.config import DaemonSettings
     from daemon.service import Daemon
-    from daemon.testing import make_passthrough, outcome_records
     from pipeline.settings import Settings
 
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as d:
@@ -65,26 +113,11 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
         (root / "inbox").mkdir()
         settings = Settings()
         settings.base_dir = root
-        inside = {"seconds": 0.0, "calls": 0}
-        lock = threading.Lock()
+        procs: list[PassThrough] = []
 
-        def factory() -> Any:
-            """daemon.testing's pass-through processor (safe loader decode, input bytes written back,
-            record), with the time spent inside its ``process`` summed up: the rest is the daemon's."""
-            proc = make_passthrough(settings, None, copy_input=True)
-            inner = proc.process
-
-            def process(path: Path, outbox: Path, *, sha256: str, stem: str) -> dict:
-                t = time.perf_counter()
-                try:
-                    return inner(path, outbox, sha256=sha256, stem=stem)
-                finally:
-                    with lock:
-                        inside["seconds"] += time.perf_counter() - t
-                        inside["calls"] += 1
-
-            proc.process = process
-            return proc
+        def factory() -> PassThrough:
+            procs.append(PassThrough(settings))
+            return procs[-1]
 
         ds = DaemonSettings(settle_seconds=0.2, rescan_seconds=5.0, status_interval_seconds=1.0)
         daemon = Daemon(settings, factory, ds)
@@ -98,16 +131,17 @@ def run_daemon_bench(n: int = DEFAULT_IMAGES, size: tuple[int, int] = DEFAULT_SI
                 end = time.monotonic() + timeout
                 done = 0
                 while time.monotonic() < end:
-                    done = sum(len(v) for v in outcome_records(outbox).values())
+                    done = sum(count_outcomes(outbox).values())
                     if done >= n:
                         break
                     time.sleep(0.02)
                 wall = time.perf_counter() - t0
-                counts = {k: len(v) for k, v in outcome_records(outbox).items()}
+                counts = count_outcomes(outbox)
             finally:
                 daemon.stop(10.0)
         if done < n:
             raise RuntimeError(f"only {done} of {n} images came out within {timeout:.0f} s")
+    inside = {"seconds": sum(p.seconds for p in procs), "calls": sum(p.calls for p in procs)}
     rate = n / wall
     outside_s = max(wall - inside["seconds"], 1e-9)
     book_rate = n / outside_s  # what the daemon's own work would allow with a free pipeline

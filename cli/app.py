@@ -248,8 +248,6 @@ def run_cmd(
     max_in_flight: Optional[int] = MaxInFlightOption,
     cpus_per_actor: Optional[float] = CpusPerActorOption,
     gpus_per_actor: Optional[float] = GpusPerActorOption,
-    processor: Optional[str] = typer.Option(None, "--processor", hidden=True,
-                                            help="MODULE:FACTORY(settings, rules) building the processor (tests)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Run the rules over images, folders or a catalog CSV (path, optional class, action, sku
@@ -282,20 +280,16 @@ def run_cmd(
         except ParamsError as e:
             where = "; ".join(f"{OP_FLAGS.get(f.split('.')[0], f) if f else '--op'}: {r}" for f, r in e.problems)
             raise fail(f"--op {op}: {where}", EXIT_CONFIG) from None
-    opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
-    _run_jobs(s, paths, rules, dry_run, on_conflict, recursive, out, pool=opts, processor=processor, actions=actions,
+    opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
+    _run_jobs(s, paths, rules, dry_run, on_conflict, recursive, out, pool=opts, actions=actions,
               op=op, mask=mask, class_name=class_name)
 
 
-def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -> tuple[Any, int]:
+def _make_processor(s: Any, ruleset: Any, pool: Any) -> tuple[Any, int]:
     """The processor for a catalog run and how many images it takes at once: the local one (1), or
     a Ray pool (its in-flight bound). Exits 2 when Ray is missing or cannot start, 3 when a model
     cannot be loaded (on an actor's warm-up too)."""
     if pool is None:
-        if processor:
-            from cli.daemon_cmd import _load_factory
-
-            return _load_factory(processor)(s, ruleset), 1
         from pipeline.process import Processor
 
         return Processor(s, ruleset), 1
@@ -313,7 +307,7 @@ def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -
 
 
 def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
-              out: Optional[Path], *, pool: Any = None, processor: Optional[str] = None, actions: Any = None,
+              out: Optional[Path], *, pool: Any = None, actions: Any = None,
               op: Optional[str] = None, mask: Optional[Path] = None, class_name: Optional[str] = None) -> None:
     import time
 
@@ -363,7 +357,7 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
     out_dir = out or s.resolve_path(s.paths.outbox)
     inbox = s.resolve_path(s.paths.inbox)
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc, concurrency = _make_processor(s, ruleset, pool, processor)
+    proc, concurrency = _make_processor(s, ruleset, pool)
     manifest = Manifest(out_dir / "manifest.jsonl")
     jobs: list[CatalogJob] = []
     order: dict[int, int] = {}  # job index -> input position (the report lists inputs in order)

@@ -39,8 +39,7 @@ GpusPerActorOption = typer.Option(None, "--gpus-per-actor", help="with --engine 
                                   "when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU)")
 
 
-def pool_options(engine: str, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor,
-                 processor: str | None = None):
+def pool_options(engine: str, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor):
     """The Ray pool's options from the flags; None for the local engine. Exits 2 on bad values or
     Ray flags given without ``--engine ray``. Imports nothing of Ray (that happens at pool start)."""
     if engine not in ("local", "ray"):
@@ -56,7 +55,7 @@ def pool_options(engine: str, address, actors, max_in_flight, cpus_per_actor, gp
 
     try:
         return PoolOptions(address=address, actors=actors, max_in_flight=max_in_flight, cpus_per_actor=cpus_per_actor,
-                           gpus_per_actor=gpus_per_actor, processor_factory=processor)
+                           gpus_per_actor=gpus_per_actor)
     except EngineError as e:
         raise fail(str(e), EXIT_CONFIG) from None
 

@@ -52,16 +52,6 @@ def _daemon_settings(values: dict[str, Any]) -> Any:
         raise fail("; ".join(msgs), EXIT_CONFIG) from None
 
 
-def _load_factory(spec: str) -> Any:
-    import importlib
-
-    mod, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), attr or "make_processor")
-    except (ImportError, AttributeError) as e:
-        raise fail(f"--processor {spec}: {e}", EXIT_CONFIG) from None
-
-
 def watch_cmd(
     inbox: Optional[Path] = typer.Option(None, "--inbox", help="folder to watch (default: paths.inbox)"),
     outbox: Optional[Path] = typer.Option(None, "--outbox", help="results folder (default: paths.outbox)"),
@@ -97,9 +87,6 @@ def watch_cmd(
     max_in_flight: Optional[int] = MaxInFlightOption,
     cpus_per_actor: Optional[float] = CpusPerActorOption,
     gpus_per_actor: Optional[float] = GpusPerActorOption,
-    processor: Optional[str] = typer.Option(None, "--processor", hidden=True,
-                                            help="MODULE:FACTORY(settings, rules_path) instead of pipeline.process "
-                                                 "(with --engine ray: what each actor builds, FACTORY(settings, rules))"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Watch the inbox and process every image once: edited -> OUTBOX/STEM.*, skipped ->
@@ -122,7 +109,7 @@ def watch_cmd(
     from daemon.service import Daemon
     from pipeline.settings import SettingsError
 
-    pool = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor, processor)
+    pool = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
     s = load_settings_or_exit(config)
     _apply_paths(s, inbox, outbox, ledger)
     ds = _daemon_settings({
@@ -146,9 +133,7 @@ def watch_cmd(
             # The coordinator validates and ships the rules; the actors load the models.
             return RayProcessor(s, factory_rules, pool)
     else:
-        factory = _load_factory(processor) if processor else None
-        if factory is None:
-            from pipeline.process import make_processor as factory
+        from pipeline.process import make_processor as factory
 
         def make() -> Any:
             return factory(s, factory_rules)

@@ -20,7 +20,6 @@ operator's stop lets the image finish, like in the daemon) and dies with the dae
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import shutil
@@ -99,8 +98,11 @@ class ChildRun:
     def start(self) -> None:
         with open(self.dir / "job.pickle", "wb") as fh:
             pickle.dump(self.job, fh)
+        # The child unpickles the daemon's processor factory: it must import what this process
+        # imports, so it gets this process's module search path.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.isolate", str(self.dir)],
-                                     stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True, env=env)
 
     def kill(self) -> None:
         p = self.proc

@@ -38,7 +38,6 @@ crash at any point is resumed correctly (see :mod:`daemon.ledger`).
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import shutil
@@ -81,14 +80,11 @@ def is_fatal(exc: BaseException) -> bool:
 
 def free_gpu() -> None:
     """Release cached GPU memory after a failure (only if torch is already loaded: never import it)."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
+    from pipeline.models import free_memory
+
     try:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
+        free_memory()
+    except Exception:  # noqa: BLE001 - best effort: a failed CUDA context may refuse even this
         pass
 
 

@@ -428,7 +428,9 @@ def everything_proposals(sam_bundle: Any, rgb: np.ndarray, cfg: DetectSettings) 
 class Detector:
     """Detects configured product classes. Holds warm models via the registry; reuse it per process.
 
-    ``scorer`` can be injected (tests use fixed embeddings); by default CLIP from the registry.
+    ``scorer`` can be injected (tests use fixed embeddings); by default CLIP from the registry, whose
+    scorer and class text embeddings the registry keeps (:meth:`ModelRegistry.derived`): shared by
+    every detector on it (displace's checker too) and dropped with ``unload("clip")``.
     """
 
     def __init__(self, registry: "ModelRegistry | None", cfg: DetectSettings, scorer: Scorer | None = None):
@@ -440,14 +442,18 @@ class Detector:
 
     @property
     def scorer(self) -> Scorer:
-        if self._scorer is None:
-            self._scorer = ClipScorer(self.registry.get("clip"), self.registry.runtime.device)
-        return self._scorer
+        if self._scorer is not None:
+            return self._scorer
+        reg = self.registry
+        return reg.derived("detect.clip_scorer", lambda: ClipScorer(reg.get("clip"), reg.runtime.device),
+                           roles=("clip",))
 
     @property
     def bank(self) -> TextBank:
+        if self._scorer is None:
+            return self.registry.derived("detect.text_bank", lambda: TextBank(self.scorer), roles=("clip",))
         if self._bank is None:
-            self._bank = TextBank(self.scorer)
+            self._bank = TextBank(self._scorer)
         return self._bank
 
     @property

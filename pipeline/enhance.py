@@ -15,7 +15,8 @@ Steps for one product (image PIL RGB, mask HxW bool at full resolution):
    from the ``inpaint`` role's own components plus the ``controlnet_depth`` model (the base is
    never loaded twice), or the plain inpaint pipeline when ControlNet is off. The prompt is the
    class template (``{tag}, {label}, ...``); the class's LoRAs are activated for this call only
-   (:class:`pipeline.lora_weights.LoraAdapters`). Seeded with a CPU ``torch.Generator`` so a seed
+   (the registry's :class:`pipeline.lora_weights.LoraAdapters` for ``inpaint``, under the role's
+   lock, which the SD hole fill takes too). Seeded with a CPU ``torch.Generator`` so a seed
    gives the same noise on every device.
 5. **Paste**: the result, resized back to the crop, is blended into the input only inside the
    region: alpha 1 on the product mask, fading over ``mask_feather`` px towards the region's edge,
@@ -30,10 +31,7 @@ Images are PIL ``"RGB"`` (uint8, R, G, B); masks are HxW ``bool`` numpy arrays.
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Sequence
 
@@ -44,7 +42,7 @@ from pydantic import BeforeValidator, ValidationInfo, field_validator
 from pipeline.composite import bbox, dilate, inner_feather_alpha, paste
 from pipeline.edits import Edit, EditContext, EditError, OpParams
 from pipeline.inpaint import CropBox, plan_crop
-from pipeline.lora_weights import LoraAdapters, LoraError, LoraSpec, check_unique, parse_lora
+from pipeline.lora_weights import LoraError, LoraSpec, check_unique, parse_lora
 from pipeline.settings import EnhanceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,68 +50,37 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipeline.models import ModelRegistry
 
 __all__ = ["EnhanceParams", "LoraError", "build_prompt", "class_loras", "controlnet_pipeline", "enhance",
-           "enhance_detection", "lora_adapters", "plan_work", "run_enhance"]
+           "enhance_detection", "plan_work", "run_enhance"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Pipelines and adapters, one set per registry
-
-
-@dataclass
-class _Models:
-    """What enhance keeps per registry: the inpaint pipeline it was built for, the ControlNet
-    pipeline sharing its components, and the LoRA adapters loaded into their shared UNet."""
-
-    inpaint: Any
-    adapters: LoraAdapters
-    controlnet: Any = None
-    cn_pipe: Any = None
-    # Adapter state is global to the shared UNet: one enhance generation at a time per registry.
-    lock: threading.RLock = field(default_factory=threading.RLock)
-
-
-# Keyed weakly by registry so a dropped registry frees its pipelines.
-_MODELS: "weakref.WeakKeyDictionary[ModelRegistry, _Models]" = weakref.WeakKeyDictionary()
-_MODELS_LOCK = threading.Lock()
-
-
-def _models(registry: "ModelRegistry") -> _Models:
-    inpaint = registry.get("inpaint")
-    with _MODELS_LOCK:
-        m = _MODELS.get(registry)
-        if m is None or m.inpaint is not inpaint:  # the role was unloaded and loaded again
-            m = _Models(inpaint=inpaint, adapters=LoraAdapters(inpaint))
-            _MODELS[registry] = m
-        return m
-
-
-def lora_adapters(registry: "ModelRegistry") -> LoraAdapters:
-    """The LoRA adapters enhance keeps in this registry's inpaint UNet (for inspection and tests)."""
-    return _models(registry).adapters
+# Pipelines: the registry owns them (and the LoRA adapters, and the lock)
 
 
 def controlnet_pipeline(registry: "ModelRegistry") -> Any:
     """``StableDiffusionControlNetInpaintPipeline`` made of the registry's inpaint pipeline's own
     components (same UNet, VAE, text encoder, tokenizer, scheduler objects) and its
-    ``controlnet_depth`` model. Built once per registry; never a second load of the base."""
-    from diffusers import StableDiffusionControlNetInpaintPipeline
-
-    m = _models(registry)
+    ``controlnet_depth`` model. Built once per registry (:meth:`ModelRegistry.derived`, dropped when
+    either role is unloaded); never a second load of the base."""
+    inpaint = registry.get("inpaint")
     cn = registry.get("controlnet_depth")
-    with m.lock:
-        if m.cn_pipe is None or m.controlnet is not cn:
-            pipe = StableDiffusionControlNetInpaintPipeline(**m.inpaint.components, controlnet=cn,
-                                                            requires_safety_checker=False)
-            pipe.set_progress_bar_config(disable=True)
-            rt = registry.runtime
-            # The registry applied offload to the inpaint pipeline's modules; this pipeline adds the
-            # ControlNet to the chain. VAE tiling lives on the shared VAE and is already set.
-            if rt.offload == "model":
-                pipe.enable_model_cpu_offload(device=rt.device)
-            elif rt.offload == "sequential":
-                pipe.enable_sequential_cpu_offload(device=rt.device)
-            m.cn_pipe, m.controlnet = pipe, cn
-        return m.cn_pipe
+
+    def build() -> Any:
+        from diffusers import StableDiffusionControlNetInpaintPipeline
+
+        pipe = StableDiffusionControlNetInpaintPipeline(**inpaint.components, controlnet=cn,
+                                                        requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        rt = registry.runtime
+        # The registry applied offload to the inpaint pipeline's modules; this pipeline adds the
+        # ControlNet to the chain. VAE tiling lives on the shared VAE and is already set.
+        if rt.offload == "model":
+            pipe.enable_model_cpu_offload(device=rt.device)
+        elif rt.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=rt.device)
+        return pipe
+
+    return registry.derived("enhance.controlnet_inpaint", build, roles=("inpaint", "controlnet_depth"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,8 +211,6 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
     timings: dict[str, float] = {}
 
     # -- models from here on -----------------------------------------------------------------------
-    models = _models(registry)
-    pipe = controlnet_pipeline(registry) if params.controlnet else models.inpaint
     work_img = crop.to_work(image)
     work_mask = crop.mask_to_work(region)
     control = None
@@ -255,9 +220,12 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
         t0 = time.perf_counter()
         control = depth_map(work_img, registry)
         timings["depth"] = time.perf_counter() - t0
-    with models.lock:
+    # Adapter state is global to the shared UNet: one generation at a time on the inpaint role.
+    with registry.lock("inpaint"):
+        pipe = controlnet_pipeline(registry) if params.controlnet else registry.get("inpaint")
+        adapters = registry.adapters("inpaint")
         t0 = time.perf_counter()
-        lora_records = models.adapters.activate(loras)
+        lora_records = adapters.activate(loras)
         timings["lora"] = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()
@@ -266,7 +234,7 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
             timings["generate"] = time.perf_counter() - t0
         finally:
             # Other users of the shared UNet (displace's SD fill) must never see these adapters.
-            models.adapters.deactivate()
+            adapters.deactivate()
 
     # -- paste back inside the region only -----------------------------------------------------------
     t0 = time.perf_counter()

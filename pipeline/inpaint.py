@@ -300,9 +300,12 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
         if registry is None:
             raise ValueError("the 'sd' fill backend needs a model registry (role 'inpaint')")
         crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=resolution)
-        work = sd_inpaint(registry.get("inpaint"), crop.to_work(image), crop.mask_to_work(hole), seed=seed,
-                          steps=steps, guidance=guidance, strength=strength, prompt=prompt,
-                          negative_prompt=negative_prompt)
+        # The inpaint role's UNet is shared with enhance, which switches LoRA adapters on it for
+        # one generation: its lock keeps this fill from ever running with them on.
+        with registry.lock("inpaint"):
+            work = sd_inpaint(registry.get("inpaint"), crop.to_work(image), crop.mask_to_work(hole), seed=seed,
+                              steps=steps, guidance=guidance, strength=strength, prompt=prompt,
+                              negative_prompt=negative_prompt)
         generated = rgb.copy()
         crop.crop_array(generated)[...] = np.asarray(crop.from_work(work))
         rec.update(seed=int(seed), steps=int(steps), guidance=float(guidance), strength=float(strength),

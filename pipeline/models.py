@@ -5,6 +5,13 @@ Each *role* (``clip``, ``sam``, ``base``, ``inpaint``, ``inpaint_fill``, ``contr
 :meth:`ModelRegistry.get` loads a role the first time it is asked for and returns the same object
 afterwards (thread-safe), on the device and dtype chosen once for the process.
 
+The registry also owns the state that lives on those models: pipelines *derived* from them
+(:meth:`ModelRegistry.derived`, e.g. the ControlNet-inpaint pipeline made of the ``inpaint``
+role's components), the LoRA adapters loaded into a role's UNet (:meth:`ModelRegistry.adapters`)
+and one lock per role (:meth:`ModelRegistry.lock`) held by every caller that runs a role whose
+state is shared (adapters switched on and off). :meth:`ModelRegistry.unload` drops a role with
+everything derived from it and its adapters, so its memory is freed once no caller holds it.
+
 Sources are either a local path (a directory in the library's own layout, or a checkpoint file)
 or a Hub repo. Hub repos are looked up in the local HF cache first; when offline
 (``HF_HUB_OFFLINE=1`` or ``runtime.offline: true``) a missing one is a :class:`ModelLoadError`
@@ -14,21 +21,25 @@ naming the role, the source and what to do, never a hang or a silent fallback.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from pipeline.errors import ModelUnavailable
 from pipeline.settings import ROLES, ModelSource, Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from pipeline.lora_weights import LoraAdapters
 
 
 class ModelLoadError(ModelUnavailable):
@@ -222,8 +233,16 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _Derived:
+    """One object built from loaded roles (see :meth:`ModelRegistry.derived`)."""
+
+    value: Any
+    roles: tuple[str, ...]
+
+
 class ModelRegistry:
-    """Loads each role lazily, once per process; keeps it warm. Thread-safe."""
+    """Loads each role lazily, once per process; keeps it warm, with what is built on it. Thread-safe."""
 
     def __init__(self, settings: Settings):
         quiet_libraries()
@@ -231,7 +250,16 @@ class ModelRegistry:
         self._runtime: Runtime | None = None
         self._cache: dict[str, Any] = {}
         self._locations: dict[str, Path] = {}
-        self._locks = {r: threading.Lock() for r in ROLES}
+        self._locks = {r: threading.Lock() for r in ROLES}  # held while a role loads
+        # Held while a role runs with shared state (its adapters) and while it is unloaded.
+        self._use_locks = {r: threading.RLock() for r in ROLES}
+        self._derived: dict[Hashable, _Derived] = {}
+        self._adapters: dict[str, "LoraAdapters"] = {}
+        self._build_locks: dict[Hashable, threading.Lock] = {}
+        # Bumped whenever a role is unloaded or replaced: what was built from the old object while
+        # that happened is returned to its caller but never kept.
+        self._generation = {r: 0 for r in ROLES}
+        self._state_lock = threading.RLock()  # guards the four dicts above
         self._rt_lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
 
@@ -277,13 +305,88 @@ class ModelRegistry:
                                  "commercial_use: false for non-commercial work")
 
     def put(self, role: str, obj: Any) -> None:
-        """Install an already-built object for ``role`` (benchmarks with full-size random weights)."""
-        if role not in ROLES:
-            raise KeyError(f"unknown model role {role!r}")
-        self._cache[role] = obj
+        """Install an already-built object for ``role`` (benchmarks with full-size random weights).
+        What was derived from the role's previous object, and its adapters, are dropped."""
+        self._check_role(role)
+        with self.lock(role):
+            self._cache[role] = obj
+            self._drop_state(role)
 
     def unload(self, role: str) -> None:
-        self._cache.pop(role, None)
+        """Drop ``role``, every object derived from it and its LoRA adapters, and free their memory
+        (garbage collection, and the CUDA allocator's cache when torch uses a GPU). Waits for a
+        caller holding :meth:`lock` (``role``) to finish. The next :meth:`get` loads it again."""
+        self._check_role(role)
+        with self.lock(role):
+            self._cache.pop(role, None)
+            self._drop_state(role)
+        free_memory()
+
+    # ----------------------------------------------------------------------------------------
+    # State built on loaded roles
+
+    def lock(self, role: str) -> threading.RLock:
+        """The role's use lock (re-entrant). Hold it around every run of a role whose state is
+        shared between callers: the ``inpaint`` UNet's LoRA adapters are switched on for one enhance
+        generation and off again, so enhance and the SD fill (displace, rotate) take ``lock("inpaint")``
+        (the ControlNet-inpaint pipeline shares that UNet). :meth:`unload` takes it too."""
+        self._check_role(role)
+        return self._use_locks[role]
+
+    def derived(self, key: Hashable, builder: Callable[[], Any], *, roles: Sequence[str]) -> Any:
+        """The object stored under ``key``, built by ``builder()`` the first time (once, also with
+        several threads asking). ``roles``: the roles it is built from; unloading or replacing any of
+        them drops it, so it is built again from the new objects on the next call. The builder gets
+        the role objects itself (``registry.get``)."""
+        roles = tuple(roles)
+        for r in roles:
+            self._check_role(r)
+        hit = self._derived.get(key)
+        if hit is not None:
+            return hit.value
+        with self._state_lock:
+            build_lock = self._build_locks.setdefault(key, threading.Lock())
+        with build_lock:
+            hit = self._derived.get(key)
+            if hit is None:
+                gens = self._generations(roles)
+                hit = _Derived(builder(), roles)
+                with self._state_lock:
+                    if self._generations(roles) == gens:
+                        self._derived[key] = hit
+        return hit.value
+
+    def adapters(self, role: str = "inpaint") -> "LoraAdapters":
+        """The LoRA adapters loaded into ``role``'s pipeline (UNet and text encoder), kept across
+        calls so switching LoRAs never re-reads a file; dropped with the role. Use them only while
+        holding :meth:`lock` (``role``)."""
+        from pipeline.lora_weights import LoraAdapters
+
+        gens = self._generations((role,))
+        pipe = self.get(role)
+        with self._state_lock:
+            a = self._adapters.get(role)
+            if a is None:
+                a = LoraAdapters(pipe)
+                if self._generations((role,)) == gens:
+                    self._adapters[role] = a
+            return a
+
+    def _generations(self, roles: tuple[str, ...]) -> tuple[int, ...]:
+        with self._state_lock:
+            return tuple(self._generation[r] for r in roles)
+
+    def _drop_state(self, role: str) -> None:
+        with self._state_lock:
+            self._generation[role] += 1
+            self._adapters.pop(role, None)
+            for key in [k for k, d in self._derived.items() if role in d.roles]:
+                del self._derived[key]
+
+    @staticmethod
+    def _check_role(role: str) -> None:
+        if role not in ROLES:
+            raise KeyError(f"unknown model role {role!r} (roles: {', '.join(ROLES)})")
 
     # ----------------------------------------------------------------------------------------
     # Locating files
@@ -582,6 +685,15 @@ class ModelRegistry:
             else str(rt.dtype).replace("torch.", ""),
             "seconds": round(self.load_seconds.get(role, 0.0), 3),
         }
+
+
+def free_memory() -> None:
+    """Collect garbage now (a dropped pipeline's modules form reference cycles) and hand the CUDA
+    allocator's cached blocks back when torch runs on a GPU, so an unloaded model's memory is free."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def quiet_libraries() -> None:

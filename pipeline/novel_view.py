@@ -30,7 +30,6 @@ feature extractor's mean/std (only its statistics are read).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from daemon.testing import time_limit
+from helpers import time_limit
 
 
 @pytest.fixture(autouse=True)

@@ -296,7 +296,7 @@ def test_internal_error_in_the_daemon_is_retried_then_failed_with_its_type(tiny_
                                                                           monkeypatch, caplog):
     from daemon.config import DaemonSettings
     from daemon.service import Daemon
-    from daemon.testing import time_limit, wait_for
+    from helpers import time_limit, wait_for
 
     src, (m,), *_ = write_scene(tmp_path)
     inbox = tmp_path / "inbox"

@@ -22,7 +22,8 @@ from daemon.config import DaemonConfigError, DaemonSettings
 from daemon.ledger import Ledger
 from daemon.lock import DaemonLockedError
 from daemon.service import Daemon, make_stem_base
-from daemon.testing import PassThroughProcessor, outcome_records, png_bytes, time_limit, wait_for
+from helpers import outcome_records, png_bytes, time_limit, wait_for
+from helpers.processors import PassThroughProcessor
 from pipeline import PIPELINE_VERSION
 from pipeline.settings import Settings
 

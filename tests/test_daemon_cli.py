@@ -15,19 +15,27 @@ from typer.testing import CliRunner
 from cli.daemon_cmd import register
 from daemon.config import DaemonSettings
 from daemon.service import Daemon
-from daemon.testing import PassThroughProcessor, png_bytes, time_limit, wait_for
+from helpers import png_bytes, time_limit, wait_for
+from helpers.processors import PassThroughProcessor, make_passthrough
 from pipeline.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 FAST = dict(settle_seconds=0.2, rescan_seconds=1.0, status_interval_seconds=0.2, stop_grace_seconds=5.0)
-PASS = ["--processor", "daemon.testing:make_passthrough"]
 
 
 @pytest.fixture(autouse=True)
 def _time_limit():
     with time_limit(60):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _passthrough(monkeypatch):
+    """`watch` builds its processor with pipeline.process.make_processor: here the model-free one."""
+    import pipeline.process
+
+    monkeypatch.setattr(pipeline.process, "make_processor", make_passthrough)
 
 
 @pytest.fixture
@@ -66,25 +74,25 @@ def test_register_is_idempotent_and_help_stays_light():
 
 
 def test_watch_refuses_output_inside_the_inbox(app, cfg, tmp_path):
-    r = runner.invoke(app, ["watch", "--config", str(cfg), "--outbox", str(tmp_path / "inbox" / "out"), *PASS],
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--outbox", str(tmp_path / "inbox" / "out")],
                       terminal_width=200)
     assert r.exit_code == 2, r.output
     assert "inside the inbox" in r.output and not (tmp_path / "inbox" / "out").exists()
-    r = runner.invoke(app, ["watch", "--config", str(cfg), "--archive", str(tmp_path / "inbox" / "old"), *PASS],
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--archive", str(tmp_path / "inbox" / "old")],
                       terminal_width=200)
     assert r.exit_code == 2 and "archive folder" in r.output
 
 
 def test_watch_rejects_bad_flag_values(app, cfg):
-    r = runner.invoke(app, ["watch", "--config", str(cfg), "--settle", "-1", *PASS], terminal_width=200)
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--settle", "-1"], terminal_width=200)
     assert r.exit_code == 2 and "--settle" in r.output
-    r = runner.invoke(app, ["watch", "--config", str(cfg), "--disposition", "shred", *PASS], terminal_width=200)
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--disposition", "shred"], terminal_width=200)
     assert r.exit_code == 2 and "--disposition" in r.output
 
 
 def test_watch_with_a_missing_rule_file_is_a_config_error(app, cfg, tmp_path):
-    r = runner.invoke(app, ["watch", "--config", str(cfg), "--rules", str(tmp_path / "nope.yaml"),
-                            "--processor", "daemon.testing:make_passthrough"], terminal_width=200)
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--rules", str(tmp_path / "nope.yaml")],
+                      terminal_width=200)
     assert r.exit_code == 2 and "nope.yaml" in r.output and "file not found" in r.output
 
 
@@ -95,7 +103,7 @@ def test_watch_on_a_locked_inbox_exits_5_naming_the_pid(app, cfg):
     d = Daemon(s, lambda: PassThroughProcessor(s, None), DaemonSettings(**FAST))
     d.start()
     try:
-        r = runner.invoke(app, ["watch", "--config", str(cfg), *PASS], terminal_width=200)
+        r = runner.invoke(app, ["watch", "--config", str(cfg)], terminal_width=200)
     finally:
         d.stop()
     assert r.exit_code == 5, r.output
@@ -104,7 +112,7 @@ def test_watch_on_a_locked_inbox_exits_5_naming_the_pid(app, cfg):
 
 def test_metrics_without_prometheus_client_is_a_clear_error(app, cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
-    r = runner.invoke(app, ["watch", "--config", str(cfg), "--metrics-port", "0", *PASS], terminal_width=200)
+    r = runner.invoke(app, ["watch", "--config", str(cfg), "--metrics-port", "0"], terminal_width=200)
     assert r.exit_code == 2, r.output
     assert "prometheus_client" in r.output and "pip install" in r.output
 
@@ -161,3 +169,14 @@ def test_status_while_the_daemon_runs_and_after(app, cfg, tmp_path):
     r = runner.invoke(app, ["status", "--config", str(cfg)], terminal_width=200)
     assert r.exit_code == 0 and "not running" in r.output
     assert "recent errors" in r.output and "bad.png" in r.output
+
+
+def test_the_shipped_cli_has_no_processor_flag(cfg, tmp_path):
+    """Test processors are injected by the tests (monkeypatch, tests/watch_passthrough.py), never
+    through a hidden flag of the shipped commands."""
+    from cli.app import app as full
+
+    for cmd in (["run", str(tmp_path)], ["watch"]):
+        r = runner.invoke(full, [*cmd, "--processor", "helpers.processors:make_passthrough", "--config", str(cfg)],
+                          terminal_width=200)
+        assert r.exit_code == 2 and "No such option" in r.output, r.output

@@ -1,7 +1,7 @@
 """The `watch` command as a real process: kill -9 mid-image then restart, SIGTERM, a second signal.
 
-Runs ``python -m cli.daemon_cmd watch`` with the model-free pass-through processor
-(``--processor daemon.testing:make_passthrough``); every wait is bounded."""
+Runs the real `watch` command with the model-free pass-through processor through the test-only
+entry point ``tests/watch_passthrough.py``; every wait is bounded."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from daemon.ledger import Ledger, read_summary
 from daemon.lock import lock_holder
-from daemon.testing import outcome_records, png_bytes, time_limit, wait_for
+from helpers import outcome_records, png_bytes, time_limit, wait_for
 from pipeline.imageio import load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ class Proc:
         env.pop("PRODUCT_STUDIO_CONFIG", None)
         self.log = open(self.log_path, "wb")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "cli.daemon_cmd", "watch", "--config", str(root / "settings.yaml"),
-             "--processor", "daemon.testing:make_passthrough", "--settle", "0.2", "--rescan", "1",
+            [sys.executable, str(REPO / "tests" / "watch_passthrough.py"), "watch", "--config", str(root / "settings.yaml"),
+             "--settle", "0.2", "--rescan", "1",
              "--log-format", "json", "--retry-backoff", "0.05"],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -23,7 +23,7 @@ from PIL import Image
 from daemon.intake import Intake, hash_file
 from daemon.ledger import _SCHEMA, Ledger
 from daemon.status import gather_status
-from daemon.testing import png_bytes, time_limit, wait_for
+from helpers import png_bytes, time_limit, wait_for
 from pipeline import PIPELINE_VERSION
 from pipeline.imageio import load_image
 from test_daemon import Env, stop

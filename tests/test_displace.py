@@ -117,6 +117,35 @@ def test_sd_keeps_product_pixels_and_everything_outside(registry, ring):
         assert rec["harmonize"]["backend"] == "sd" and rec["harmonize"]["fill"]["seed"] == 0
 
 
+def test_the_sd_fill_takes_the_inpaint_lock_enhance_takes(registry):
+    """enhance switches LoRA adapters on the inpaint UNet under registry.lock("inpaint"); the SD
+    fill shares that UNet, so it waits for the lock (a classical fill never does)."""
+    import threading
+
+    img, m = scene()
+    registry.get("inpaint")  # loaded up front: the wait below is the lock's, not a load's
+    results: dict[str, Edit] = {}
+    started = {k: threading.Event() for k in ("sd", "classical")}
+
+    def run(fill):
+        started[fill].set()
+        results[fill] = displace(img, m, "handbag", 40, -5, params(fill=fill), registry=registry)
+
+    threads = {k: threading.Thread(target=run, args=(k,)) for k in started}
+    with registry.lock("inpaint"):
+        for t in threads.values():
+            t.start()
+        threads["classical"].join(timeout=60)
+        assert "classical" in results
+        assert started["sd"].wait(10)
+        threads["sd"].join(timeout=1.0)
+        assert threads["sd"].is_alive() and "sd" not in results  # held up by the lock
+    threads["sd"].join(timeout=120)
+    assert results["sd"].record["fill"]["used"] == "sd"
+    alone = displace(img, m, "handbag", 40, -5, params(fill="sd"), registry=registry)
+    assert (np.asarray(alone.image) == np.asarray(results["sd"].image)).all()
+
+
 def test_flat_background_classical_fill_is_flat():
     img, m = scene(flat=True)
     p = params(harmonize_ring=0)

@@ -24,11 +24,12 @@ from pipeline.enhance import (
     controlnet_pipeline,
     enhance,
     enhance_detection,
-    lora_adapters,
     plan_work,
 )
-from pipeline.lora_weights import LoraError, load_spec, make_diffusers_lora
+from pipeline.lora_weights import LoraError, load_spec
 from pipeline.settings import EnhanceSettings, SettingsError, load_settings
+
+from helpers.loras import make_diffusers_lora
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 72, 96
@@ -353,7 +354,7 @@ def test_lora_changes_the_output_and_two_classes_get_their_own(registry, lora_re
     bag2 = run("handbag")
     assert (np.asarray(shoe1.image) == np.asarray(shoe2.image)).all()
     assert (np.asarray(bag1.image) == np.asarray(bag2.image)).all()
-    assert lora_adapters(reg).loads == 2  # switching classes never re-reads a file
+    assert reg.adapters("inpaint").loads == 2  # switching classes never re-reads a file
     assert [r["cached"] for r in (shoe1.record["loras"][0], shoe2.record["loras"][0])] == [False, True]
     bag_rec = bag1.record["loras"]
     assert len(bag_rec) == 1 and bag_rec[0]["sha256"] == load_spec(loras["bag"]).sha256
@@ -375,7 +376,35 @@ def test_lora_changes_the_output_and_two_classes_get_their_own(registry, lora_re
     # rules files give {path, weight} mappings; the same LoRA and weight is the same image
     mapped = run("handbag", loras=[{"path": str(loras["bag"]), "weight": 0.9}])
     assert (np.asarray(mapped.image) == np.asarray(bag1.image)).all()
-    assert lora_adapters(reg).loads == 2
+    assert reg.adapters("inpaint").loads == 2
+
+
+def test_unload_frees_the_inpaint_role_with_its_controlnet_pipeline_and_adapters(tiny_settings, loras):
+    """The registry owns what is built on a role: after unload("inpaint") and a garbage collection
+    nothing refers to the pipeline, its UNet (holding the LoRA layers), the ControlNet pipeline built
+    from its components or the adapters; the next enhance loads and builds them anew, same output."""
+    import gc
+    import weakref
+
+    from pipeline.models import ModelRegistry
+
+    reg = ModelRegistry(tiny_settings)
+    img, m = scene()
+    spec = load_spec(loras["bag"])
+    before = enhance(img, m, "handbag", params(), reg, loras=[spec])
+    refs = {"pipeline": weakref.ref(reg.get("inpaint")), "unet": weakref.ref(reg.get("inpaint").unet),
+            "controlnet pipeline": weakref.ref(controlnet_pipeline(reg)),
+            "adapters": weakref.ref(reg.adapters("inpaint"))}
+    controlnet = reg.get("controlnet_depth")
+    assert reg.adapters("inpaint").loaded == [spec.adapter_name]
+    reg.unload("inpaint")
+    gc.collect()
+    assert {k: r() is None for k, r in refs.items()} == {k: True for k in refs}
+    assert reg.get("controlnet_depth") is controlnet  # another role: kept
+    after = enhance(img, m, "handbag", params(), reg, loras=[spec])
+    assert (np.asarray(after.image) == np.asarray(before.image)).all()
+    assert controlnet_pipeline(reg).unet is reg.get("inpaint").unet
+    assert after.record["loras"][0]["cached"] is False and reg.adapters("inpaint").loads == 1
 
 
 def test_loaded_loras_never_reach_other_users_of_the_unet(registry, lora_registry, loras):

@@ -14,12 +14,12 @@ from pipeline.lora_weights import (
     LoraError,
     check_unique,
     load_spec,
-    make_diffusers_lora,
-    make_kohya_lora,
     parse_lora,
     split_entry,
     split_spec,
 )
+
+from helpers.loras import make_diffusers_lora, make_kohya_lora
 
 
 

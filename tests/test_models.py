@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -272,3 +273,102 @@ def test_commercial_use_refuses_roles_marked_non_commercial(tiny_dir):
     assert r.exit_code == 0, r.output
     lines = {ln.split()[1]: ln for ln in r.output.splitlines() if ln.startswith("│ ") and len(ln.split()) > 2}
     assert "refused" in lines["inpaint"] and "cleared" in lines["clip"] and "not confirmed" in lines["sam"]
+
+
+# ------------------------------------------------------------------------------------------------
+# state built on the roles: derived objects, adapters, the per-role lock, unload
+
+
+class _Held:
+    """A stand-in object a weak reference can point at."""
+
+
+def test_derived_objects_are_built_once_and_follow_their_roles(tiny_settings):
+    import gc
+    import weakref
+
+    reg = ModelRegistry(tiny_settings)
+    reg.put("depth", _Held())
+    reg.put("upscaler", _Held())
+    built = []
+
+    def build():
+        built.append(reg.get("depth"))
+        time.sleep(0.05)  # a slow build: every thread below asks while it runs
+        return _Held()
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(reg.derived("d", build, roles=("depth",))))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(built) == 1 and len(got) == 6 and all(g is got[0] for g in got)
+    other = reg.derived("u", _Held, roles=("upscaler",))
+    first, model = weakref.ref(got[0]), weakref.ref(reg.get("depth"))
+    got.clear()
+    built.clear()
+
+    reg.unload("depth")
+    gc.collect()
+    assert first() is None and model() is None  # the role and what was built on it are gone
+    assert reg.derived("u", _Held, roles=("upscaler",)) is other  # built on another role: kept
+    assert not reg.is_loaded("depth")
+    # Replacing a role (put) drops what was built on the old object too.
+    reg.put("upscaler", _Held())
+    assert reg.derived("u", _Held, roles=("upscaler",)) is not other
+    with pytest.raises(KeyError, match="unknown model role"):
+        reg.derived("x", _Held, roles=("nope",))
+
+
+def test_what_is_built_while_its_role_is_unloaded_is_not_kept(tiny_settings):
+    reg = ModelRegistry(tiny_settings)
+    reg.put("depth", _Held())
+
+    def build_during_unload():
+        obj = _Held()
+        reg.unload("depth")  # as another thread might, while this one builds on the old object
+        return obj
+
+    stale = reg.derived("d", build_during_unload, roles=("depth",))
+    fresh = reg.derived("d", _Held, roles=("depth",))
+    assert fresh is not stale and reg.derived("d", _Held, roles=("depth",)) is fresh
+
+
+def test_unload_waits_for_the_role_lock(tiny_settings):
+    reg = ModelRegistry(tiny_settings)
+    reg.put("depth", _Held())
+    done = threading.Event()
+    with reg.lock("depth"):
+        with reg.lock("depth"):  # re-entrant: a holder may call code that takes it again
+            t = threading.Thread(target=lambda: (reg.unload("depth"), done.set()))
+            t.start()
+            assert not done.wait(0.3) and reg.is_loaded("depth")  # never freed under a running caller
+    assert done.wait(10) and not reg.is_loaded("depth")
+    assert reg.lock("depth") is reg.lock("depth") and reg.lock("depth") is not reg.lock("inpaint")
+
+
+def test_unload_frees_clip_while_a_detector_that_used_it_lives(tiny_settings):
+    """A Detector asks the registry for its CLIP scorer and text embeddings each time, so the
+    processor's long-lived detector never keeps an unloaded CLIP alive; scores stay the same after
+    the reload."""
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from pipeline.detect import Detector
+
+    reg = ModelRegistry(tiny_settings)
+    det = Detector(reg, tiny_settings.detect)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    classes = tiny_settings.detect.classes
+    before = det.score_views(img, [(0, 0, 32, 32), (20, 10, 60, 44)], classes)
+    assert det.bank is Detector(reg, tiny_settings.detect).bank  # one text bank per registry
+    refs = [weakref.ref(reg.get("clip").model), weakref.ref(det.scorer), weakref.ref(det.bank)]
+    reg.unload("clip")
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]
+    after = det.score_views(img, [(0, 0, 32, 32), (20, 10, 60, 44)], classes)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

@@ -1,8 +1,9 @@
 """The Ray engine: `run --engine ray` and the daemon on a pool of Ray actors, with the tiny models.
 
 One local Ray instance (2 CPUs) serves the whole module. Actor deaths are real: the test processor
-(`daemon.testing:make_crashing_processor`) ends the actor's process with ``os._exit(1)`` on inputs
-named ``*crash-once*`` (first time only) and ``*crash-always*``."""
+(:func:`helpers.processors.make_crashing_processor`) ends the actor's process with ``os._exit(1)``
+on inputs named ``*crash-once*`` (first time only) and ``*crash-always*``. The workers import it
+from ``tests/`` (on their ``PYTHONPATH``); `run` gets it through the pool options its flags make."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from daemon.testing import CRASH_DIR_ENV, outcome_records, time_limit, wait_for
+from helpers import outcome_records, time_limit, wait_for
+from helpers.processors import CRASH_DIR_ENV, CRASHING
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-CRASHING = ["--processor", "daemon.testing:make_crashing_processor"]
 RAY_FLAGS = ["--engine", "ray", "--actors", "2", "--cpus-per-actor", "1"]
 VOLATILE = {"created", "timings", "seconds"}
 
@@ -34,18 +35,40 @@ VOLATILE = {"created", "timings", "seconds"}
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    # Workers inherit the environment the local instance starts with: the crash markers' folder
-    # (and HF_HUB_OFFLINE from conftest).
-    old = os.environ.get(CRASH_DIR_ENV)
-    os.environ[CRASH_DIR_ENV] = str(tmp_path_factory.mktemp("crash-markers"))
+    # Workers inherit the environment the local instance starts with: the crash markers' folder,
+    # tests/ on PYTHONPATH (the test processors; the repository too, as under pytest) and
+    # HF_HUB_OFFLINE from conftest.
+    env = {CRASH_DIR_ENV: str(tmp_path_factory.mktemp("crash-markers")),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              object_store_memory=256 * 1024 * 1024)
     yield ray
     ray.shutdown()
-    if old is None:
-        os.environ.pop(CRASH_DIR_ENV, None)
-    else:
-        os.environ[CRASH_DIR_ENV] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def crashing_actors(monkeypatch):
+    """`run --engine ray` builds its pool options from the flags; here they also name the crashing
+    test processor as what each actor builds (the shipped CLI has no flag for that)."""
+    import dataclasses
+
+    import cli.app
+
+    real = cli.app.pool_options
+
+    def with_crashing(*args, **kwargs):
+        opts = real(*args, **kwargs)
+        return None if opts is None else dataclasses.replace(opts, processor_factory=CRASHING)
+
+    monkeypatch.setattr(cli.app, "pool_options", with_crashing)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +129,8 @@ def test_run_on_ray_gives_the_same_outputs_as_local(tiny_dir, ray_cluster, photo
     assert statuses["edited"] >= 1
 
 
-def test_run_on_ray_survives_actor_deaths_and_fails_a_poisonous_image(tiny_dir, ray_cluster, photos, tmp_path):
+def test_run_on_ray_survives_actor_deaths_and_fails_a_poisonous_image(tiny_dir, ray_cluster, photos, tmp_path,
+                                                                         crashing_actors):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     names = {"handbag.png": "a.png", "shoe-phone.jpg": "b-crash-once.jpg", "empty-wall.jpg": "c-crash-always.jpg",
@@ -114,7 +138,7 @@ def test_run_on_ray_survives_actor_deaths_and_fails_a_poisonous_image(tiny_dir, 
     for src, dst in names.items():
         shutil.copy(photos / src, inp / dst)
     with time_limit(150):
-        r = run([str(inp), "--out", str(out), *RAY_FLAGS, *CRASHING], tiny_dir)
+        r = run([str(inp), "--out", str(out), *RAY_FLAGS], tiny_dir)
     assert r.exit_code == 4, r.output  # one input failed
     entries = manifest(out)
     # Every input exactly once, each with one outcome.
@@ -149,7 +173,7 @@ def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir,
     s.paths.inbox, s.paths.outbox, s.paths.ledger = inbox, outbox, outbox / ".ledger.sqlite3"
     rules = tmp_path / "rules.yaml"
     rules.write_text((tiny_dir / "rules.yaml").read_text())
-    opts = PoolOptions(actors=2, cpus_per_actor=1, processor_factory="daemon.testing:make_crashing_processor")
+    opts = PoolOptions(actors=2, cpus_per_actor=1, processor_factory=CRASHING)
     ds = DaemonSettings(settle_seconds=0.2, rescan_seconds=1.0, rules_poll_seconds=0.1, status_interval_seconds=0.2,
                         retry_backoff_seconds=0.05, stop_grace_seconds=30.0)
     d = Daemon(s, lambda: RayProcessor(s, rules, opts), ds, rules_path=rules)

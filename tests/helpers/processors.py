@@ -1,4 +1,4 @@
-"""A model-free processor and helpers for testing the daemon (and for dry runs of the plumbing).
+"""Test processors for the daemon, `run` and the Ray engine (test-only: never shipped).
 
 ``PassThroughProcessor`` follows the processor contract of :mod:`pipeline.process` without any
 model: it loads the input with the safe loader and writes its pixels to ``OUT/STEM.png`` plus the
@@ -9,7 +9,9 @@ raises, ``perm`` -> raises a permanent error.
 ``make_crashing_processor`` is the real processor whose process dies on chosen names, for the Ray
 engine's worker-death tests.
 
-Use it with ``product-studio watch --processor daemon.testing:make_passthrough``. Environment:
+In-process tests hand a processor to :class:`daemon.service.Daemon` or monkeypatch
+``pipeline.process.make_processor``; the daemon as a real process runs through
+``tests/watch_passthrough.py`` (the real ``watch`` command with this processor). Environment:
 ``PRODUCT_STUDIO_TEST_DELAY`` (seconds spent "processing" each image) and
 ``PRODUCT_STUDIO_TEST_WRITE_DELAY`` (seconds spent writing the output image in chunks, to leave a
 partial temp file behind when killed).
@@ -17,37 +19,32 @@ partial temp file behind when killed).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
 import os
-import signal
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from pipeline.imageio import ImageLoadError, atomic_write_bytes, atomic_write_text, load_image, save_image
-from pipeline.outputs import now_iso, write_failure
+from pipeline.imageio import ImageLoadError, load_image, save_image
+from pipeline.errors import BadInput
+from pipeline.outputs import now_iso, write_failure, write_record
 from pipeline.settings import Settings, SettingsError, read_yaml_mapping
 
 
-class PermanentTestError(ValueError):
+class PermanentTestError(BadInput):
     permanent = True
 
 
 class PassThroughProcessor:
     def __init__(self, settings: Settings, rules_path: Path | None, *, delay: float = 0.0,
-                 write_delay: float = 0.0, copy_input: bool = False):
+                 write_delay: float = 0.0):
         self.settings = settings
         self.delay = delay
         self.write_delay = write_delay
-        # copy_input: write the input's own bytes as the output instead of re-encoding a PNG (which
-        # costs ~0.1 s per MP: a pipeline cost, where the daemon benchmark wants bookkeeping only).
-        self.copy_input = copy_input
         self.calls: list[str] = []
         self._raised: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -92,30 +89,29 @@ class PassThroughProcessor:
         inp = {"name": name, "path": str(path), "sha256": loaded.sha256, "size": list(loaded.size),
                "format": loaded.format, "frames": loaded.frames}
         if "noproduct" in name:
-            rec = {**base, "status": "skipped", "reason": "no product (test processor)", "input": inp}
-            atomic_write_text(outbox / "skipped" / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
-            return rec
-        out = outbox / (f"{stem}{Path(path).suffix.lower()}" if self.copy_input else f"{stem}.png")
-        if self.copy_input:
-            atomic_write_bytes(out, Path(path).read_bytes())
-        elif self.write_delay:
+            return write_record(outbox, stem, {**base, "status": "skipped", "reason": "no product (test processor)",
+                                               "input": inp})
+        out = outbox / f"{stem}.png"
+        if self.write_delay:
             _slow_save(loaded.image, out, self.write_delay)
         else:
             save_image(loaded.image, out)
         rec = {**base, "status": "edited", "input": inp, "outputs": {"image": out.name},
                "timings": {"load": round(t_load, 4), "write": round(time.perf_counter() - t0 - t_load, 4)}}
-        atomic_write_text(outbox / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
-        return rec
+        return write_record(outbox, stem, rec)
 
 
 CRASH_DIR_ENV = "PRODUCT_STUDIO_TEST_CRASH_DIR"
+CRASHING = "helpers.processors:make_crashing_processor"  # a PoolOptions.processor_factory spec
+PASSTHROUGH = "helpers.processors:make_passthrough"
 
 
 def make_crashing_processor(settings: Settings, rules: Any) -> Any:
     """The real :class:`~pipeline.process.Processor`, except that its *process dies* (``os._exit(1)``,
     no exception, no cleanup: like a segfault or an OOM kill) on inputs named ``*crash-always*``
     every time, and on ``*crash-once*`` the first time per content. For the Ray engine's tests,
-    as an actor's processor factory (``--processor daemon.testing:make_crashing_processor``).
+    as an actor's processor factory (``PoolOptions(processor_factory=CRASHING)``; the workers find
+    this module through ``PYTHONPATH``, see ``tests/test_ray.py``).
 
     "First time" must survive the death, so it is a marker file per content hash in the folder
     named by ``$PRODUCT_STUDIO_TEST_CRASH_DIR`` (set before Ray starts, so workers inherit it)."""
@@ -156,66 +152,7 @@ def _slow_save(image: Any, target: Path, seconds: float) -> None:
     os.replace(tmp, target)
 
 
-def make_passthrough(settings: Settings, rules_path: Path | None, *, copy_input: bool = False) -> PassThroughProcessor:
-    return PassThroughProcessor(settings, rules_path, copy_input=copy_input,
+def make_passthrough(settings: Settings, rules_path: Path | None) -> PassThroughProcessor:
+    return PassThroughProcessor(settings, rules_path,
                                 delay=float(os.environ.get("PRODUCT_STUDIO_TEST_DELAY", "0") or 0),
                                 write_delay=float(os.environ.get("PRODUCT_STUDIO_TEST_WRITE_DELAY", "0") or 0))
-
-
-# ------------------------------------------------------------------------------------------------
-# Test helpers
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
-    """A small PNG whose pixels (and so bytes) differ per ``seed``."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, message: str = "", interval: float = 0.05) -> Any:
-    """Poll ``cond`` until truthy and return its value; fail (AssertionError) after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message or cond}")
-        time.sleep(interval)
-
-
-class TimeLimitExceeded(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Fail with :class:`TimeLimitExceeded` if the block runs longer than ``seconds`` (SIGALRM; main thread)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def _alarm(signum: int, frame: Any) -> None:
-        raise TimeLimitExceeded(f"test exceeded its {seconds:.0f}s time limit (hung thread?)")
-
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def outcome_records(outbox: Path) -> dict[str, list[Path]]:
-    """Every JSON record in the outbox by outcome folder."""
-    def records(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
-
-    return {"edited": records(outbox), "skipped": records(outbox / "skipped"), "failed": records(outbox / "failed")}

@@ -103,12 +103,20 @@ class ModelSource(_Strict):
         return str(self.path)
 
 
+# Pinned commits of the default Hub sources whose bytes are known (the SAM checkpoint's SHA-256 is
+# checked by `models verify`, see pipeline.hub.KNOWN_SHA256). zero123-xl's main holds pickled .bin
+# weights only (loaded weights-only); its refs/pr/1 is a safetensors copy.
+SAM_REVISION = "7790786db131bcdc639f24a915d9f2c331d843ee"
+ZERO123_XL_REVISION = "7d8aec2223b93e84eb26893d1e732e013523474b"
+
+
 class ModelsSettings(_Strict):
     """One entry per model role. Defaults are the real checkpoints (never fetched in tests)."""
 
     clip: ModelSource = ModelSource(repo="openai/clip-vit-base-patch32", licence="MIT")
     sam: ModelSource = ModelSource(
         repo="ybelkada/segment-anything",
+        revision=SAM_REVISION,
         filename="checkpoints/sam_vit_b_01ec64.pth",
         model_type="vit_b",
         licence="Apache-2.0",
@@ -125,6 +133,7 @@ class ModelsSettings(_Strict):
     depth: ModelSource = ModelSource(repo="depth-anything/Depth-Anything-V2-Small-hf", licence="Apache-2.0")
     novel_view: ModelSource = ModelSource(
         repo="kxic/zero123-xl",
+        revision=ZERO123_XL_REVISION,
         licence="check before commercial use: Zero123 weights derive from SD image-variations "
         "(CreativeML OpenRAIL-M) trained on Objaverse; some novel-view weights are non-commercial",
     )
@@ -144,6 +153,9 @@ class PathsSettings(_Strict):
     rules: Path = Path("conf/rules.yaml")
     # Converted checkpoints (SAM .pth -> safetensors) live here, outside the read-only HF cache.
     model_cache: Path = Path("~/.cache/product-studio")
+    # What `models pull` fetched (role, repo, resolved commit, files with size and SHA-256); later
+    # pulls and loads use it, so every machine with this file runs the same bytes.
+    models_lock: Path = Path("conf/models.lock")
 
 
 class RuntimeSettings(_Strict):

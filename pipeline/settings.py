@@ -336,8 +336,12 @@ class RotateSettings(_Strict):
     steps: int = Field(75, ge=1, le=500, description="DDIM steps of the novel-view model")
     guidance: float = Field(3.0, ge=0.0, le=50.0, description="classifier-free guidance (1 = off)")
     eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta (1.0 as the reference demo; 0 = deterministic DDIM)")
-    crop_padding: float = Field(0.2, ge=0.0, le=4.0, description="white margin around the product in the model "
-                                "input, share of its box's long side on each side")
+    # Zero123's reference preprocessing (ldm/util.py load_and_preprocess) shrinks the product's box
+    # to a 200 px long side and centres it on a 256 px white square: the product spans 200/256 =
+    # 0.78 of the frame. 0.14 gives the same: 1 / (1 + 2 x 0.14) = 0.78125.
+    crop_padding: float = Field(0.14, ge=0.0, le=4.0, description="white margin around the product in the model "
+                                "input, share of its box's long side on each side (0.14: the product spans "
+                                "0.78 of the view, as Zero123's reference preprocessing)")
     view_size: int = Field(256, ge=32, le=1024, multiple_of=8, description="novel-view model input/output size, px")
     radius: float = Field(0.0, ge=-0.5, le=0.5, description="relative camera distance change (+ = farther)")
     max_polar: float = Field(90.0, gt=0.0, le=90.0, description="largest |polar| accepted, degrees")

@@ -465,7 +465,6 @@ class ModelRegistry:
         from pipeline.hub import fetch_plan, plan_role, write_lock_entry
 
         src = self.source(role)
-        self._check_licence(role)
         if src.path is not None:
             loc = self.locate(role)
             size = sum(p.stat().st_size for p in ([loc] if loc.is_file() else loc.rglob("*")) if p.is_file())

@@ -296,7 +296,7 @@ def fetch_plan(plan: RolePlan, src: "ModelSource", *, on_bytes: Callable[[int], 
             try:
                 hub_api().model_info(plan.repo, revision=plan.commit)
             except Exception as e:  # noqa: BLE001
-                raise hub_error(role, src, e) from None
+                raise hub_error(role, src, e, revision=f"{plan.commit} (from the models lock)") from None
         _check_space(plan)
         counter = type("RoleBytes", (_ByteCounter,), {"on_bytes": staticmethod(on_bytes or (lambda n: None))})
     hashes: dict[str, str] = {}
@@ -307,7 +307,7 @@ def fetch_plan(plan: RolePlan, src: "ModelSource", *, on_bytes: Callable[[int], 
                 local = Path(hf_hub_download(plan.repo, f.path, revision=plan.commit, cache_dir=str(plan.cache),
                                              endpoint=hub_endpoint(), tqdm_class=counter))
             except Exception as e:  # noqa: BLE001
-                raise hub_error(role, src, e, file=f.path) from None
+                raise hub_error(role, src, e, file=f.path, revision=plan.commit) from None
         elif not hash_cached and f.sha256:
             hashes[f.path] = f.sha256
             continue
@@ -391,7 +391,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def hub_error(role: str, src: "ModelSource", exc: BaseException, *, file: str | None = None) -> ModelLoadError:
+def hub_error(role: str, src: "ModelSource", exc: BaseException, *, file: str | None = None,
+              revision: str | None = None) -> ModelLoadError:
     """One ModelLoadError for a failed Hub call: what happened, and what to do about it."""
     from huggingface_hub import errors as he
 
@@ -417,7 +418,7 @@ def hub_error(role: str, src: "ModelSource", exc: BaseException, *, file: str | 
         return ModelLoadError(role, source, f"repository {src.repo} not found on the Hub (HTTP {status or 404})",
                               f"check models.{role}.repo in the settings")
     if isinstance(exc, he.RevisionNotFoundError):
-        return ModelLoadError(role, source, f"revision {src.revision or 'main'} not found in {src.repo} "
+        return ModelLoadError(role, source, f"revision {revision or src.revision or 'main'} not found in {src.repo} "
                               f"(HTTP {status or 404})",
                               f"check models.{role}.revision in the settings, or remove the role's entry from "
                               "the models lock file if it names a commit that is gone")

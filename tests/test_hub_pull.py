@@ -350,3 +350,18 @@ def test_role_files_match_the_real_repositories():
     assert role_files("captioner", sharded) == sorted(["config.json", "model.safetensors.index.json",
                                                        "model-00001-of-00002.safetensors",
                                                        "model-00002-of-00002.safetensors"])
+
+
+def test_locked_commit_gone_from_the_hub_says_so(hub, tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    assert _pull(cfg, "-r", "clip").exit_code == 0
+    repo = hub.repos["acme/tiny-clip"]
+    old = repo.refs["main"]
+    files = dict(repo.commits.pop(old))
+    files["config.json"] = files["config.json"].replace(b"{", b'{"_force_pushed": 1, ', 1)
+    hub.add("acme/tiny-clip", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "fresh-cache"))
+    r = _pull(cfg, "-r", "clip")
+    assert r.exit_code == 3
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("fail clip"))
+    assert f"revision {old} (from the models lock) not found" in line and "models lock" in line.split(";")[-1]

@@ -103,7 +103,7 @@ def models_pull(config: Optional[Path] = ConfigOption, role: Optional[List[str]]
     from pipeline.models import ModelLoadError, ModelRegistry
 
     s = load_settings_or_exit(config)
-    reg = ModelRegistry(s)
+    reg = ModelRegistry(s, quiet=False)  # nothing is loaded here
     results, failures = [], []
     progress = Progress(TextColumn("{task.description:17}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), console=err_console, transient=False)

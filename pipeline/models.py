@@ -272,8 +272,11 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 class ModelRegistry:
     """Loads each role lazily, once per process; keeps it warm. Thread-safe."""
 
-    def __init__(self, settings: Settings):
-        quiet_libraries()
+    def __init__(self, settings: Settings, *, quiet: bool = True):
+        # quiet=False: for commands that only fetch files (`models pull`); importing diffusers and
+        # transformers to quieten them costs seconds that a failing pull should not wait for.
+        if quiet:
+            quiet_libraries()
         self.settings = settings
         self._runtime: Runtime | None = None
         self._cache: dict[str, Any] = {}

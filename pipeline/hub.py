@@ -7,7 +7,8 @@ CLI's ``models pull`` goes through the registry. Nothing here loads a model.
   (and the SHA-256 the Hub states for LFS files), from the lock file when it has the role, else from
   the Hub (``model_info`` with file metadata), else, offline, from the local HF cache.
 - **Fetch** (:func:`fetch_plan`): download the missing files of a plan into the HF cache at that
-  commit (``hf_hub_download``, which resumes a cut transfer with an HTTP Range request), check the
+  commit (``hf_hub_download``, which resumes a cut transfer with an HTTP Range request within one
+  run; since 2.x it drops a partial file when the run fails, so a new run starts that file over), check the
   SHA-256 of each file downloaded, and return the lock entry.
 - **Lock** (``paths.models_lock``, JSON): per role the repo, the revision asked for, the resolved
   commit and every file with size and SHA-256. Later pulls and loads use it: same commit, same files.
@@ -369,17 +370,25 @@ def offline_error(role: str, src: "ModelSource") -> ModelLoadError:
                           f"models.{role}.path to a local copy")
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP client's "could not talk to the server" errors: httpx2 (huggingface_hub 2.x),
-    httpx (1.x), requests (0.x). None of httpx's is an OSError."""
-    out: list[type[BaseException]] = []
-    for mod, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
-                      ("requests.exceptions", "ConnectionError"), ("requests.exceptions", "Timeout")):
-        try:
-            out.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(out)
+def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """The HTTP client's errors: (could not talk to the server at all, lost it in the middle of a
+    response). httpx2 (huggingface_hub 2.x), httpx (1.x), requests (0.x); none of httpx's is an
+    OSError."""
+    def find(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+        out = []
+        for mod, name in names:
+            try:
+                out.append(getattr(__import__(mod, fromlist=[name]), name))
+            except (ImportError, AttributeError):
+                pass
+        return tuple(out)
+
+    lost = find((("httpx2", "RemoteProtocolError"), ("httpx2", "ReadError"), ("httpx2", "ReadTimeout"),
+                 ("httpx", "RemoteProtocolError"), ("httpx", "ReadError"), ("httpx", "ReadTimeout"),
+                 ("requests.exceptions", "ChunkedEncodingError")))
+    transport = find((("httpx2", "TransportError"), ("httpx", "TransportError"),
+                      ("requests.exceptions", "ConnectionError"), ("requests.exceptions", "Timeout")))
+    return transport, lost
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -427,8 +436,14 @@ def hub_error(role: str, src: "ModelSource", exc: BaseException, *, file: str | 
                               f"check models.{role}.repo / filename in the settings")
     if isinstance(exc, (he.OfflineModeIsEnabled, he.LocalEntryNotFoundError)):
         return offline_error(role, src)
-    transport = _transport_errors()
+    transport, lost = _transport_errors()
     for e in chain:
+        if lost and isinstance(e, lost):
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return ModelLoadError(role, source, f"the connection to the Hub at {endpoint} was lost while "
+                                  f"downloading {what} ({detail})",
+                                  "run `product-studio models pull` again (files already complete are kept; "
+                                  "huggingface_hub resumes a cut file within one run but not across runs)")
         if transport and isinstance(e, transport):
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             return ModelLoadError(role, source, f"the Hub at {endpoint} cannot be reached ({detail})",

@@ -6,8 +6,9 @@
   ``Content-Length`` headers; ``Range: bytes=N-`` answers 206 with the rest.
 - Errors as the Hub sends them: a gated repo answers 401 with ``X-Error-Code: GatedRepo``; an unknown
   repo 404 ``RepoNotFound``, revision 404 ``RevisionNotFound``, file 404 ``EntryNotFound``.
-- ``cut_once``: paths whose first full GET sends the headers and half the body, then drops the
-  connection (a cut download; the client resumes it with a Range request).
+- ``cut``: path -> how many of its next GETs are cut: the headers, then half the body (from the
+  start of the file) or nothing (a resumed request), then the connection drops. The client resumes
+  with a Range request.
 
 ``requests`` logs every request as ``(method, path, range header)``.
 """
@@ -39,7 +40,7 @@ def commit_id(text: str) -> str:
 @dataclass
 class HubServer:
     repos: dict[str, Repo] = field(default_factory=dict)
-    cut_once: set[str] = field(default_factory=set)
+    cut: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
 
@@ -159,9 +160,9 @@ class HubServer:
                 if head:
                     return
                 key = m.group(3)
-                if key in hub.cut_once and not start:
-                    hub.cut_once.discard(key)
-                    self.wfile.write(body[: len(body) // 2])
+                if hub.cut.get(key, 0) > 0:
+                    hub.cut[key] -= 1
+                    self.wfile.write(body[: len(body) // 2] if not start else b"")
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)

@@ -194,7 +194,7 @@ def test_cut_download_is_resumed_with_a_range_request(hub, tmp_path, monkeypatch
 
     # huggingface_hub writes in 10 MB chunks; the tiny file must span several for a cut to leave bytes.
     monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 4096)
-    hub.cut_once.add("model.safetensors")
+    hub.cut["model.safetensors"] = 1
     cfg = _config(tmp_path)
     r = _pull(cfg, "-r", "clip")
     assert r.exit_code == 0, r.output
@@ -206,6 +206,37 @@ def test_cut_download_is_resumed_with_a_range_request(hub, tmp_path, monkeypatch
     lock = json.loads((tmp_path / "conf" / "models.lock").read_text())
     sha = {f["path"]: f["sha256"] for f in lock["roles"]["clip"]["files"]}
     assert sha["model.safetensors"] == hashlib.sha256(data).hexdigest()
+
+
+def test_download_cut_for_good_fails_in_one_line_and_the_next_pull_completes(hub, tmp_path, monkeypatch):
+    """huggingface_hub resumes a cut transfer up to 5 times without progress; when every try is cut
+    the pull fails with one line saying so, and the next pull fetches only what is missing."""
+    import huggingface_hub.constants as hc
+    import huggingface_hub.file_download as fd
+
+    monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 4096)
+    monkeypatch.setattr(fd.time, "sleep", lambda s: None)  # its 1 s pause between retries
+    hub.cut["model.safetensors"] = 6
+    cfg = _config(tmp_path)
+    r = _pull(cfg, "-r", "clip")
+    assert r.exit_code == 3, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("fail clip"))
+    assert "connection to the Hub" in line and "lost" in line and "again" in line
+    assert not (tmp_path / "conf" / "models.lock").exists()
+    n = len(hub.gets("model.safetensors"))
+    assert n == 6 and all(g[2] for g in hub.gets("model.safetensors")[1:])  # each retry resumed by Range
+    done = {g[1] for g in hub.gets("/resolve/")} - {g[1] for g in hub.gets("model.safetensors")}
+    r = _pull(cfg, "-r", "clip")
+    assert r.exit_code == 0, r.output
+    # huggingface_hub 2.x drops the partial file of a failed run: the file starts over; the files
+    # completed by the first run are not fetched again.
+    assert done and len(hub.gets("model.safetensors")) == n + 1
+    others = [g[1] for g in hub.gets("/resolve/") if not g[1].endswith("/model.safetensors")]
+    assert len(others) == len(set(others)) == 4  # every other file once, across both runs
+    data = hub.repos["acme/tiny-clip"].commits[hub.repos["acme/tiny-clip"].refs["main"]]["model.safetensors"]
+    lock = json.loads((tmp_path / "conf" / "models.lock").read_text())
+    assert {f["path"]: f["sha256"] for f in lock["roles"]["clip"]["files"]}["model.safetensors"] == \
+        hashlib.sha256(data).hexdigest()
 
 
 def test_disk_full_is_one_line(hub, tmp_path, monkeypatch):

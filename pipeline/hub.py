@@ -260,7 +260,10 @@ def plan_role(role: str, src: "ModelSource", select: Callable[[list[str]], list[
 
 
 class _ByteCounter:
-    """Stands in for huggingface_hub's tqdm bar: forwards byte counts to ``on_bytes``, draws nothing."""
+    """Stands in for huggingface_hub's tqdm bar: forwards the bytes of the file written to
+    ``on_bytes`` and draws nothing. ``update_transfer`` (network bytes, Xet downloads) makes
+    huggingface_hub use one bar per file (see utils/_xet_progress_reporting.py); those bytes are
+    not counted twice. Any other bar method it calls (postfix, refresh) does nothing."""
 
     on_bytes: Callable[[int], None] = staticmethod(lambda n: None)
 
@@ -271,8 +274,13 @@ class _ByteCounter:
         self.n += int(n)
         type(self).on_bytes(int(n))
 
-    def close(self) -> None:
+    def update_transfer(self, n: int | float = 1) -> None:
         pass
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: None
 
     def __enter__(self) -> "_ByteCounter":
         return self

@@ -142,6 +142,12 @@ def test_lock_pins_the_commit_on_another_machine(hub, tmp_path, monkeypatch):
     snap = tmp_path / "other-machine-cache" / "models--acme--tiny-clip" / "snapshots"
     assert [p.name for p in snap.iterdir()] == [old]
     assert (snap / old / "config.json").read_bytes() == hub.repos["acme/tiny-clip"].commits[old]["config.json"]
+    # A load on a third machine (empty cache, same lock) fetches the locked commit on first use.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "third-machine-cache"))
+    reg = ModelRegistry(load_settings(cfg))
+    assert reg.get("clip").model.config.model_type == "clip"
+    assert reg.provenance("clip")["revision"] == old
+    assert [p.name for p in (tmp_path / "third-machine-cache" / "models--acme--tiny-clip" / "snapshots").iterdir()] == [old]
     # Without the lock the same settings would take the new head.
     (tmp_path / "conf" / "models.lock").unlink()
     assert _pull(cfg, "-r", "clip").exit_code == 0

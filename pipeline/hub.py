@@ -7,8 +7,8 @@ CLI's ``models pull`` goes through the registry. Nothing here loads a model.
   (and the SHA-256 the Hub states for LFS files), from the lock file when it has the role, else from
   the Hub (``model_info`` with file metadata), else, offline, from the local HF cache.
 - **Fetch** (:func:`fetch_plan`): download the missing files of a plan into the HF cache at that
-  commit (``hf_hub_download``, which resumes a cut transfer with an HTTP Range request within one
-  run; since 2.x it drops a partial file when the run fails, so a new run starts that file over), check the
+  commit (a cut transfer is resumed with an HTTP Range request, within one run by huggingface_hub,
+  across runs from the partial blob a failed run leaves, see :func:`_prefetch_blob`), check the
   SHA-256 of each file downloaded, and return the lock entry.
 - **Lock** (``paths.models_lock``, JSON): per role the repo, the revision asked for, the resolved
   commit and every file with size and SHA-256. Later pulls and loads use it: same commit, same files.
@@ -313,6 +313,7 @@ def fetch_plan(plan: RolePlan, src: "ModelSource", *, on_bytes: Callable[[int], 
         local = snap / f.path
         if not f.cached:
             try:
+                _prefetch_blob(plan, f.path, counter)
                 local = Path(hf_hub_download(plan.repo, f.path, revision=plan.commit, cache_dir=str(plan.cache),
                                              endpoint=hub_endpoint(), tqdm_class=counter))
             except Exception as e:  # noqa: BLE001
@@ -338,6 +339,44 @@ def fetch_plan(plan: RolePlan, src: "ModelSource", *, on_bytes: Callable[[int], 
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(plan.commit)
     return LockEntry(repo=plan.repo, revision=plan.revision, filename=plan.filename, commit=plan.commit, files=files)
+
+
+def _prefetch_blob(plan: RolePlan, path: str, counter: Any) -> None:
+    """Download ``path``'s blob into the HF cache (``blobs/<etag>``), resuming from a partial file a
+    failed earlier run left (``blobs/<etag>.partial``). huggingface_hub 2.x resumes a cut transfer
+    within one run but deletes its own partial file when the run fails; with the blob in place,
+    ``hf_hub_download`` only links it into the snapshot. Xet-stored files are left to
+    huggingface_hub (Xet keeps its own chunk cache)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    endpoint = hub_endpoint()
+    url = hf_hub_url(plan.repo, path, revision=plan.commit, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, endpoint=endpoint)
+    if meta.xet_file_data is not None or not meta.etag:
+        return
+    blobs = repo_dir(plan.cache, plan.repo) / "blobs"
+    blob = blobs / meta.etag
+    if blob.exists():
+        return
+    blobs.mkdir(parents=True, exist_ok=True)
+    part = blobs / f"{meta.etag}.partial"
+    headers = build_hf_headers()
+    if urlparse(meta.location).netloc != urlparse(url).netloc:
+        headers.pop("authorization", None)  # a signed CDN URL: no Hub token to a third party
+    with WeakFileLock(str(part) + ".lock"):
+        with open(part, "ab") as fh:
+            done = fh.tell()
+            if meta.size is not None and done > meta.size:
+                fh.truncate(0)
+                done = 0
+            if done:
+                counter.on_bytes(done)  # the part fetched by an earlier run
+            http_get(meta.location, fh, resume_size=done, headers=headers, expected_size=meta.size,
+                     tqdm_class=counter)
+        os.replace(part, blob)
 
 
 def _check_space(plan: RolePlan) -> None:
@@ -450,8 +489,7 @@ def hub_error(role: str, src: "ModelSource", exc: BaseException, *, file: str | 
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             return ModelLoadError(role, source, f"the connection to the Hub at {endpoint} was lost while "
                                   f"downloading {what} ({detail})",
-                                  "run `product-studio models pull` again (files already complete are kept; "
-                                  "huggingface_hub resumes a cut file within one run but not across runs)")
+                                  "run `product-studio models pull` again: it resumes where this run stopped")
         if transport and isinstance(e, transport):
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             return ModelLoadError(role, source, f"the Hub at {endpoint} cannot be reached ({detail})",

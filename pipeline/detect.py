@@ -18,6 +18,11 @@ Flow for one image (RGB, any size, EXIF orientation already applied by :mod:`pip
    masks at full input resolution.
 
 Nothing found is a result (``skipped=True`` with reason and best score per class), not an error.
+
+Large photos (48 MP and up) cost about what a 1 MP photo does (``python -m bench large``): CLIP
+views and crops are downscaled to ``VIEW_SCALE`` x CLIP's input side before padding, SAM's input
+and large views are read from one box-reduced copy (:class:`ReducedCopy`), and the full-resolution
+bool masks are upsampled in row bands, never as a full-resolution float map.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "daemon": "bench.daemon:run_from_options",
     "warm": "bench.warm:run_from_options",
     "dtype": "bench.dtype:run_from_options",
+    "large": "bench.large:run_from_options",
     "fill": "bench.fill:run_from_options",
 }
 

@@ -51,8 +51,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=_repeats, default=None,
                     help="timed runs per case after one warm-up (default 3; 1 with --quick)")
     ap.add_argument("--size", type=_size, default=None, metavar="WxH",
-                    help="image size (default per benchmark: detect 1024x768, enhance 1024x1024; smaller with "
-                         "--quick or --tiny)")
+                    help="image size (default per benchmark: detect 1024x768, enhance 1024x1024, smaller with "
+                         "--quick or --tiny; large: the large photo, 8000x6000)")
     ap.add_argument("--images", type=_images, default=None, metavar="N",
                     help="images per kind for warm (default 4 product and 40 no-product images; 2 and 12 with "
                          "--quick) and for daemon (default 200; 100 with --quick)")

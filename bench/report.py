@@ -2,9 +2,10 @@
 
 Every benchmark returns a dict with ``benchmark``, ``cases`` (each with ``runs_s``, ``min_s``,
 ``median_s``, ``max_s``, ``measures`` and, where measured, ``peak_rss_mib`` / ``peak_vram_mib``),
-``ratios`` (each ``{value, goal, met}``) and ``context`` (free-form, with ``notes``: sentences a
-reader needs to interpret the figures). This module adds the machine and the package versions,
-renders markdown, and rewrites the generated block of ``docs/performance.md``.
+``ratios`` (each ``{value, goal, met}``; ``goal_op`` ``"<="`` where the goal is a ceiling) and
+``context`` (free-form, with ``notes``: sentences a reader needs to interpret the figures). This
+module adds the machine and the package versions, renders markdown, and rewrites the generated
+block of ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              "|---|---|---:|---:|:---:|"]
     for name, res in report["benchmarks"].items():
         for rname, r in (res.get("ratios") or {}).items():
-            goal = "" if r.get("goal") is None else f">= {r['goal']:g}"
+            goal = "" if r.get("goal") is None else f"{r.get('goal_op', '>=')} {r['goal']:g}"
             met = "" if r.get("met") is None else ("yes" if r["met"] else "**no**")
             lines.append(f"| {name} | {_cell(r.get('label', rname))} | {r['value']:.2f}x | {goal} | {met} |")
     lines += ["", "| benchmark | case | runs | min s | median s | max s | peak RSS MiB (rise) | peak VRAM MiB | measures |",
@@ -210,7 +211,8 @@ def render(result: dict[str, Any], console: Any = None, title: str | None = None
         r.add_column(col, justify="left" if col == "ratio" else "right")
     for rname, v in (result.get("ratios") or {}).items():
         met = "" if v.get("met") is None else ("[green]yes[/green]" if v["met"] else "[red]NO[/red]")
-        r.add_row(v.get("label", rname), f"{v['value']:.2f}x", "" if v.get("goal") is None else f">= {v['goal']:g}", met)
+        goal = "" if v.get("goal") is None else f"{v.get('goal_op', '>=')} {v['goal']:g}"
+        r.add_row(v.get("label", rname), f"{v['value']:.2f}x", goal, met)
     con.print(r)
     for n in (result.get("context") or {}).get("notes", []):
         con.print(f"- {n}", highlight=False)

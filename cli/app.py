@@ -8,7 +8,8 @@ from typing import Any, List, Optional
 import typer
 
 from cli.common import (EXIT_CONFIG, EXIT_INPUT, EXIT_MODEL, ActorsOption, AddressOption, ConfigOption, CpusPerActorOption,
-                        EngineOption, GpusPerActorOption, MaxInFlightOption, console, fail, load_settings_or_exit,
+                        EngineOption, GpusPerActorOption, MaxInFlightOption, console, err_console, fail,
+                        load_settings_or_exit,
                         model_errors, pool_options)
 
 app = typer.Typer(
@@ -86,42 +87,99 @@ def models_list(config: Optional[Path] = ConfigOption) -> None:
 
 
 @models_app.command("pull")
-def models_pull(config: Optional[Path] = ConfigOption, role: Optional[List[str]] = RoleOption) -> None:
-    """Download every role the settings name into the HF cache (SAM .pth also converted to safetensors)."""
+def models_pull(config: Optional[Path] = ConfigOption, role: Optional[List[str]] = RoleOption,
+                dry_run: bool = typer.Option(False, "--dry-run", help="list each role's files and sizes, and the "
+                                             "total to download; download nothing")) -> None:
+    """Download the files each role's loader reads into the HF cache, at the commit the models lock
+    names (else the settings' revision; the resolved commit, sizes and SHA-256 go into the lock).
+    Offline, cached roles are taken from the cache. SAM .pth is also converted to safetensors.
+    A role that fails does not stop the others; any failure exits 3."""
+    from rich.markup import escape
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    from rich.table import Table
+
+    from pipeline.hub import human_bytes
     from pipeline.models import ModelLoadError, ModelRegistry
 
     s = load_settings_or_exit(config)
-    reg = ModelRegistry(s)
-    failed = 0
-    for r in _roles(role):
-        try:
-            loc = reg.pull(r)
-            console.print(f"[green]ok[/]   {r:17} {loc}")
-        except ModelLoadError as e:
-            failed += 1
-            console.print(f"[red]fail[/] {r:17} {e}")
-    if failed:
-        raise fail(f"{failed} role(s) could not be pulled", EXIT_MODEL)
+    reg = ModelRegistry(s, quiet=False)  # nothing is loaded here
+    results, failures = [], []
+    progress = Progress(TextColumn("{task.description:17}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=err_console, transient=False)
+    with progress:
+        for r in _roles(role):
+            task: list[Any] = []
+
+            def on_plan(plan, r=r, task=task):
+                if plan.to_download:
+                    task.append(progress.add_task(r, total=plan.to_download))
+
+            def on_bytes(n, task=task):
+                if task:
+                    progress.advance(task[0], n)
+
+            try:
+                results.append(reg.pull(r, dry_run=dry_run, on_plan=on_plan, on_bytes=on_bytes))
+            except ModelLoadError as e:
+                failures.append(e)
+                # One line per failed role: role, source, what happened, what to do.
+                progress.console.print(f"[red]fail[/] {r}: {escape(e.source)}: {escape(e.reason)}"
+                                       + (f"; {escape(e.hint)}" if e.hint else ""), soft_wrap=True)
+    if dry_run:
+        t = Table("role", "file", "size", "cached", title=None)
+        for res in results:
+            for f in res.files:
+                t.add_row(res.role, f.path, f"{f.size:,}", "yes" if f.cached else "no")
+            if res.status == "local":
+                t.add_row(res.role, str(res.location), f"{res.size:,}", "local")
+        console.print(t)
+    t = Table("role", "files", "size", "status", "commit")
+    for res in results:
+        status = {"downloaded": f"[green]downloaded[/] {human_bytes(res.downloaded)}", "cached": "[green]cached[/]",
+                  "local": "[green]local[/]",
+                  "plan": f"to download {human_bytes(res.downloaded)}" if res.downloaded else "cached"}[res.status]
+        t.add_row(res.role, str(len(res.files) or 1), human_bytes(res.size), status, (res.commit or "")[:12])
+    for e in failures:
+        t.add_row(e.role, "", "", "[red]failed[/]", "")
+    console.print(t)
+    total = sum(res.downloaded for res in results)
+    console.print(f"{'to download' if dry_run else 'downloaded'}: {human_bytes(total)} ({total:,} bytes)"
+                  + ("" if dry_run else f"; lock: {reg.lock_path}"))
+    if failures:
+        raise fail(f"{len(failures)} role(s) could not be pulled: {', '.join(e.role for e in failures)}", EXIT_MODEL)
 
 
 @models_app.command("verify")
-def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str]] = RoleOption) -> None:
-    """Load each role through the registry and report class, size, device, dtype and load time."""
+def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str]] = RoleOption,
+                  hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="check every file's SHA-256 "
+                                              "against the models lock (and the SAM checkpoint's published one)")) -> None:
+    """Load each role through the registry and report class, size, device, dtype and load time;
+    check the files' SHA-256 against the models lock."""
     from rich.table import Table
 
     from pipeline.models import ModelLoadError, ModelRegistry
 
     s = load_settings_or_exit(config)
     reg = ModelRegistry(s)
-    t = Table("role", "status", "class", "parameters", "device", "dtype", "load s")
+    t = Table("role", "status", "class", "parameters", "device", "dtype", "load s", "files")
     failures = []
     for r in _roles(role):
+        files = ""
+        if hashes:
+            problems = reg.check_files(r)
+            hard = [p for p in problems if "hashes not checked" not in p]
+            files = "[red]bad[/]" if hard else ("[yellow]unlocked[/]" if problems else "[green]sha256 ok[/]")
+            if reg.source(r).path is not None:
+                files = "local"
+            failures += [f"model role '{r}': {p}" for p in hard]
         try:
             v = reg.verify(r)
-            t.add_row(r, "[green]ok[/]", v["class"], f"{v['parameters']:,}", v["device"], v["dtype"], f"{v['seconds']:.2f}")
+            t.add_row(r, "[green]ok[/]", v["class"], f"{v['parameters']:,}", v["device"], v["dtype"],
+                      f"{v['seconds']:.2f}", files)
         except ModelLoadError as e:
             failures.append(str(e))
-            t.add_row(r, "[red]failed[/]", "", "", "", "", "")
+            t.add_row(r, "[red]failed[/]", "", "", "", "", "", files)
     console.print(t)
     for f in failures:
         console.print(f"[red]{f}[/]", soft_wrap=True)

@@ -1,7 +1,8 @@
 """Writing a trained LoRA: diffusers format, kohya/A1111 format, manifest, and the rule snippet.
 
 - **diffusers** (``NAME.safetensors``): what ``pipe.load_lora_weights(FILE)`` reads. Keys
-  ``unet.<module>.lora_A.weight`` / ``lora_B`` (and ``text_encoder.`` ones), with diffusers'
+  ``unet.<module>.lora_A.weight`` / ``lora_B`` (and ``text_encoder.text_model.<module>`` ones, the
+  original CLIP checkpoint's names, as diffusers and other tools expect), with diffusers'
   ``lora_adapter_metadata`` (rank, alpha, target modules) so alpha != rank loads at the right scale.
 - **kohya** (``NAME.kohya.safetensors``): what A1111, ComfyUI and kohya sd-scripts read (and
   diffusers too). Per module ``lora_unet_<module with _>.lora_down.weight`` (= peft ``lora_A``,
@@ -90,6 +91,11 @@ def save_diffusers_lora(path: Path, unet_state: dict[str, "torch.Tensor"], unet_
     # incompletely (the attention part of a `transformer`/`all` LoRA was silently dropped).
     kwargs: dict[str, Any] = {"unet_lora_layers": unet_state, "unet_lora_adapter_metadata": dict(unet_config)}
     if te_state:
+        # diffusers' convention, which ComfyUI, A1111 and kohya's tools read too, names text-encoder
+        # layers from CLIPTextModel's `text_model.` level (text_encoder.text_model.encoder.layers.N...).
+        # transformers 5 dropped that level, so peft keys lack it; diffusers strips it again when
+        # loading into a flat CLIPTextModel (loaders/lora_base.py), so the file loads both ways.
+        te_state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in te_state.items()}
         kwargs["text_encoder_lora_layers"] = te_state
         kwargs["text_encoder_lora_adapter_metadata"] = dict(te_config or {})
     path = Path(path)

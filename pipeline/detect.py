@@ -18,6 +18,11 @@ Flow for one image (RGB, any size, EXIF orientation already applied by :mod:`pip
    masks at full input resolution.
 
 Nothing found is a result (``skipped=True`` with reason and best score per class), not an error.
+
+Large photos (48 MP and up) cost about what a 1 MP photo does (``python -m bench large``): CLIP
+views and crops are downscaled to ``VIEW_SCALE`` x CLIP's input side before padding, SAM's input
+and large views are read from one box-reduced copy (:class:`ReducedCopy`), and the full-resolution
+bool masks are upsampled in row bands, never as a full-resolution float map.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ if TYPE_CHECKING:  # pragma: no cover
 # Prompt ensemble: each class name and synonym in each template, averaged per class.
 TEMPLATES = ("a photo of a {}.", "a product photo of a {}.", "a close-up photo of the {}.", "{}")
 BACKGROUND = "background"
+# CLIP views and crops are downscaled to at most this many times CLIP's input side before padding
+# and preprocessing (a 224 px CLIP sees 448 px views): a margin for its own resize, no more.
+VIEW_SCALE = 2
+# The input side assumed for a scorer that does not say (CLIP ViT-B/32's).
+DEFAULT_INPUT_SIDE = 224
+# Final masks: up to this many pixels SAM's logits are upsampled in one go (as segment-anything
+# does); above it in bands of this many output rows, so a 48 MP photo never holds a full-size float.
+_ONE_SHOT_PIXELS = 4_000_000
+_UPSAMPLE_ROWS = 512
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,22 +201,44 @@ def box_nms(boxes: np.ndarray, quality: np.ndarray, keep: np.ndarray, iou: float
     return np.sort(keep[nms(b, q, iou).numpy()])
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """HxW bool -> same with enclosed holes filled (outer contours drawn solid)."""
+def fill_holes(mask: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """HxW bool -> the same with enclosed holes filled (outer contours drawn solid): a new array,
+    or ``mask`` itself, filled in place, with ``inplace`` (a C-contiguous bool array).
+
+    Works inside the mask's bounding box grown by one pixel (clipped to the image), so a product
+    in a 48 MP photo costs uint8 copies of its box, not of the photo; contours cannot reach outside
+    the box, and the one-pixel ring keeps OpenCV's border handling the same as on the full image."""
     import cv2
 
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    out = np.zeros(m.shape, np.uint8)
-    cv2.drawContours(out, contours, -1, 1, thickness=cv2.FILLED)
-    return out.astype(bool) | mask
+    if inplace:
+        if mask.dtype != bool or not mask.flags.c_contiguous:
+            raise ValueError("fill_holes(inplace=True) needs a C-contiguous bool array")
+        out = mask
+    else:
+        out = np.array(mask, dtype=bool, order="C")
+    box = mask_box(out)
+    if box is None:
+        return out
+    H, W = out.shape
+    x0, y0, x1, y1 = max(0, box[0] - 1), max(0, box[1] - 1), min(W, box[2] + 1), min(H, box[3] + 1)
+    # A uint8 view of the bool box, no copy (findContours leaves its input alone since OpenCV 3.2).
+    contours, _ = cv2.findContours(out.view(np.uint8)[y0:y1, x0:x1], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    out[y0:y1, x0:x1] |= filled.view(bool)  # 0/1 bytes are valid bools
+    return out
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    """HxW bool -> (x0, y0, x1, y1) of its true pixels (x1/y1 exclusive), or None if empty.
+
+    From row and column projections: ``np.nonzero`` would allocate 16 bytes per true pixel
+    (150 MB for a product filling a fifth of a 48 MP photo)."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    if not len(cols):
         return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    rows = np.flatnonzero(mask.any(axis=1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def pad_box(box: Sequence[float], pad: float, width: int, height: int) -> tuple[int, int, int, int]:
@@ -213,16 +249,52 @@ def pad_box(box: Sequence[float], pad: float, width: int, height: int) -> tuple[
             min(width, int(np.ceil(x1 + dx))), min(height, int(np.ceil(y1 + dy))))
 
 
-def square_crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
+def square_crop(image: Image.Image, box: Sequence[int], max_side: int | None = None,
+                reduced: "ReducedCopy | None" = None) -> Image.Image:
     """Crop ``box`` and pad it to a square with the crop's mean colour, so CLIP's centre crop keeps
-    all of it (CLIP preprocessing would otherwise cut the ends off elongated products)."""
-    crop = image.crop(tuple(box))
+    all of it (CLIP preprocessing would otherwise cut the ends off elongated products).
+
+    With ``max_side``, a crop whose long side exceeds it is first downscaled to that long side
+    (bicubic, straight from the source region, without copying the full-resolution crop): CLIP
+    sees a few hundred pixels anyway, while padding and preprocessing a 48 MP view at full size
+    cost about 1.4 GB and seconds. Crops within ``max_side`` are exactly as without it. With
+    ``reduced`` (a box-reduced copy of ``image``), a crop that stays above ``max_side`` in the copy
+    is read from the copy instead."""
+    box = tuple(int(v) for v in box)
+    w, h = box[2] - box[0], box[3] - box[1]
+    if max_side is not None and max(w, h) > max_side:
+        s = max_side / max(w, h)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        src, src_box = image, box
+        if reduced is not None and reduced.factor > 1 and max(w, h) / reduced.factor >= max_side:
+            src, src_box = reduced.image, tuple(v / reduced.factor for v in box)
+        # reducing_gap: a box reduce first, then bicubic over the last factor of 3 or less
+        # (indistinguishable from a full bicubic, several times faster at 48 MP).
+        crop = src.resize(size, Image.BICUBIC, box=src_box, reducing_gap=3.0)
+    else:
+        crop = image.crop(box)
     w, h = crop.size
     side = max(w, h, 1)
     fill = tuple(int(v) for v in np.asarray(crop).reshape(-1, 3).mean(axis=0)) if w * h else (127, 127, 127)
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(crop, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+@dataclass
+class ReducedCopy:
+    """``image`` box-reduced by an integer ``factor`` (1: the photo itself). Every downscaled view
+    of a large photo (SAM's input, CLIP's views and large crops) reads this copy, so the
+    full-resolution pixels are read once, by the reduction."""
+
+    image: Image.Image
+    factor: int = 1
+
+    @classmethod
+    def of(cls, image: Image.Image, min_long_side: int) -> "ReducedCopy":
+        """The largest integer reduction that keeps the long side at ``min_long_side`` or more."""
+        factor = max(1, max(image.size) // max(1, min_long_side))
+        return cls(image.reduce(factor) if factor > 1 else image, factor)
 
 
 def prefilter_views(width: int, height: int, tile: float = 0.6) -> list[tuple[int, int, int, int]]:
@@ -272,6 +344,7 @@ class ClipScorer:
         self.model, self.processor, self.device = bundle.model, bundle.processor, device
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.dtype = next(self.model.parameters()).dtype
+        self.input_side = _processor_side(self.processor) or int(self.model.config.vision_config.image_size)
 
     @staticmethod
     def _features(out: Any) -> "torch.Tensor":
@@ -298,6 +371,20 @@ class ClipScorer:
             f = self._features(self.model.get_image_features(pixel_values=pix))
         f = torch.nn.functional.normalize(f.float(), dim=-1)
         return f.cpu().numpy()
+
+
+def _processor_side(processor: Any) -> int | None:
+    """The side (pixels) CLIP's image processor resizes / centre-crops to, or None if it does not say."""
+    ip = getattr(processor, "image_processor", processor)
+    sides = []
+    for attr in ("size", "crop_size"):
+        val = getattr(ip, attr, None)
+        if isinstance(val, int):
+            sides.append(val)
+        elif val is not None:
+            get = val.get if hasattr(val, "get") else (lambda k, v=val: getattr(v, k, None))
+            sides.extend(int(v) for v in (get("shortest_edge"), get("height"), get("width")) if v)
+    return max(sides) if sides else None
 
 
 class TextBank:
@@ -349,9 +436,27 @@ class SamProposer:
         self.predictor = SamPredictor(self.sam)
         self.device = device
 
-    def set_image(self, rgb: np.ndarray) -> None:
-        """HxWx3 uint8 RGB. Computes the image embedding (the expensive part), once."""
-        self.predictor.set_image(rgb, image_format="RGB")
+    def set_image(self, image: "Image.Image | np.ndarray", original_size: tuple[int, int] | None = None) -> None:
+        """PIL RGB image or HxWx3 uint8 RGB array. Computes the image embedding (the expensive
+        part), once. ``original_size`` (H, W): the photo's size when ``image`` is a reduced copy of
+        it (coordinates and masks stay in the photo's pixels).
+
+        Same as segment-anything's ``SamPredictor.set_image`` (bilinear resize of the long side to
+        the encoder's input), but resized straight from the PIL image, without its two
+        full-resolution copies (array -> PIL); from a factor of 6 down, PIL first box-reduces
+        (``reducing_gap``). For the photo itself below that factor the input is bit-identical to
+        segment-anything's."""
+        import torch
+
+        p = self.predictor
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB")
+        if pil.mode != "RGB":
+            pil = pil.convert("RGB")
+        H, W = original_size or (pil.size[1], pil.size[0])
+        h, w = p.transform.get_preprocess_shape(H, W, p.transform.target_length)
+        small = np.array(pil.resize((w, h), Image.BILINEAR, reducing_gap=3.0))  # writable, for torch
+        x = torch.as_tensor(small, device=self.device).permute(2, 0, 1).contiguous()[None, :, :, :]
+        p.set_torch_image(x, (H, W))
 
     def _upsample(self, low_res: "torch.Tensor", out_hw: tuple[int, int]) -> "torch.Tensor":
         import torch.nn.functional as F
@@ -398,12 +503,54 @@ class SamProposer:
             boxes.append([v / scale for v in b] if b else [0, 0, 0, 0])
         return Proposals(work, np.array(boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
 
-    def full_masks(self, logits: "torch.Tensor") -> np.ndarray:
-        """Selected candidates' low-res logits [K, 1, 256, 256] -> [K, H, W] bool at full resolution."""
-        import torch
+    def full_mask(self, logits: "torch.Tensor") -> np.ndarray:
+        """Selected candidates' low-res logits [K, 1, 256, 256] -> their union, [H, W] bool at full
+        resolution.
 
+        The same bilinear upsampling as segment-anything's ``postprocess_masks`` (to the encoder's
+        input, cropped to the image's part, then to the original size), but the last step is done
+        as two separable passes, a band of output rows at a time: a 48 MP photo never holds a
+        full-resolution float map (192 MB per candidate), only the bool result. Pixels may differ
+        from the one-shot upsampling only where the logit is within float rounding of the
+        threshold."""
+        import torch
+        import torch.nn.functional as F
+
+        p = self.predictor
+        H, W = (int(v) for v in p.original_size)
+        size = self.sam.image_encoder.img_size
+        thr = self.sam.mask_threshold
+        out = np.zeros((H, W), bool)
         with torch.inference_mode():
-            return (self._upsample(logits, tuple(self.predictor.original_size))[:, 0] > self.sam.mask_threshold).cpu().numpy()
+            x = F.interpolate(logits.float(), (size, size), mode="bilinear", align_corners=False)
+            x = x[:, 0, : p.input_size[0], : p.input_size[1]]  # [K, h, w]
+            if H * W <= _ONE_SHOT_PIXELS:  # the one-shot upsampling, exactly as segment-anything
+                full = F.interpolate(x[:, None], (H, W), mode="bilinear", align_corners=False)[:, 0]
+                return (full > thr).any(dim=0).cpu().numpy()
+            x0, x1, lx = _linear_taps(x.shape[2], W, x.device)
+            y0, y1, ly = _linear_taps(x.shape[1], H, x.device)
+            # columns first, at the low-res height: [K, h, W] floats (a few MB)
+            cols = x.index_select(2, x0).lerp_(x.index_select(2, x1), lx).cpu()
+            y0, y1, ly = y0.cpu(), y1.cpu(), ly.cpu()
+            dst = torch.from_numpy(out)  # written in place, band by band
+            for r in range(0, H, _UPSAMPLE_ROWS):
+                sl = slice(r, min(H, r + _UPSAMPLE_ROWS))
+                band = cols.index_select(1, y0[sl]).lerp_(cols.index_select(1, y1[sl]), ly[sl, None])
+                # union of the candidates: the largest logit over the threshold
+                torch.gt(band[0] if len(band) == 1 else band.amax(dim=0), thr, out=dst[sl])
+        return out
+
+
+def _linear_taps(n_in: int, n_out: int, device: Any) -> tuple[Any, Any, Any]:
+    """Bilinear (``align_corners=False``) source taps along one axis, as PyTorch computes them:
+    for each of ``n_out`` output positions the two input indices and the second one's weight."""
+    import torch
+
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0, i1, (src - i0).float()
 
 
 def everything_proposals(sam_bundle: Any, rgb: np.ndarray, cfg: DetectSettings) -> Proposals:
@@ -463,10 +610,20 @@ class Detector:
         return self._proposer
 
     # -- scoring ---------------------------------------------------------------------------------
-    def score_views(self, image: Image.Image, boxes: Sequence[Sequence[int]], classes: Sequence[ProductClass]):
-        """All crops in one CLIP batch -> ([N, C] class probs, [N] background prob)."""
+    @property
+    def view_max_side(self) -> int:
+        """Long side CLIP views and crops are downscaled to before padding: ``VIEW_SCALE`` x the
+        scorer's input side."""
+        return VIEW_SCALE * int(getattr(self.scorer, "input_side", None) or DEFAULT_INPUT_SIDE)
+
+    def score_views(self, image: Image.Image, boxes: Sequence[Sequence[int]], classes: Sequence[ProductClass],
+                    reduced: ReducedCopy | None = None):
+        """All crops in one CLIP batch -> ([N, C] class probs, [N] background prob). Each crop is
+        downscaled to :attr:`view_max_side` first, from ``reduced`` where that is large enough
+        (see :func:`square_crop`)."""
         text = self.bank.get(classes, self.cfg.background_prompts)
-        emb = self.scorer.encode_images([square_crop(image, b) for b in boxes])
+        side = self.view_max_side
+        emb = self.scorer.encode_images([square_crop(image, b, side, reduced) for b in boxes])
         probs = softmax_probs(emb, text, self.scorer.logit_scale)
         return split_background(probs, len(classes))
 
@@ -477,7 +634,8 @@ class Detector:
         classes = list(classes if classes is not None else self.cfg.classes)
         mode = proposals or self.cfg.proposals
         use_prefilter = self.cfg.prefilter if prefilter is None else prefilter
-        rgb_img = image.convert("RGB")
+        # convert() copies even an RGB image: 192 MB at 48 MP
+        rgb_img = image if image.mode == "RGB" else image.convert("RGB")
         W, H = rgb_img.size
         res = DetectResult(image_size=(W, H), proposal_mode=mode)
         if not classes:
@@ -486,12 +644,19 @@ class Detector:
         names = [c.name for c in classes]
         thresholds = [c.threshold for c in classes]
         t0 = time.perf_counter()
+        # Large photos: one box-reduced copy that SAM's input and CLIP's views are read from, at
+        # least twice as large as either needs (SAM's encoder input; a prefilter tile, 0.6 of the
+        # photo, at CLIP's view size). A photo below that is used as it is.
+        # SAM's side without loading SAM (a photo the prefilter skips never needs it): 1024 for
+        # every official SAM.
+        sam_side = int(getattr(getattr(getattr(self._proposer, "sam", None), "image_encoder", None), "img_size", 1024))
+        reduced = ReducedCopy.of(rgb_img, 2 * max(sam_side, int(np.ceil(self.view_max_side / 0.6))))
 
         # 1. prefilter: one CLIP batch over the whole image and tiles
         views = prefilter_views(W, H)
         positive_views: list[tuple[int, int, int, int]] = [views[0]]
         if use_prefilter or mode == "guided":
-            cp, bg = self.score_views(rgb_img, views, classes)
+            cp, bg = self.score_views(rgb_img, views, classes, reduced)
             res.timings["prefilter"] = time.perf_counter() - t0
             view_best = cp.max(axis=0)
             res.best_scores = {n: float(v) for n, v in zip(names, view_best)}
@@ -513,11 +678,13 @@ class Detector:
 
         # 2. proposals
         t1 = time.perf_counter()
-        rgb = np.asarray(rgb_img)
         if mode == "everything":
-            props = everything_proposals(self.registry.get("sam"), rgb, self.cfg)
+            props = everything_proposals(self.registry.get("sam"), np.asarray(rgb_img), self.cfg)
         else:
-            self.proposer.set_image(rgb)
+            if reduced.factor > 1:
+                self.proposer.set_image(reduced.image, (H, W))
+            else:
+                self.proposer.set_image(rgb_img)
             res.timings["sam_embedding"] = time.perf_counter() - t1
             pts = np.concatenate([grid_points(v, 3) for v in positive_views])
             pts = dedupe_points(pts, 0.04 * max(W, H))
@@ -534,12 +701,14 @@ class Detector:
         detections: list[Detection] = []
         if len(keep):
             boxes = [pad_box(props.boxes[i], self.cfg.context_pad, W, H) for i in keep]
-            cp, bg = self.score_views(rgb_img, boxes, classes)
+            cp, bg = self.score_views(rgb_img, boxes, classes, reduced)
             labels, scores, margins = decide(cp, bg, thresholds, self.cfg.margin)
             for j, n in enumerate(names):
                 res.best_scores[n] = max(res.best_scores.get(n, 0.0), float(cp[:, j].max()))
             res.timings["classify"] = time.perf_counter() - t2
+            t3 = time.perf_counter()
             detections = self._postprocess(props, keep, labels, scores, margins, names, (H, W), mode)
+            res.timings["masks"] = time.perf_counter() - t3
         res.timings["total"] = time.perf_counter() - t0
         res.detections = detections
         if not detections:
@@ -577,10 +746,10 @@ class Detector:
         for i in chosen:
             name, members, sc, mg = cand[i]
             if props.logits is not None:
-                full = self.proposer.full_masks(props.logits[members]).any(axis=0)
+                full = self.proposer.full_mask(props.logits[members])
             else:
                 full = props.masks[members].any(axis=0)
-            full = fill_holes(full)
+            full = fill_holes(np.ascontiguousarray(full, dtype=bool), inplace=True)  # ours: filled in place
             box = mask_box(full)
             if box is None:
                 continue

@@ -39,6 +39,8 @@ from pipeline.settings import ROLES, ModelSource, Settings
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from pipeline.hub import LockEntry
+
     from pipeline.lora_weights import LoraAdapters
 
 
@@ -72,21 +74,52 @@ ROLE_INFO: dict[str, tuple[str, str]] = {
 _SKIP_WEIGHT_MARKERS = (".fp16.", "non_ema", ".ema.", "onnx", "flax", "openvino")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
+# The components the Stable Diffusion roles' loader reads (``_load_sd`` passes None for every other
+# one in model_index.json): the safety checker (1.22 GB per repo) and its feature extractor are not
+# used. `pull` fetches exactly these folders.
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-def select_repo_files(files: list[str], layout: str) -> list[str]:
+
+def loaded_components(role: str) -> tuple[str, ...] | None:
+    """The subfolders a diffusers-pipeline role's loader reads; None for single-folder layouts."""
+    if role in ("base", "inpaint"):
+        return SD_COMPONENTS
+    if role == "novel_view":
+        from pipeline.novel_view_layout import COMPONENTS
+
+        return COMPONENTS
+    return None
+
+
+def role_files(role: str, files: list[str]) -> list[str]:
+    """Of a Hub repo's ``files``, the ones ``role``'s loader reads: what `models pull` downloads,
+    lists with ``--dry-run`` and writes into the lock. One list shared by pull and loader."""
+    return select_repo_files(files, ROLE_INFO[role][0], components=loaded_components(role))
+
+
+def select_repo_files(files: list[str], layout: str, components: tuple[str, ...] | None = None) -> list[str]:
     """Which files of a Hub repo to download for ``layout`` (pure; the listing comes from the Hub).
 
     Keeps configs, tokenizer/processor files and one weight format per folder (safetensors
     preferred over pickled .bin); drops fp16/EMA/ONNX/Flax variants, single-file checkpoints at
     the root of a diffusers repo, and formats we never load (.ckpt, .h5, .msgpack, .pt).
+    ``components``: a diffusers pipeline's loaded subfolders; then only those and the root's
+    ``model_index.json`` are kept (no ``safety_checker/``).
     """
     keep: list[str] = []
     weights: dict[str, list[str]] = {}
+    indexes: dict[str, list[str]] = {}
     diffusers_repo = "model_index.json" in files
     for f in files:
         name = f.rsplit("/", 1)[-1]
         folder = f.rsplit("/", 1)[0] if "/" in f else ""
+        if components is not None and f != "model_index.json" and folder.split("/")[0] not in components:
+            continue
         if name.startswith(".") or f.endswith((".md", ".ckpt", ".h5", ".msgpack", ".pt", ".pth", ".onnx", ".png", ".jpg")):
+            continue
+        if f.endswith(".index.json"):  # a sharded checkpoint's index: kept with its format below
+            if not any(m in f for m in _SKIP_WEIGHT_MARKERS):
+                indexes.setdefault(folder, []).append(f)
             continue
         if f.endswith(_WEIGHT_SUFFIXES):
             if any(m in f for m in _SKIP_WEIGHT_MARKERS):
@@ -99,6 +132,8 @@ def select_repo_files(files: list[str], layout: str) -> list[str]:
     for folder, ws in weights.items():
         st = [w for w in ws if w.endswith(".safetensors")]
         keep.extend(st or ws)
+        fmt = ".safetensors.index.json" if st else ".bin.index.json"
+        keep.extend(i for i in indexes.get(folder, []) if i.endswith(fmt))
     return sorted(keep)
 
 
@@ -185,6 +220,21 @@ class RoleStatus:
 
 
 @dataclass
+class PullResult:
+    """What `pull` did for one role. ``status``: local | plan (dry run) | cached | downloaded."""
+
+    role: str
+    source: str
+    status: str
+    location: Path
+    commit: str | None
+    files: list[Any]  # pipeline.hub.PlanFile
+    size: int
+    downloaded: int
+    origin: str = ""
+
+
+@dataclass
 class Runtime:
     """Device and dtype chosen once per process."""
 
@@ -244,8 +294,11 @@ class _Derived:
 class ModelRegistry:
     """Loads each role lazily, once per process; keeps it warm, with what is built on it. Thread-safe."""
 
-    def __init__(self, settings: Settings):
-        quiet_libraries()
+    def __init__(self, settings: Settings, *, quiet: bool = True):
+        # quiet=False: for commands that only fetch files (`models pull`); importing diffusers and
+        # transformers to quieten them costs seconds that a failing pull should not wait for.
+        if quiet:
+            quiet_libraries()
         self.settings = settings
         self._runtime: Runtime | None = None
         self._cache: dict[str, Any] = {}
@@ -391,11 +444,30 @@ class ModelRegistry:
     # ----------------------------------------------------------------------------------------
     # Locating files
 
+    @property
+    def lock_path(self) -> Path:
+        return self.settings.resolve_path(self.settings.paths.models_lock)
+
+    def lock_entry(self, role: str) -> "LockEntry | None":
+        """The role's entry in the models lock, if it was written for the role's current source."""
+        from pipeline.hub import LockFileError, read_lock
+
+        src = self.source(role)
+        if src.repo is None:
+            return None
+        try:
+            entry = read_lock(self.lock_path).roles.get(role)
+        except LockFileError as e:
+            raise ModelLoadError(role, src.describe(), str(e)) from None
+        return entry if entry is not None and entry.matches(src) else None
+
     def locate(self, role: str, *, download: bool = False) -> Path:
         """Local path of the role's directory or checkpoint file.
 
-        Local sources must exist. Hub sources come from the HF cache; if missing they are
-        downloaded when ``download`` is true or the process is not offline, else an error.
+        Local sources must exist. Hub sources come from the HF cache, at the commit the models lock
+        names when it has the role; files missing there are downloaded (only the files the role's
+        loader reads) unless the process is offline, which is a ModelLoadError saying what to do.
+        ``download``: ask the Hub even when a cached copy exists (no lock: the revision may have moved).
         """
         src = self.source(role)
         if src.path is not None:
@@ -411,72 +483,66 @@ class ModelRegistry:
         return p
 
     def _hub_locate(self, role: str, src: ModelSource, *, download: bool) -> Path:
-        from huggingface_hub import hf_hub_download, snapshot_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from pipeline.hub import fetch_plan, plan_role
 
         offline = self.settings.offline
-        layout = ROLE_INFO[role][0]
-
-        def fetch(local_only: bool) -> Path:
-            if src.filename:
-                return Path(hf_hub_download(src.repo, src.filename, revision=src.revision, local_files_only=local_only))
-            if local_only:
-                return Path(snapshot_download(src.repo, revision=src.revision, local_files_only=True))
-            from huggingface_hub import HfApi
-
-            files = HfApi().list_repo_files(src.repo, revision=src.revision)
-            return Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=select_repo_files(files, layout)))
-
-        try:
-            if not download:
-                try:
-                    return fetch(local_only=True)
-                except LocalEntryNotFoundError:
-                    if offline:
-                        raise
-            if offline:
-                raise LocalEntryNotFoundError("offline")
-            return fetch(local_only=False)
-        except LocalEntryNotFoundError:
-            raise ModelLoadError(role, src.describe(), "not in the local Hugging Face cache and offline mode is on",
-                                 "run `product-studio models pull` where the Hub is reachable, or set "
-                                 f"models.{role}.path to a local copy") from None
-        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
-            raise ModelLoadError(role, src.describe(), f"not found on the Hub: {type(e).__name__}") from None
-        except OSError as e:  # network errors surface as OSError subclasses (requests/httpx)
-            raise ModelLoadError(role, src.describe(), f"download failed: {e}",
-                                 "check the network or set HF_HUB_OFFLINE=1 to use the cache only") from None
+        entry = self.lock_entry(role)
+        if entry is None and not download:
+            cached = self._hub_cached(src)
+            if cached is not None:
+                return cached
+        plan = plan_role(role, src, functools.partial(role_files, role), entry=entry, offline=offline)
+        if plan.missing:
+            if offline:  # only a lock plan can have missing files offline
+                raise ModelLoadError(role, src.describe(), f"{len(plan.missing)} of the files the models lock names "
+                                     f"(commit {plan.commit[:12]}) are not in the local Hugging Face cache and "
+                                     "offline mode is on",
+                                     "run `product-studio models pull` where the Hub is reachable")
+            fetch_plan(plan, src, hash_cached=False)
+        return plan.location()
 
     def status(self, role: str) -> RoleStatus:
         """Whether the role's files are present locally, without loading or downloading."""
         src = self.source(role)
         try:
-            if src.path is None and not self._hub_cached(src):
+            if src.path is not None:
+                return RoleStatus(role, src.describe(), src.licence, True, str(self.locate(role)))
+            entry = self.lock_entry(role)
+            if entry is not None:
+                from pipeline.hub import hub_cache_dir, snapshot_dir
+
+                snap = snapshot_dir(hub_cache_dir(), entry.repo, entry.commit)
+                missing = [f.path for f in entry.files if not (snap / f.path).is_file()]
+                if missing:
+                    return RoleStatus(role, src.describe(), src.licence, False, None,
+                                      f"{len(missing)} locked file(s) not in the HF cache")
+                return RoleStatus(role, src.describe(), src.licence, True,
+                                  str(snap / src.filename if src.filename else snap))
+            loc = self._hub_cached(src)
+            if loc is None:
                 return RoleStatus(role, src.describe(), src.licence, False, None, "not in the HF cache")
-            loc = self.locate(role) if src.path is not None else self._hub_cached(src)
             return RoleStatus(role, src.describe(), src.licence, True, str(loc))
         except ModelLoadError as e:
             return RoleStatus(role, src.describe(), src.licence, False, None, e.reason)
 
     @staticmethod
     def _hub_cached(src: ModelSource) -> Path | None:
-        from huggingface_hub import try_to_load_from_cache
+        """The cached snapshot (folder, or file for a ``filename`` source) of ``src``'s revision."""
+        from pipeline.hub import cached_commit, hub_cache_dir, snapshot_dir
 
-        name = src.filename or "config.json"
-        hit = try_to_load_from_cache(src.repo, name, revision=src.revision)
-        if src.filename is None and not isinstance(hit, str):
-            hit = try_to_load_from_cache(src.repo, "model_index.json", revision=src.revision)
-        if not isinstance(hit, str):
+        cache = hub_cache_dir()
+        commit = cached_commit(cache, src.repo, src.revision)
+        if commit is None:
             return None
-        return Path(hit) if src.filename else Path(hit).parent
+        snap = snapshot_dir(cache, src.repo, commit)
+        if src.filename:
+            return snap / src.filename if (snap / src.filename).is_file() else None
+        marker = ("config.json", "model_index.json")
+        return snap if any((snap / m).is_file() for m in marker) else None
 
     def provenance(self, role: str) -> dict[str, Any]:
-        """What a record should say about the model that produced it."""
+        """What a record should say about the model that produced it: role, source, licence and,
+        for Hub sources, ``revision``: the commit the files came from."""
         src = self.source(role)
         info: dict[str, Any] = {"role": role, "source": src.describe(), "licence": src.licence}
         loc = self._locations.get(role) or (self.settings.resolve_path(src.path) if src.path else None)
@@ -484,17 +550,100 @@ class ModelRegistry:
             parts = Path(loc).parts
             if "snapshots" in parts:  # HF cache layout: .../snapshots/<commit>/...
                 info["revision"] = parts[parts.index("snapshots") + 1]
+        if src.repo and "revision" not in info:
+            try:
+                entry = self.lock_entry(role)
+            except ModelLoadError:
+                entry = None
+            if entry is not None:
+                info["revision"] = entry.commit
         return info
 
     # ----------------------------------------------------------------------------------------
     # Pulling
 
-    def pull(self, role: str) -> Path:
-        """Download the role into the HF cache (no-op for local sources); SAM .pth -> safetensors."""
-        loc = self.locate(role, download=self.source(role).path is None)
+    def pull(self, role: str, *, dry_run: bool = False, on_bytes: Any = None,
+             on_plan: Any = None) -> "PullResult":
+        """Fetch the role into the HF cache: the files its loader reads, at the commit the models
+        lock names (else the settings' revision, resolved now and written into the lock). Offline,
+        a cached role is taken from the cache. SAM ``.pth`` is converted to safetensors.
+
+        ``dry_run``: plan only (files, sizes, what is cached), download nothing, write nothing.
+        ``on_plan(plan)`` is called before downloading, ``on_bytes(n)`` as bytes arrive.
+        Raises ModelLoadError (one line: role, source, reason, hint)."""
+        from pipeline.hub import fetch_plan, plan_role, write_lock_entry
+
+        src = self.source(role)
+        if src.path is not None:
+            loc = self.locate(role)
+            size = sum(p.stat().st_size for p in ([loc] if loc.is_file() else loc.rglob("*")) if p.is_file())
+            if role == "sam" and loc.suffix == ".pth" and not dry_run:
+                self.converted_sam_path(loc, create=True)
+            return PullResult(role, src.describe(), "local", loc, None, [], size, 0)
+        entry = self.lock_entry(role)
+        plan = plan_role(role, src, functools.partial(role_files, role), entry=entry, offline=self.settings.offline)
+        if dry_run:
+            return PullResult(role, src.describe(), "plan", plan.location(), plan.commit, plan.files, plan.size,
+                              plan.to_download, origin=plan.origin)
+        if on_plan is not None:
+            on_plan(plan)
+        to_download = plan.to_download
+        if plan.missing and self.settings.offline:
+            raise ModelLoadError(role, src.describe(), f"{len(plan.missing)} locked file(s) at {plan.commit[:12]} are "
+                                 "not in the local Hugging Face cache and offline mode is on",
+                                 "run `product-studio models pull` where the Hub is reachable")
+        new_entry = fetch_plan(plan, src, on_bytes=on_bytes, hash_cached=entry is None)
+        if entry is None or entry != new_entry:
+            try:
+                write_lock_entry(self.lock_path, role, new_entry)
+            except OSError as e:
+                raise ModelLoadError(role, src.describe(), f"cannot write the models lock {self.lock_path}: {e}",
+                                     "check paths.models_lock and its folder's permissions") from None
+        loc = plan.location()
+        self._locations[role] = loc
         if role == "sam" and loc.suffix == ".pth":
-            self.converted_sam_path(loc, create=True)
-        return loc
+            try:
+                self.converted_sam_path(loc, create=True)
+            except OSError as e:
+                raise ModelLoadError(role, src.describe(), f"converting {loc.name} to safetensors failed: {e}",
+                                     "free space at paths.model_cache or fix its permissions") from None
+        return PullResult(role, src.describe(), "downloaded" if to_download else "cached", loc, plan.commit,
+                          plan.files, plan.size, to_download, origin=plan.origin)
+
+    def check_files(self, role: str) -> list[str]:
+        """Problems with the role's files on disk, checked against the models lock (size and SHA-256
+        of every file) and against the known SHA-256 of published checkpoints (the SAM ViT-B .pth).
+        Empty list: all good. Local sources are checked against known hashes only."""
+        from pipeline.hub import KNOWN_SHA256, hub_cache_dir, snapshot_dir
+
+        src = self.source(role)
+        problems: list[str] = []
+        if src.path is not None:
+            return problems
+        entry = self.lock_entry(role)
+        if entry is None:
+            loc = self._hub_cached(src)
+            if loc is None:
+                return ["not in the HF cache"]
+            files = [(src.filename, loc, None)] if src.filename else []
+            if not files:
+                problems.append("not in the models lock (run `product-studio models pull`): hashes not checked")
+        else:
+            snap = snapshot_dir(hub_cache_dir(), entry.repo, entry.commit)
+            files = [(f.path, snap / f.path, f) for f in entry.files]
+        for name, path, locked in files:
+            if not path.is_file():
+                problems.append(f"{name}: missing from the HF cache")
+                continue
+            size = path.stat().st_size
+            digest = file_sha256(path)
+            if locked is not None and (size, digest) != (locked.size, locked.sha256):
+                problems.append(f"{name}: SHA-256 {digest[:12]}... ({size} bytes) is not the locked "
+                                f"{locked.sha256[:12]}... ({locked.size} bytes)")
+            known = KNOWN_SHA256.get((src.repo, name))
+            if known is not None and (digest, size) != known:
+                problems.append(f"{name}: SHA-256 {digest[:12]}... is not the published {known[0][:12]}...")
+        return problems
 
     def converted_sam_path(self, pth: Path, *, create: bool = False) -> Path | None:
         """safetensors twin of an official SAM .pth, kept in ``paths.model_cache``."""
@@ -518,10 +667,11 @@ class ModelRegistry:
 
     def _load(self, role: str) -> Any:
         src = self.source(role)
-        loc = self.locate(role)
-        if src.sha256:
-            self._check_sha256(role, src, loc)
         try:
+            # Inside the try: a Hub or disk failure while fetching on first use is a ModelLoadError too.
+            loc = self.locate(role)
+            if src.sha256:
+                self._check_sha256(role, src, loc)
             return getattr(self, f"_load_{role}")(loc)
         except ModelLoadError:
             raise
@@ -588,19 +738,26 @@ class ModelRegistry:
             pipe.vae.enable_tiling()
         return pipe
 
-    def _load_sd(self, loc: Path, cls_name: str) -> Any:
+    def _load_sd(self, loc: Path, cls_name: str, role: str) -> Any:
         import diffusers
 
         cls = getattr(diffusers, cls_name)
+        index = json.loads((loc / "model_index.json").read_text())
+        # Only the components `pull` fetched (SD_COMPONENTS); the others (safety checker, its
+        # feature extractor) are passed as None so diffusers never looks for them.
+        skip = {k: None for k, v in index.items() if isinstance(v, list) and k not in SD_COMPONENTS}
+        missing = [c for c in SD_COMPONENTS if not (loc / c).is_dir()]
+        if missing:
+            raise ModelLoadError(role, str(loc), f"not a Stable Diffusion layout: missing {', '.join(missing)}/")
         pipe = cls.from_pretrained(loc, dtype=self.runtime.dtype, local_files_only=True,
-                                   safety_checker=None, requires_safety_checker=False)
+                                   **skip, requires_safety_checker=False)
         return self._configure_pipeline(pipe)
 
     def _load_base(self, loc: Path) -> Any:
-        return self._load_sd(loc, "StableDiffusionPipeline")
+        return self._load_sd(loc, "StableDiffusionPipeline", "base")
 
     def _load_inpaint(self, loc: Path) -> Any:
-        return self._load_sd(loc, "StableDiffusionInpaintPipeline")
+        return self._load_sd(loc, "StableDiffusionInpaintPipeline", "inpaint")
 
     def _load_inpaint_fill(self, loc: Path) -> Any:
         """The LaMa TorchScript module (``torch.jit.load``, as IOPaint loads ``big-lama.pt``) on the

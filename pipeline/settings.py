@@ -115,12 +115,20 @@ class ModelSource(_Strict):
         return str(self.path)
 
 
+# Pinned commits of the default Hub sources whose bytes are known (the SAM checkpoint's SHA-256 is
+# checked by `models verify`, see pipeline.hub.KNOWN_SHA256). zero123-xl's main holds pickled .bin
+# weights only (loaded weights-only); its refs/pr/1 is a safetensors copy.
+SAM_REVISION = "7790786db131bcdc639f24a915d9f2c331d843ee"
+ZERO123_XL_REVISION = "7d8aec2223b93e84eb26893d1e732e013523474b"
+
+
 class ModelsSettings(_Strict):
     """One entry per model role. Defaults are the real checkpoints (never fetched in tests)."""
 
     clip: ModelSource = ModelSource(repo="openai/clip-vit-base-patch32", licence="MIT")
     sam: ModelSource = ModelSource(
         repo="ybelkada/segment-anything",
+        revision=SAM_REVISION,
         filename="checkpoints/sam_vit_b_01ec64.pth",
         model_type="vit_b",
         licence="Apache-2.0",
@@ -146,6 +154,7 @@ class ModelsSettings(_Strict):
     depth: ModelSource = ModelSource(repo="depth-anything/Depth-Anything-V2-Small-hf", licence="Apache-2.0")
     novel_view: ModelSource = ModelSource(
         repo="kxic/zero123-xl",
+        revision=ZERO123_XL_REVISION,
         licence="check before commercial use: Zero123 weights derive from SD image-variations "
         "(CreativeML OpenRAIL-M) trained on Objaverse; some novel-view weights are non-commercial",
     )
@@ -165,6 +174,9 @@ class PathsSettings(_Strict):
     rules: Path = Path("conf/rules.yaml")
     # Converted checkpoints (SAM .pth -> safetensors) live here, outside the read-only HF cache.
     model_cache: Path = Path("~/.cache/product-studio")
+    # What `models pull` fetched (role, repo, resolved commit, files with size and SHA-256); later
+    # pulls and loads use it, so every machine with this file runs the same bytes.
+    models_lock: Path = Path("conf/models.lock")
 
 
 class RuntimeSettings(_Strict):
@@ -388,8 +400,12 @@ class RotateSettings(_Strict):
     steps: int = Field(75, ge=1, le=500, description="DDIM steps of the novel-view model")
     guidance: float = Field(3.0, ge=0.0, le=50.0, description="classifier-free guidance (1 = off)")
     eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta (1.0 as the reference demo; 0 = deterministic DDIM)")
-    crop_padding: float = Field(0.2, ge=0.0, le=4.0, description="white margin around the product in the model "
-                                "input, share of its box's long side on each side")
+    # Zero123's reference preprocessing (ldm/util.py load_and_preprocess) shrinks the product's box
+    # to a 200 px long side and centres it on a 256 px white square: the product spans 200/256 =
+    # 0.78 of the frame. 0.14 gives the same: 1 / (1 + 2 x 0.14) = 0.78125.
+    crop_padding: float = Field(0.14, ge=0.0, le=4.0, description="white margin around the product in the model "
+                                "input, share of its box's long side on each side (0.14: the product spans "
+                                "0.78 of the view, as Zero123's reference preprocessing)")
     view_size: int = Field(256, ge=32, le=1024, multiple_of=8, description="novel-view model input/output size, px")
     radius: float = Field(0.0, ge=-0.5, le=0.5, description="relative camera distance change (+ = farther)")
     max_polar: float = Field(90.0, gt=0.0, le=90.0, description="largest |polar| accepted, degrees")

@@ -410,6 +410,11 @@ def test_text_encoder_lora_round_trips_through_both_formats(tmp_path, registry):
     r = tr.train()
     with safe_open(str(r.kohya_file), framework="pt") as f:
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in f.keys()
+    with safe_open(str(r.lora_file), framework="pt") as f:
+        te_keys = [k for k in f.keys() if k.startswith("text_encoder.")]
+    # diffusers' naming (as other tools read it): from CLIPTextModel's `text_model.` level.
+    assert te_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys), te_keys[:3]
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in te_keys
     ids = tr.tokenizer([f"{TAG}, handbag"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     tr.text_encoder.eval()
     with torch.no_grad():

@@ -168,47 +168,6 @@ def test_runtime_is_cpu_fp32_without_gpu(registry):
     assert rt.device.type == "cpu" and rt.dtype == torch.float32 and rt.offload == "off"
 
 
-def test_pull_from_hub_selects_files_and_converts_sam(tmp_path, tiny_dir, monkeypatch):
-    """The Hub calls are replaced (no network here); what is asked of them and done after is real."""
-    import huggingface_hub
-    from safetensors.torch import load_file
-
-    calls = {}
-    state = load_file(str(tiny_dir / "sam" / "sam_tiny.safetensors"))
-    pth = tmp_path / "hub" / "snapshots" / "0123abcd" / "checkpoints" / "sam_vit_b_01ec64.pth"
-    pth.parent.mkdir(parents=True)
-    torch.save(state, pth)
-
-    def fake_file(repo, filename, revision=None, local_files_only=False):
-        calls["file"] = (repo, filename, revision, local_files_only)
-        return str(pth)
-
-    def fake_snapshot(repo, revision=None, local_files_only=False, allow_patterns=None):
-        calls["snapshot"] = (repo, revision, local_files_only, allow_patterns)
-        return str(tiny_dir / "clip")
-
-    class FakeApi:
-        def list_repo_files(self, repo, revision=None):
-            return ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "tokenizer.json"]
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    p = tmp_path / "s.yaml"
-    p.write_text(f"runtime: {{device: cpu, offline: false}}\npaths: {{model_cache: {tmp_path / 'cache'}}}\n"
-                 "models:\n  sam: {repo: ybelkada/segment-anything, filename: checkpoints/sam_vit_b_01ec64.pth, model_type: auto}\n"
-                 "  clip: {repo: openai/clip-vit-base-patch32, revision: main}\n")
-    reg = ModelRegistry(load_settings(p))
-    reg.pull("clip")
-    assert calls["snapshot"] == ("openai/clip-vit-base-patch32", "main", False,
-                                 ["config.json", "model.safetensors", "tokenizer.json"])
-    reg.pull("sam")
-    assert calls["file"][:2] == ("ybelkada/segment-anything", "checkpoints/sam_vit_b_01ec64.pth")
-    assert list((tmp_path / "cache" / "sam").glob("sam_vit_b_01ec64-*.safetensors"))
-    assert reg.get("sam").model_type == "custom"
-    assert reg.provenance("sam")["revision"] == "0123abcd"
-
-
 def test_sam_encoder_runs_under_bf16_autocast_when_runtime_dtype_is_bfloat16(tiny_dir):
     """runtime.dtype bfloat16: SAM's weights stay float32, its image encoder runs under bf16
     autocast and hands float32 features on, so detection runs unchanged; float32 leaves SAM alone."""

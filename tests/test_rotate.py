@@ -5,6 +5,8 @@ segment-only without angles, pre-processing, upscale and matte, and the tiny mod
 import json
 import math
 
+import cv2
+
 import numpy as np
 import pytest
 import yaml
@@ -182,6 +184,42 @@ def test_place_box_rule():
 
 # ------------------------------------------------------------------------------------------------
 # Pre-processing, matte, upscale
+
+
+def _zero123_reference_view(img: Image.Image, mask: np.ndarray) -> np.ndarray:
+    """Zero123's reference preprocessing (cvlab-columbia/zero123, ldm/util.py load_and_preprocess),
+    with our mask in place of its background remover: product on white, cropped to its box,
+    shrunk to a 200 px long side (PIL thumbnail), pasted centred on a 256 px white square."""
+    rgb = np.asarray(img).copy()
+    rgb[~mask] = 255
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+    crop = Image.fromarray(rgb[y:y + h, x:x + w])
+    crop.thumbnail([200, 200], Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (256, 256), (255, 255, 255))
+    out.paste(crop, ((256 - crop.width) // 2, (256 - crop.height) // 2))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("box", [(40, 60, 440, 360), (100, 20, 250, 470), (10, 10, 310, 310)])
+def test_default_framing_matches_zero123_reference(box):
+    """rotate.crop_padding's default puts the product where Zero123's reference demo does: its
+    long side at 200/256 (0.78) of the 256 px view, centred."""
+    from pipeline.settings import RotateSettings
+
+    x0, y0, x1, y1 = box
+    img = Image.new("RGB", (480, 480), (30, 120, 200))
+    mask = np.zeros((480, 480), bool)
+    mask[y0:y1, x0:x1] = True
+    arr = np.asarray(img).copy()
+    arr[mask] = (200, 40, 40)
+    img = Image.fromarray(arr)
+    settings = RotateSettings()
+    view, _ = prepare_input(img, mask, settings.view_size, settings.crop_padding)
+    ours = bbox(rough_mask(np.asarray(view), 24))
+    ref = bbox(rough_mask(_zero123_reference_view(img, mask), 24))
+    assert max(ref[2] - ref[0], ref[3] - ref[1]) == 200
+    for a, b in zip(ours, ref):
+        assert abs(a - b) <= 1, (ours, ref)
 
 
 def test_prepare_input_centres_the_product_on_white():

@@ -36,6 +36,7 @@ class CatalogItem:
     mask: Path | None = None
     product_class: str | None = None
     tag: str = ""
+    profiles: list[str] | None = None
 
 
 class CatalogError(BadInput):
@@ -117,7 +118,8 @@ def _process_one(processor: Any, job: CatalogJob, out: Path, dry_run: bool, max_
     while True:
         try:
             rec = processor.process(it.path, out, stem=job.stem, dry_run=dry_run, classes=it.classes,
-                                    actions=it.actions, mask=it.mask, product_class=it.product_class)
+                                    actions=it.actions, mask=it.mask, product_class=it.product_class,
+                                    **({"profiles": it.profiles} if it.profiles else {}))
             return rec, time.perf_counter() - t0
         except ModelUnavailable:
             raise
@@ -199,6 +201,9 @@ def manifest_entry(item: CatalogItem, stem: str | None, record: dict[str, Any] |
         "record": f"{folder}{stem}.json" if stem and record else None,
         "reason": (rec.get("detect") or {}).get("reason") if status == "skipped" else None,
         "error": rec.get("error"), "seconds": round(seconds, 3),
+        **({"checks": {p["name"]: {"file": p["file"], "passed": p["check"]["passed"],
+                                   "failures": p["check"]["failures"], "figures": p["check"]["figures"]}
+                       for p in rec["profiles"]}} if rec.get("profiles") else {}),
     }
 
 

@@ -321,7 +321,7 @@ def _make_processor(s: Any, ruleset: Any, pool: Any, processor: Optional[str]) -
 def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
               out: Optional[Path], *, pool: Any = None, processor: Optional[str] = None, actions: Any = None,
               op: Optional[str] = None, mask: Optional[Path] = None, class_name: Optional[str] = None,
-              profiles: Optional[List[str]] = None, extra_items: Optional[list] = None) -> None:
+              profiles: Optional[List[str]] = None, extra_items: Optional[list] = None, note: str = "") -> None:
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -422,7 +422,7 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
         if callable(close):
             close()
     entries_in_order = [ent for _, ent in sorted(entries, key=lambda e: e[0])]
-    report = write_report(out_dir, entries_in_order)
+    report = write_report(out_dir, entries_in_order, note=note)
     counts: dict[str, int] = {}
     for ent in entries_in_order:
         counts[ent["status"]] = counts.get(ent["status"], 0) + 1
@@ -569,8 +569,22 @@ def demo_cmd(
     inbox, outbox = root / "inbox", root / "outbox"
     console.print("2. writing sample photos into the inbox...")
     write_samples(inbox)
-    console.print("3. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
-    _run_jobs(load_settings_or_exit(cfg), [inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox)
+    console.print("3. shop outputs for two sample photos with known masks (no model needed): background white, "
+                  "amazon-main profile...")
+    from pipeline.actions import parse_action
+    from pipeline.catalog import CatalogItem
+    from pipeline.samples import write_shop_samples
+
+    settings = load_settings_or_exit(cfg)
+    shots, masks = write_shop_samples(root / "shop")
+    white = [parse_action("background", {"mode": "color", "color": "#FFFFFF"}, settings)]
+    shop = [CatalogItem(p, actions=white, mask=masks, product_class=c, tag="shop", profiles=["amazon-main"])
+            for p, c in shots]
+    console.print("4. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
+    _run_jobs(settings, [inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox, extra_items=shop,
+              note="Rows named *-shop: generated sample photos with their known masks, put on white and framed by "
+                   "the amazon-main profile (no model involved: this is what the shop outputs look like). All other "
+                   "rows: detection and edits by tiny RANDOM-weight models, so their labels, masks and edits are noise.")
     console.print(f"\n[bold]outputs[/]: {outbox}  (per image: .png result, .mask.png, .overlay.png, .json record;"
                   " skipped/ and failed/ hold the others)")
     console.print(f"[bold]contact sheet[/]: {outbox / 'report.html'}")

@@ -285,7 +285,7 @@ def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product
     n_fail = sum(not c["passed"] for ent in entries for c in (ent.get("checks") or {}).values())
     parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;width:100%}"
-             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}img{max-width:320px}"
+             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}img{max-width:240px}td:last-child{min-width:18em}"
              "h2{margin-top:1.5em}.check{padding:4px;margin:2px 0}.check.pass{background:#e6f4ea}"
              ".check.fail{background:#fce8e6;color:#a50e0e;border:2px solid #d93025}"
              "img.broken{outline:3px dashed #d93025;min-width:80px;min-height:20px}</style>"

@@ -15,10 +15,16 @@ from typing import Any
 from pipeline.errors import BadInput
 from pipeline.settings import CheckSettings, OutputSettings, ProfileSettings
 
-AMAZON_SOURCE = "https://sellercentral.amazon.com/help/hub/reference/external/G1881"
-SHOPIFY_SOURCE = "https://help.shopify.com/en/manual/online-store/images/theme-images"
-ETSY_SOURCE = "https://help.etsy.com/hc/en-us/articles/115015663347"
-GOOGLE_SOURCE = "https://support.google.com/merchants/answer/6324350"
+# Where each preset's rules were read (docs/profiles.md cites each rule; the marketplaces' own
+# pages were not all reachable here, and those that were not are marked there, not invented).
+AMAZON_SOURCES = ["https://mercatuslab.com/blog/amazon-product-image-requirements",
+                  "https://editthispic.com/guides/amazon-product-photo-requirements"]
+SHOPIFY_SOURCES = ["https://www.pixfocal.com/guides/shopify-product-image-size",
+                   "https://sellshot.ai/en/blog/shopify-product-image-size-guide"]
+ETSY_SOURCES = ["https://dev.to/herofab/check-product-photos-against-amazon-etsy-and-96-other-marketplace-image-rules-"
+                "with-a-free-api-no-5982", "https://www.etsyshop.ai/to-sell-on-etsy/etsys-new-thumbnail-image-format-"
+                "revealed-3538"]
+GOOGLE_SOURCES = ["https://support.google.com/merchants/answer/6324350"]
 
 PRESETS: dict[str, ProfileSettings] = {
     "amazon-main": ProfileSettings(
@@ -30,7 +36,7 @@ PRESETS: dict[str, ProfileSettings] = {
         check=CheckSettings(background="#FFFFFF", min_background_share=0.99, min_fill=0.85, max_fill=1.0,
                             min_long_side=1600, max_long_side=10000, formats=["JPEG", "PNG", "TIFF", "GIF"],
                             srgb=True, no_borders=True),
-        sources=[AMAZON_SOURCE],
+        sources=AMAZON_SOURCES,
     ),
     "shopify": ProfileSettings(
         description="Shopify product image: 2048 x 2048 square (Shopify's recommendation), white padding, WebP",
@@ -39,7 +45,7 @@ PRESETS: dict[str, ProfileSettings] = {
         output=OutputSettings(format="webp", quality=90, srgb=True, metadata="keep"),
         check=CheckSettings(square=True, min_long_side=2048, max_long_side=4472, srgb=True,
                             formats=["JPEG", "PNG", "WEBP", "GIF", "HEIC", "AVIF"], max_bytes=20 * 1024 * 1024),
-        sources=[SHOPIFY_SOURCE],
+        sources=SHOPIFY_SOURCES,
     ),
     "etsy": ProfileSettings(
         description="Etsy listing photo: 2000 px wide, 5:4 (Etsy's recommended ratio), sRGB JPEG",
@@ -48,17 +54,17 @@ PRESETS: dict[str, ProfileSettings] = {
         output=OutputSettings(format="jpeg", quality=90, srgb=True, metadata="keep"),
         check=CheckSettings(min_short_side=635, min_long_side=2000, formats=["JPEG", "PNG", "GIF"], srgb=True,
                             max_bytes=1024 * 1024 * 10),
-        sources=[ETSY_SOURCE],
+        sources=ETSY_SOURCES,
     ),
     "google-shopping": ProfileSettings(
-        description="Google Merchant Center image: product on white, no borders or watermarks, at least 100 x 100 "
-                    "(800 x 800 for apparel), JPEG",
+        description="Google Merchant Center main image: product on white, at least 500 x 500 (required from "
+                    "31 Jan 2027; 1500 x 1500 recommended), at most 16 MB, no borders, JPEG",
         background={"mode": "color", "color": "#FFFFFF", "shadow": "none"},
-        frame={"aspect": "1:1", "fill": 0.9, "min_long_side": 800, "pad_color": "#FFFFFF"},
+        frame={"aspect": "1:1", "fill": 0.85, "min_long_side": 1500, "pad_color": "#FFFFFF"},
         output=OutputSettings(format="jpeg", quality=92, srgb=True, metadata="keep"),
-        check=CheckSettings(min_short_side=100, max_bytes=16 * 1024 * 1024, min_fill=0.75, max_fill=0.9 + 1e-6,
-                            formats=["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"], no_borders=True),
-        sources=[GOOGLE_SOURCE],
+        check=CheckSettings(min_short_side=500, max_bytes=16 * 1024 * 1024,
+                            formats=["JPEG", "WEBP", "PNG", "GIF", "BMP", "TIFF"], no_borders=True),
+        sources=GOOGLE_SOURCES,
     ),
 }
 

@@ -476,7 +476,8 @@ class OutputSettings(_Strict):
     format: Literal["png", "jpeg", "webp", "avif", "tiff"] = "png"
     quality: int = Field(92, ge=1, le=100, description="jpeg, webp and avif quality")
     lossless: bool = Field(False, description="webp / avif: lossless mode")
-    srgb: bool = Field(True, description="convert from the input's ICC profile to sRGB and tag the file sRGB")
+    srgb: bool = Field(False, description="convert from the input's ICC profile to sRGB and tag the file sRGB "
+                       "(the main output keeps the input's bytes by default; profiles turn it on)")
     metadata: Literal["keep", "strip"] = Field("keep", description="keep: embed the ICC profile (sRGB after "
                                                "conversion); strip: write no ICC profile or other metadata")
 

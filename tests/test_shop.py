@@ -311,3 +311,106 @@ addEventListener('load', () => setTimeout(() => {
     assert r["fails"] == 2 and r["visible_fails"] == 2  # 'strict' fails for both, drawn in red
     assert "2 profile check(s) failed" in r["text"]
     assert "amazon-main" in r["text"] and "long side" in r["text"]
+
+
+# ------------------------------------------------------------------------------------------------
+# more: transparency, chains through a size change, the upscaler, sRGB from another RGB profile
+
+
+def test_transparent_background_writes_an_rgba_png_through_the_runner(tmp_path):
+    scene, mask_path = _scene(tmp_path, size=(160, 120), box=(50, 30, 100, 90))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["run", str(scene), "--op", "background", "--mask", str(mask_path), "--class", "box",
+                            "--param", "mode=transparent", "--param", "edge=0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    im = Image.open(out / "scene-background.png")
+    assert im.mode == "RGBA"
+    a = np.asarray(im)
+    m = np.asarray(Image.open(mask_path)) > 0
+    assert (a[..., 3][m] == 255).all() and (a[..., 3][~m] == 0).all()
+    assert np.array_equal(a[..., :3][m], np.asarray(Image.open(scene).convert("RGB"))[m])
+    rec = json.loads((out / "scene-background.json").read_text())
+    assert rec["output"]["alpha"] == "kept" and rec["output"]["lossy"] is False
+
+
+def test_frame_then_displace_chain_passes_qa_through_the_size_change(tiny_settings, tmp_path):
+    from pipeline.process import Processor
+    from pipeline.rules import rules_from_dict
+
+    scene, mask_path = _scene(tmp_path, size=(200, 150), box=(60, 40, 100, 100))
+    s = tiny_settings
+    proc = Processor(s, rules_from_dict({"classes": [{"name": "box"}], "rules": []}, s), registry=object(),
+                     detector=object())
+    acts = [parse_action("frame", {"aspect": "1:1", "fill": 0.5}, s),
+            parse_action("displace", {"x": 10, "y": 0, "fill": "classical", "recheck": False}, s)]
+    rec = proc.process(scene, tmp_path / "o", stem="c", actions=acts, mask=mask_path, product_class="box")
+    assert rec["status"] == "edited", rec.get("error")
+    assert rec["qa"]["passed"] and {c["name"] for c in rec["qa"]["checks"]} >= {"geometry", "moved_product_identical"}
+    res = _arr(tmp_path / "o" / "c.png")
+    assert res.shape == (122, 122, 3)  # the 41 x 61 px product at 50% of the height -> 122 x 122
+    src = np.asarray(Image.open(scene).convert("RGB"))
+    # framed at scale 1 (product box at x 40..81, y 30..91), then moved 10 px right: bit-identical
+    assert np.array_equal(res[30:91, 50:91], src[40:101, 60:101])
+    assert rec["products"][0]["box"] == [50, 30, 91, 91]
+
+
+def test_frame_with_the_upscaler_role_records_it_and_marks_the_region_edited(tiny_settings, registry, tmp_path):
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 40, 3), np.uint8))
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    s = FrameSettings(aspect="1:1", fill=0.5, min_long_side=100, upscale="upscaler")
+    edit = frame(img, mask, "box", s, registry)
+    assert edit.image.size == (100, 100) and edit.record["upscaled_by"]["method"] == "upscaler"
+    assert edit.record["upscaled_by"]["passes"] >= 1 and edit.edit_mask.sum() == edit.transform.placed().sum()
+    src = np.asarray(img)
+    rep = check(src, np.asarray(edit.image), [Step("frame", "box", 0, src, edit)], [edit.product_mask], ["box"])
+    assert rep.passed, rep.failures()
+
+
+def _rgb_icc(desc: str) -> bytes:
+    """A minimal ICC v2 RGB display profile: Adobe-RGB-like primaries (D50-adapted), gamma 2.2."""
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", int(round(v * 65536)))
+
+    def xyz(x, y, z):
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    d = desc.encode("ascii") + b"\0"
+    tags = [(b"desc", b"desc" + b"\0" * 4 + struct.pack(">I", len(d)) + d + b"\0" * 4 + b"\0" * 4 + b"\0" * 3 + b"\0" * 67),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", xyz(0.6097, 0.3111, 0.0195)), (b"gXYZ", xyz(0.2053, 0.6257, 0.0609)),
+            (b"bXYZ", xyz(0.1492, 0.0632, 0.7446)),
+            (b"rTRC", b"curv" + b"\0" * 4 + struct.pack(">IH", 1, int(2.2 * 256)) + b"\0\0")]
+    tags += [(b"gTRC", tags[-1][1]), (b"bTRC", tags[-1][1]), (b"cprt", b"text" + b"\0" * 4 + b"none\0\0\0\0")]
+    table, data = b"", b""
+    offset = 128 + 4 + 12 * len(tags)
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
+    header += b"acsp" + b"\0" * 4 + b"\0" * 4 + b"\0" * 8 + b"\0" * 8 + b"\0" * 4 + s15(0.9642) + s15(1.0) + s15(0.8249)
+    header += b"\0" * (128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_srgb_conversion_from_another_rgb_profile(tmp_path):
+    from pipeline.compliance import colour_space
+    from pipeline.outputs import encode_image
+    from pipeline.settings import OutputSettings
+
+    icc = _rgb_icc("Wide RGB test")
+    assert colour_space(icc) == "Wide RGB test"
+    img = Image.fromarray(np.array([[[100, 150, 50], [128, 128, 128]]], np.uint8))
+    rec = encode_image(img, None, tmp_path, "a.png", OutputSettings(format="png", srgb=True), icc)
+    assert rec["colour"] == "converted from 'Wide RGB test' to sRGB" and rec["icc"] == "sRGB"
+    back = Image.open(tmp_path / "a.png")
+    assert colour_space(back.info.get("icc_profile")) == "sRGB"
+    px = np.asarray(back.convert("RGB"))
+    assert not np.array_equal(px, np.asarray(img))  # the wide green is more saturated in sRGB terms
+    assert px[0, 0, 1] > 150 and px[0, 0, 0] < 100
+    rec = encode_image(img, None, tmp_path, "b.png", OutputSettings(format="png", srgb=False), icc)
+    assert rec["colour"] == "as the input" and np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(img))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.actions import OPS as ACTIONS
 from pipeline.actions import Action, chain_problems, parse_action
@@ -65,22 +65,19 @@ class Match(_Strict):
 class Rule(_Strict):
     name: str | None = None
     match: Match
-    actions: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
+    # profiles before actions: the actions' validator looks at them.
     profiles: list[str] = Field(default_factory=list, description="marketplace profiles to write for a match "
                                 "(STEM.PROFILE.EXT each), after the actions")
+    actions: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
     continue_: bool = Field(False, alias="continue")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    @model_validator(mode="after")
-    def _something(self) -> "Rule":
-        if not self.actions and not self.profiles:
-            raise ValueError("a rule needs actions, profiles or both")
-        return self
-
     @field_validator("actions")
     @classmethod
-    def _actions(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _actions(cls, v: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        if not v and not info.data.get("profiles"):
+            raise ValueError("a rule needs at least 1 action (or profiles)")
         for i, a in enumerate(v):
             if not isinstance(a, dict) or len(a) != 1:
                 raise ValueError(f"action {i} must be a mapping with one key (one of {', '.join(ACTIONS)})")

@@ -414,3 +414,14 @@ def test_srgb_conversion_from_another_rgb_profile(tmp_path):
     assert px[0, 0, 1] > 150 and px[0, 0, 0] < 100
     rec = encode_image(img, None, tmp_path, "b.png", OutputSettings(format="png", srgb=False), icc)
     assert rec["colour"] == "as the input" and np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(img))
+
+
+def test_check_detects_the_product_when_no_mask_is_given(tiny_dir, tmp_path):
+    scene, _ = _scene(tmp_path)
+    r = runner.invoke(app, ["check", str(scene), "--profile", "amazon-main", "--profile", "google-shopping",
+                            "--config", str(tiny_dir / "settings.yaml")])
+    # The tiny random detector finds something (noise); the photo fails amazon-main on size either way.
+    assert r.exit_code == 1, r.output
+    assert "amazon-main" in r.output and "long side 640 px (at least 1600)" in r.output
+    r = runner.invoke(app, ["check", str(scene), "--profile", "ebay"])
+    assert r.exit_code == 2 and "unknown profile 'ebay'" in r.output

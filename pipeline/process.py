@@ -7,9 +7,13 @@ and on where its product is *now*: every edit returns the product's new mask, an
 lose the pixels an edit painted over) -> QA gate (:mod:`pipeline.qa`) -> outputs. Every input
 ends as exactly one record (:func:`pipeline.outputs.write_record`, written last):
 
-- ``edited``:  ``OUT/STEM.png`` (final image, PNG so untouched pixels stay bit-identical),
+- ``edited``:  ``OUT/STEM.png`` (final image; PNG by default so untouched pixels stay bit-identical,
+  else ``settings.output``'s format, written after the QA gate),
   ``OUT/STEM.mask.png`` (every pixel any edit may have changed), ``OUT/STEM.overlay.png``
-  (detections), ``OUT/STEM.json`` with ``qa: {passed, checks}``.
+  (detections), ``OUT/STEM.json`` with ``qa: {passed, checks}``; per marketplace profile
+  (``profiles``, or a matching rule's) ``OUT/STEM.PROFILE.EXT``: the result, then the profile's
+  ``frame`` and ``background`` (through the QA gate too), encoded with its ``output`` and
+  measured by its compliance check (:mod:`pipeline.compliance`), listed in ``profiles``.
 - ``skipped``: ``OUT/skipped/STEM.json`` + overlay: no product, or no rule matched (reason and
   best scores recorded).
 - ``failed``:  ``OUT/failed/STEM.json``: bad input, bad parameters, a refused edit or a failed QA
@@ -202,7 +206,7 @@ class Processor:
         planned = [p.to_record() for p in plan]
         if dry_run:
             return write_detect_outputs(outbox, stem, loaded, result,
-                                        {**base, "matches": matches, "plan": planned,
+                                        {**base, "matches": matches, "plan": planned, "profiles": profiles,
                                          "no_match": self.rules.no_match if not plan else None, "timings": timings},
                                         status="planned")
         if not plan and self.rules.no_match == "skip":
@@ -261,9 +265,9 @@ class Processor:
         save_image(draw_overlay(image, dets), outbox / overlay)
         profile_records = []
         ctx["stage"] = "write"
-        for name, prof, branch, recs, pqa in branches:
-            from pipeline.compliance import measure
+        from pipeline.compliance import measure
 
+        for name, prof, branch, recs, pqa in branches:
             fname = f"{stem}.{stem_for(name)}.{file_suffix(prof.output.format)}"
             enc = encode_image(branch.image, branch.alpha, outbox, fname, prof.output, loaded.icc_profile)
             comp = measure(outbox / fname, branch.products[target], prof.check)

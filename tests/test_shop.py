@@ -425,3 +425,28 @@ def test_check_detects_the_product_when_no_mask_is_given(tiny_dir, tmp_path):
     assert "amazon-main" in r.output and "long side 640 px (at least 1600)" in r.output
     r = runner.invoke(app, ["check", str(scene), "--profile", "ebay"])
     assert r.exit_code == 2 and "unknown profile 'ebay'" in r.output
+
+
+def test_background_blur_image_and_drop_shadow_keep_the_product(tiny_settings, tmp_path):
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 255, (60, 80, 3), np.uint8)
+    img = Image.fromarray(src)
+    mask = np.zeros((60, 80), bool)
+    mask[20:40, 30:50] = True
+    Image.fromarray(np.full((30, 30, 3), (10, 200, 30), np.uint8)).save(tmp_path / "backdrop.png")
+    s = tiny_settings.model_copy(deep=True)
+    s.base_dir = tmp_path
+    blur = run_action("background", img, mask, "box", {"mode": "blur", "blur_radius": 5}, s, None)
+    backdrop = run_action("background", img, mask, "box", {"mode": "image", "image": "backdrop.png", "edge": 0}, s, None)
+    drop = run_action("background", img, mask, "box", {"shadow": "drop", "shadow_blur": 0, "edge": 0}, s, None)
+    for e in (blur, backdrop, drop):
+        out = np.asarray(e.image)
+        assert np.array_equal(out[mask], src[mask]) and np.array_equal(e.edit_mask, ~mask)
+    b = np.asarray(blur.image)
+    assert b[~mask].std() < src[~mask].std() / 3  # blurred
+    assert (np.asarray(backdrop.image)[~mask] == (10, 200, 30)).all()
+    d = np.asarray(drop.image)
+    off = drop.record["shadow"]["offset_px"]
+    # product rows 20..39, cols 30..49; its silhouette 1 px down-right: row 40 and column 50 are shadow
+    assert off == [1, 1] and (d[40, 35] < 255).all() and (d[35, 50] < 255).all()
+    assert (d[19, 35] == 255).all() and (d[35, 29] == 255).all() and (d[41, 35] == 255).all()

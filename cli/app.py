@@ -258,7 +258,8 @@ def run_cmd(
     it. --engine ray spreads the images over a pool of Ray actors (see docs/ray.md).
 
     Writes per input STEM.png / STEM.mask.png / STEM.overlay.png / STEM.json (edited; --op:
-    STEM-OP.png ...), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and
+    STEM-OP.png ...), with --profile also STEM.PROFILE.EXT per profile (checked; a failed check
+    is reported, not an error), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and
     OUT/report.html (contact sheet). Exit 0 when every input was processed (skipped counts), 4 if
     any failed."""
     given = {"x": x, "y": y, "fill": fill_backend, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,

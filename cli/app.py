@@ -282,7 +282,8 @@ OP_FLAGS = {"x": "--x", "y": "--y", "fill": "--fill", "loras": "--lora", "prompt
 @app.command("run")
 def run_cmd(
     paths: List[Path] = typer.Argument(..., help="images, folders (their images) or catalog CSVs"),
-    op: Optional[str] = typer.Option(None, "--op", help="one operation by hand (displace | enhance | rotate) instead of the rules"),
+    op: Optional[str] = typer.Option(None, "--op", help="one operation by hand (displace | enhance | rotate | background | frame) instead of the rules"),
+    profile: Optional[List[str]] = typer.Option(None, "--profile", help="marketplace profile to write too (repeatable): STEM.PROFILE.EXT with its compliance check (see docs/profiles.md)"),
     class_name: Optional[str] = typer.Option(None, "--class", help="the product class: the one --op edits, or the class of --mask's products"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file, or a folder of masks named like the inputs (white = product); skips detection"),
     x: Optional[str] = typer.Option(None, "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
@@ -295,6 +296,7 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (default: settings)"),
     azimuth: Optional[float] = typer.Option(None, "--azimuth", help="rotate: degrees, -180..180"),
     polar: Optional[float] = typer.Option(None, "--polar", help="rotate: degrees"),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="any other parameter of --op as KEY=VALUE (repeatable), e.g. mode=blur, shadow=contact, aspect=4:5"),
     rules: Optional[Path] = typer.Option(None, "--rules", help="rule file (default: paths.rules from the settings)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="detect and plan only: masks, overlays and the actions that would run"),
     on_conflict: str = typer.Option("suffix", "--on-conflict", help="existing outputs: suffix | skip | overwrite"),
@@ -313,7 +315,8 @@ def run_cmd(
     it. --engine ray spreads the images over a pool of Ray actors (see docs/ray.md).
 
     Writes per input STEM.png / STEM.mask.png / STEM.overlay.png / STEM.json (edited; --op:
-    STEM-OP.png ...), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and
+    STEM-OP.png ...), with --profile also STEM.PROFILE.EXT per profile (checked; a failed check
+    is reported, not an error), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and
     OUT/report.html (contact sheet). Exit 0 when every input was processed (skipped counts), 4 if
     any failed."""
     # --fill lama,sd,classical is a fallback order (a list); one name stays a name
@@ -322,6 +325,14 @@ def run_cmd(
     given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar}
     given = {k: v for k, v in given.items() if v is not None}
+    for kv in param or []:
+        if "=" not in kv:
+            raise fail(f"--param {kv!r} is not KEY=VALUE", EXIT_CONFIG)
+        from pipeline.actions import _value
+
+        k, v = kv.split("=", 1)
+        given[k.strip()] = _value(v.strip())
+        OP_FLAGS.setdefault(k.strip(), f"--param {k.strip()}")
     if op is None and given:
         raise fail("operation options (--x, --lora, --azimuth, ...) go with --op; rules mode takes them from the rule file",
                    EXIT_CONFIG)
@@ -340,7 +351,7 @@ def run_cmd(
             raise fail(f"--op {op}: {where}", EXIT_CONFIG) from None
     opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
     _run_jobs(s, paths, rules, dry_run, on_conflict, recursive, out, pool=opts, actions=actions,
-              op=op, mask=mask, class_name=class_name)
+              op=op, mask=mask, class_name=class_name, profiles=profile)
 
 
 def _make_processor(s: Any, ruleset: Any, pool: Any) -> tuple[Any, int]:
@@ -366,7 +377,8 @@ def _make_processor(s: Any, ruleset: Any, pool: Any) -> tuple[Any, int]:
 
 def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, on_conflict: str, recursive: bool,
               out: Optional[Path], *, pool: Any = None, actions: Any = None,
-              op: Optional[str] = None, mask: Optional[Path] = None, class_name: Optional[str] = None) -> None:
+              op: Optional[str] = None, mask: Optional[Path] = None, class_name: Optional[str] = None,
+              profiles: Optional[List[str]] = None, extra_items: Optional[list] = None, note: str = "") -> None:
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -396,10 +408,16 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
                 raise fail(f"--class {class_name!r} is not a class of the rules ({', '.join(c.name for c in ruleset.classes)})",
                            EXIT_CONFIG)
         items = collect_items(paths, s, recursive)
+        if profiles:
+            from pipeline.profiles import get_profile
+
+            for n in profiles:
+                get_profile(n, s)
     except SettingsError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     except (BadInput, OSError) as e:
         raise fail(str(e), EXIT_INPUT) from None
+    items.extend(extra_items or [])
     if not items:
         console.print("no input images found: nothing to do")
         return
@@ -412,6 +430,8 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
                 item.classes = [class_name]
         if mask is not None:
             item.mask = mask
+        if profiles:
+            item.profiles = list(profiles)
     out_dir = out or s.resolve_path(s.paths.outbox)
     inbox = s.resolve_path(s.paths.inbox)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -459,7 +479,7 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
         if callable(close):
             close()
     entries_in_order = [ent for _, ent in sorted(entries, key=lambda e: e[0])]
-    report = write_report(out_dir, entries_in_order)
+    report = write_report(out_dir, entries_in_order, note=note)
     counts: dict[str, int] = {}
     for ent in entries_in_order:
         counts[ent["status"]] = counts.get(ent["status"], 0) + 1
@@ -474,6 +494,10 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
         if ent["status"] in ("failed", "skipped"):
             console.print(f"[{'red' if ent['status'] == 'failed' else 'yellow'}]{ent['status']}[/] "
                           f"{Path(ent['input']).name}: {ent.get('error') or ent.get('reason')}")
+    for ent in entries_in_order:
+        for name, c in (ent.get("checks") or {}).items():
+            if not c["passed"]:
+                console.print(f"[red]check failed[/] {Path(ent['input']).name} {name}: {'; '.join(c['failures'])}")
     if stage:
         console.print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in stage.items()))
     console.print(f"outputs in {out_dir}; contact sheet {report}"
@@ -482,6 +506,72 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
         console.print("[yellow]warning[/]: the output folder is inside the inbox")
     if counts.get("failed"):
         raise typer.Exit(EXIT_INPUT)
+
+
+# ------------------------------------------------------------------------------------------------
+# check (compliance audit of any photo)
+
+
+@app.command("check")
+def check_cmd(
+    images: List[Path] = typer.Argument(..., help="image files or folders (their images)"),
+    profile: List[str] = typer.Option(..., "--profile", help="profile to check against (repeatable), e.g. amazon-main"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file, or a folder of masks named like the images; default: detect"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="with detection: the product class (default: the best detection of any configured class)"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Check photos against marketplace profiles: background (share of exactly-white pixels
+    outside the product), product fill, size, format, colour space, borders. Prints the figures;
+    exit 1 when any image fails any profile, 4 when an image cannot be read."""
+    from rich.table import Table
+
+    from pipeline.compliance import measure, summary
+    from pipeline.errors import BadInput
+    from pipeline.imageio import find_mask, is_image_name, load_image, load_mask
+    from pipeline.profiles import get_profile
+
+    s = load_settings_or_exit(config)
+    try:
+        profs = {n: get_profile(n, s) for n in profile}
+    except BadInput as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    files: list[Path] = []
+    for p in images:
+        files.extend(sorted(f for f in p.iterdir() if f.is_file() and is_image_name(f)) if p.is_dir() else [p])
+    detector = None
+    t = Table("image", "profile", "result")
+    failed = unreadable = 0
+    for f in files:
+        try:
+            loaded = load_image(f, max_pixels=s.limits.max_pixels)
+            if mask is not None:
+                m = load_mask(find_mask(mask, f.name), loaded.size, s.limits.max_pixels)
+            else:
+                if detector is None:
+                    from pipeline.detect import Detector
+                    from pipeline.models import ModelRegistry
+
+                    with model_errors():
+                        detector = Detector(ModelRegistry(s), s.detect)
+                classes = [c for c in s.detect.classes if class_name in (None, c.name)] or \
+                    [s.detect.classes[0].model_copy(update={"name": class_name})]
+                with model_errors():
+                    res = detector.detect(loaded.image.convert("RGB"), classes)
+                m = max(res.detections, key=lambda d: d.score).mask if res.detections else None
+        except BadInput as e:
+            unreadable += 1
+            t.add_row(f.name, "", f"[red]cannot check[/]: {e}")
+            continue
+        for n, prof in profs.items():
+            c = measure(f, m, prof.check)
+            failed += not c["passed"]
+            t.add_row(f.name, n, ("[green]" if c["passed"] else "[red]") + summary(c) + "[/]")
+    console.print(t)
+    if unreadable:
+        raise typer.Exit(EXIT_INPUT)
+    if failed:
+        console.print(f"[red]{failed} check(s) failed[/]")
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,8 +626,22 @@ def demo_cmd(
     inbox, outbox = root / "inbox", root / "outbox"
     console.print("2. writing sample photos into the inbox...")
     write_samples(inbox)
-    console.print("3. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
-    _run_jobs(load_settings_or_exit(cfg), [inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox)
+    console.print("3. shop outputs for two sample photos with known masks (no model needed): background white, "
+                  "amazon-main profile...")
+    from pipeline.actions import parse_action
+    from pipeline.catalog import CatalogItem
+    from pipeline.samples import write_shop_samples
+
+    settings = load_settings_or_exit(cfg)
+    shots, masks = write_shop_samples(root / "shop")
+    white = [parse_action("background", {"mode": "color", "color": "#FFFFFF"}, settings)]
+    shop = [CatalogItem(p, actions=white, mask=masks, product_class=c, tag="shop", profiles=["amazon-main"])
+            for p, c in shots]
+    console.print("4. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
+    _run_jobs(settings, [inbox], root / "models" / "rules.yaml", False, "suffix", False, outbox, extra_items=shop,
+              note="Rows named *-shop: generated sample photos with their known masks, put on white and framed by "
+                   "the amazon-main profile (no model involved: this is what the shop outputs look like). All other "
+                   "rows: detection and edits by tiny RANDOM-weight models, so their labels, masks and edits are noise.")
     console.print(f"\n[bold]outputs[/]: {outbox}  (per image: .png result, .mask.png, .overlay.png, .json record;"
                   " skipped/ and failed/ hold the others)")
     console.print(f"[bold]contact sheet[/]: {outbox / 'report.html'}")

@@ -18,10 +18,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pydantic import BaseModel, ValidationError
 
+from pipeline.background import BackgroundParams, run_background
 from pipeline.displace import DisplaceParams, run_displace
 from pipeline.edits import Edit, EditContext, OpParams
 from pipeline.enhance import EnhanceParams, run_enhance
 from pipeline.errors import ParamsError
+from pipeline.frame import FrameParams, run_frame
 from pipeline.rotate import RotateParams, run_rotate
 
 
@@ -33,6 +35,7 @@ class Operation:
     params: type[OpParams]
     run: Callable[..., Edit]
     moves: bool = False  # the product may end somewhere else (or partly outside the frame)
+    resizes: bool = False  # the result has another size (the Edit carries its Transform)
 
     @property
     def own_fields(self) -> list[str]:
@@ -43,6 +46,8 @@ OPERATIONS: dict[str, Operation] = {
     "enhance": Operation("enhance", EnhanceParams, run_enhance),
     "rotate": Operation("rotate", RotateParams, run_rotate, moves=True),
     "displace": Operation("displace", DisplaceParams, run_displace, moves=True),
+    "background": Operation("background", BackgroundParams, run_background),
+    "frame": Operation("frame", FrameParams, run_frame, resizes=True),
 }
 OPS = tuple(OPERATIONS)
 

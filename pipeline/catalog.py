@@ -37,6 +37,7 @@ class CatalogItem:
     mask: Path | None = None
     product_class: str | None = None
     tag: str = ""
+    profiles: list[str] | None = None
 
 
 class CatalogError(BadInput):
@@ -118,7 +119,8 @@ def _process_one(processor: Any, job: CatalogJob, out: Path, dry_run: bool, max_
     while True:
         try:
             rec = processor.process(it.path, out, stem=job.stem, dry_run=dry_run, classes=it.classes,
-                                    actions=it.actions, mask=it.mask, product_class=it.product_class)
+                                    actions=it.actions, mask=it.mask, product_class=it.product_class,
+                                    **({"profiles": it.profiles} if it.profiles else {}))
             return rec, time.perf_counter() - t0
         except ModelUnavailable:
             raise
@@ -198,6 +200,9 @@ def manifest_entry(item: CatalogItem, stem: str | None, record: dict[str, Any] |
         "record": f"{folder}{stem}.json" if stem and record else None,
         "reason": (rec.get("detect") or {}).get("reason") if status == "skipped" else None,
         "error": rec.get("error"), "seconds": round(seconds, 3),
+        **({"checks": {p["name"]: {"file": p["file"], "passed": p["check"]["passed"],
+                                   "failures": p["check"]["failures"], "figures": p["check"]["figures"]}
+                       for p in rec["profiles"]}} if rec.get("profiles") else {}),
     }
 
 
@@ -217,11 +222,12 @@ def _thumb(src: Path, dst: Path, size: int = 320) -> str | None:
     return dst.name
 
 
-def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product Studio run") -> Path:
+def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product Studio run", note: str = "") -> Path:
     """``OUT/report.html``: static, self-contained apart from relative thumbnails in ``OUT/thumbs/``.
 
-    Per image: input | overlay | output, classes and scores, actions, QA figures and timings;
-    skipped and failed images in their own sections with the reason."""
+    Per image: input | overlay | output | each profile's output with its compliance figures
+    (failures highlighted) | classes and scores, actions, QA figures and timings; skipped and
+    failed images in their own sections with the reason. ``note``: a line under the title."""
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
     sections: dict[str, list[str]] = {"edited": [], "planned": [], "skipped": [], "failed": [], "exists": []}
@@ -255,24 +261,44 @@ def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product
                 qa.append(f"re-check {fill['scores'][-1]:.2f}" + (" (fallback)" if fill.get("fallback") else ""))
             if r.get("warnings"):
                 qa.extend(r["warnings"])
+        shop = []
+        for prof in rec.get("profiles") or []:
+            chk = prof["check"]
+            src_p = out / prof["file"]
+            name = _thumb(src_p, thumbs / f"{stem}.{prof['name']}.jpg") if src_p.exists() else None
+            from pipeline.compliance import summary
+
+            cls = "check pass" if chk["passed"] else "check fail"
+            img = f'<img src="thumbs/{e(name)}" alt="{e(prof["name"])} output">' if name else "-"
+            shop.append(f'<div class="{cls}" data-profile="{e(prof["name"])}"><b>{e(prof["name"])}</b> '
+                        f'<a href="{e(prof["file"])}">{e(prof["file"])}</a><br>{img}<br>{e(summary(chk))}</div>')
+        shop_cell = f"<td>{''.join(shop) or '-'}</td>"
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in (rec.get("timings") or {}).items())
         why = ent.get("reason") or ent.get("error") or det.get("reason") or ""
         info = (f"<td><b>{e(Path(ent['input']).name)}</b>{' / ' + e(ent['sku']) if ent.get('sku') else ''}"
                 f"<br>found: {e(found)}<br>best: {e(best)}<br>actions: {e(act_txt)}"
                 f"{'<br>QA: ' + e('; '.join(qa)) if qa else ''}{'<br>why: ' + e(why) if why else ''}"
                 f"<br><small>{e(timing)}</small></td>")
-        sections.setdefault(status, []).append(f"<tr>{cells[0]}{cells[1]}{cells[2]}{info}</tr>")
+        sections.setdefault(status, []).append(f'<tr class="input-row">{cells[0]}{cells[1]}{cells[2]}{shop_cell}{info}</tr>')
     counts = ", ".join(f"{k} {len(v)}" for k, v in sections.items() if v)
+    n_fail = sum(not c["passed"] for ent in entries for c in (ent.get("checks") or {}).values())
     parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;width:100%}"
-             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}img{max-width:320px}"
-             "h2{margin-top:1.5em}</style></head><body>",
-             f"<h1>{e(title)}</h1><p id=\"summary\">{e(counts)}</p>"]
+             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}img{max-width:240px}td:last-child{min-width:18em}"
+             "h2{margin-top:1.5em}.check{padding:4px;margin:2px 0}.check.pass{background:#e6f4ea}"
+             ".check.fail{background:#fce8e6;color:#a50e0e;border:2px solid #d93025}"
+             "img.broken{outline:3px dashed #d93025;min-width:80px;min-height:20px}</style>"
+             # A thumbnail that does not load is marked, so a missing file is visible, not blank.
+             "<script>addEventListener('load',()=>{for(const i of document.images){const ok=i.complete&&"
+             "i.naturalWidth>0;i.dataset.loaded=ok?'yes':'no';if(!ok)i.classList.add('broken')}"
+             "document.body.dataset.ready='yes'})</script></head><body>",
+             f"<h1>{e(title)}</h1>" + (f"<p id=\"note\">{e(note)}</p>" if note else "")
+             + f"<p id=\"summary\">{e(counts)}{', ' + e(str(n_fail)) + ' profile check(s) failed' if n_fail else ''}</p>"]
     for name, rows in sections.items():
         if not rows:
             continue
         parts.append(f'<h2 id="{name}">{name.capitalize()} ({len(rows)})</h2>'
-                     "<table><tr><th>input</th><th>overlay</th><th>output</th><th>details</th></tr>"
+                     "<table><tr><th>input</th><th>overlay</th><th>output</th><th>shop outputs and checks</th><th>details</th></tr>"
                      + "".join(rows) + "</table>")
     parts.append("</body></html>")
     from pipeline.imageio import atomic_write_text

@@ -75,6 +75,12 @@ class Edit:
     ``record``: JSON-serialisable dict describing what was done (parameters, seeds, backends,
     scores, timings, model provenance). ``moved``: set when the product's own pixels were moved
     unchanged (displace), so QA can prove it.
+
+    ``transform``: set when the edit changed the image's size (``frame``: crop, pad, scale): the
+    :class:`~pipeline.geometry.Transform` from the input to ``image``. Then ``edit_mask`` and
+    ``product_mask`` are in the *output's* size, and "unchanged" outside ``edit_mask`` means
+    "equal to ``transform.apply(input)``" (QA recomputes it). ``alpha``: HxW uint8 (255 = opaque)
+    when the result has transparency (``background: transparent``); None = opaque.
     """
 
     image: Image.Image
@@ -82,6 +88,8 @@ class Edit:
     product_mask: np.ndarray
     record: dict[str, Any] = field(default_factory=dict)
     moved: Moved | None = None
+    transform: Any = None  # pipeline.geometry.Transform
+    alpha: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         w, h = self.image.size
@@ -92,3 +100,7 @@ class Edit:
             if not isinstance(m, np.ndarray) or m.shape != (h, w) or m.dtype != bool:
                 raise TypeError(f"Edit.{name} must be a bool array of shape {(h, w)}, "
                                 f"got {getattr(m, 'dtype', type(m).__name__)} {getattr(m, 'shape', '')}")
+        if self.alpha is not None and (self.alpha.shape != (h, w) or self.alpha.dtype != np.uint8):
+            raise TypeError(f"Edit.alpha must be a uint8 array of shape {(h, w)}")
+        if self.transform is not None and tuple(self.transform.out_size) != (w, h):
+            raise TypeError(f"Edit.transform's output size {self.transform.out_size} is not the image's {(w, h)}")

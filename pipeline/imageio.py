@@ -612,6 +612,7 @@ def save_image(
     format: str | None = None,
     icc_profile: bytes | None = None,
     quality: int = 95,
+    options: dict[str, object] | None = None,
 ) -> Path:
     """Encode ``image`` and write it atomically to ``path``; return ``Path(path)``.
 
@@ -622,7 +623,8 @@ def save_image(
     ``format`` is a Pillow format name (``"JPEG"``/``"JPG"``, ``"PNG"``, ``"WEBP"``, ``"TIFF"``...);
     by default it follows the file suffix. JPEG has no alpha, so images with alpha are composited
     on white first. ``quality`` (1..100) applies to JPEG and WEBP; PNG uses Pillow's default
-    compression. ``icc_profile`` is embedded when given; when None, ``image.info["icc_profile"]``
+    compression; ``options`` are passed to Pillow's encoder as they are (e.g. ``lossless`` for
+    WEBP/AVIF). ``icc_profile`` is embedded when given; when None, ``image.info["icc_profile"]``
     is used if present (``b""`` writes none). The parent folder is created if missing. An unknown
     format raises ``ValueError`` before anything is written; on any failure the previous file at
     ``path`` is left untouched and no temporary file remains.
@@ -636,8 +638,9 @@ def save_image(
         pil = _flatten_for_jpeg(pil)
 
     params: dict[str, object] = {}
-    if fmt in ("JPEG", "WEBP"):
+    if fmt in ("JPEG", "WEBP", "AVIF"):
         params["quality"] = int(quality)
+    params.update(options or {})
     if icc:
         params["icc_profile"] = bytes(icc)
 

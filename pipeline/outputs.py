@@ -218,3 +218,77 @@ def write_failure(out_dir: Path, stem: str, source: str, error: str, extra: dict
     output folder, not its ``failed/``)."""
     return write_record(out_dir, stem, {"status": "failed", "input": {"path": source}, "error": error,
                                         **(extra or {})})
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding result images (settings / profile ``output``)
+
+LOSSY = {"jpeg": True, "webp": True, "avif": True, "png": False, "tiff": False}
+PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "avif": "AVIF", "tiff": "TIFF"}
+
+
+def to_srgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, str]:
+    """``image`` (RGB or RGBA) converted from the colour space ``icc`` describes to sRGB
+    (relative colorimetric, LittleCMS via Pillow's ImageCms). Returns ``(image, what was done)``;
+    an untagged image is taken as sRGB already and returned as it is."""
+    from pipeline.compliance import colour_space
+
+    space = colour_space(icc)
+    if space in ("sRGB", "untagged"):
+        return image, "already sRGB" if space == "sRGB" else "untagged: taken as sRGB"
+    import io
+
+    from PIL import ImageCms
+
+    from pipeline.imageio import _srgb_profile_bytes
+
+    src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    dst = ImageCms.ImageCmsProfile(io.BytesIO(_srgb_profile_bytes()))
+    alpha = image.getchannel("A") if image.mode == "RGBA" else None
+    out = ImageCms.profileToProfile(image.convert("RGB"), src, dst, outputMode="RGB")
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out, f"converted from {space!r} to sRGB"
+
+
+def encode_image(image: Image.Image, alpha: np.ndarray | None, out_dir: Path, name: str, output: Any,
+                 icc: bytes | None) -> dict[str, Any]:
+    """Write ``image`` (PIL RGB; ``alpha`` HxW uint8 or None) as ``out_dir/name`` in
+    ``output.format`` (an :class:`~pipeline.settings.OutputSettings`). Returns the record:
+    file, format, lossy, quality, colour (what was done to reach sRGB), icc (embedded or not),
+    metadata policy, alpha (kept, or flattened on white for JPEG)."""
+    from pipeline.imageio import _srgb_profile_bytes
+
+    fmt = output.format
+    rec: dict[str, Any] = {"file": name, "format": PIL_FORMAT[fmt], "lossy": LOSSY[fmt] and not output.lossless,
+                           "metadata": output.metadata}
+    if rec["lossy"]:
+        rec["quality"] = output.quality
+    im = image.copy()
+    im.info.pop("icc_profile", None)
+    if alpha is not None:
+        if fmt == "jpeg":
+            rec["alpha"] = "flattened on white (JPEG has no alpha)"
+        else:
+            rec["alpha"] = "kept"
+        im.putalpha(Image.fromarray(alpha, "L"))
+    if output.srgb:
+        im, rec["colour"] = to_srgb(im, icc)
+        out_icc = _srgb_profile_bytes()
+    else:
+        rec["colour"] = "as the input"
+        out_icc = icc
+    if output.metadata == "strip":
+        out_icc = None
+    rec["icc"] = "sRGB" if out_icc and output.srgb else ("input's" if out_icc else "none")
+    opts: dict[str, object] = {}
+    if fmt in ("webp", "avif") and output.lossless:
+        opts["lossless"] = True
+    if fmt == "jpeg":
+        # 4:4:4: chroma subsampling would bleed the product's colour 8-16 px into a white background.
+        opts.update(optimize=True, subsampling=0)
+        rec["subsampling"] = "4:4:4"
+    save_image(im, out_dir / name, format=PIL_FORMAT[fmt], icc_profile=out_icc or b"", quality=output.quality,
+               options=opts)
+    rec["bytes"] = (out_dir / name).stat().st_size
+    return rec

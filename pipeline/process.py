@@ -7,9 +7,13 @@ and on where its product is *now*: every edit returns the product's new mask, an
 lose the pixels an edit painted over) -> QA gate (:mod:`pipeline.qa`) -> outputs. Every input
 ends as exactly one record (:func:`pipeline.outputs.write_record`, written last):
 
-- ``edited``:  ``OUT/STEM.png`` (final image, PNG so untouched pixels stay bit-identical),
+- ``edited``:  ``OUT/STEM.png`` (final image; PNG by default so untouched pixels stay bit-identical,
+  else ``settings.output``'s format, written after the QA gate),
   ``OUT/STEM.mask.png`` (every pixel any edit may have changed), ``OUT/STEM.overlay.png``
-  (detections), ``OUT/STEM.json`` with ``qa: {passed, checks}``.
+  (detections), ``OUT/STEM.json`` with ``qa: {passed, checks}``; per marketplace profile
+  (``profiles``, or a matching rule's) ``OUT/STEM.PROFILE.EXT``: the result, then the profile's
+  ``frame`` and ``background`` (through the QA gate too), encoded with its ``output`` and
+  measured by its compliance check (:mod:`pipeline.compliance`), listed in ``profiles``.
 - ``skipped``: ``OUT/skipped/STEM.json`` + overlay: no product, or no rule matched (reason and
   best scores recorded).
 - ``failed``:  ``OUT/failed/STEM.json``: bad input, bad parameters, a refused edit or a failed QA
@@ -36,7 +40,8 @@ from pipeline.detect import Detection, DetectResult
 from pipeline.edits import EditContext, EditError
 from pipeline.errors import BadInput, QAFailed
 from pipeline.imageio import ImageLoadError, find_mask, load_image, load_mask, save_image
-from pipeline.outputs import draw_overlay, input_record, now_iso, stem_for, write_detect_outputs, write_failure, write_record
+from pipeline.outputs import (draw_overlay, encode_image, input_record, now_iso, stem_for, write_detect_outputs,
+                              write_failure, write_record)
 from pipeline.qa import Step, check
 from pipeline.rules import PlannedAction, RuleSet, default_rules, load_rules
 from pipeline.settings import Settings
@@ -115,7 +120,7 @@ class Processor:
     def process(self, path: Path, outbox: Path, *, sha256: str | None = None, stem: str | None = None,
                 dry_run: bool = False, classes: list[str] | None = None, actions: Sequence[Action] | None = None,
                 mask: Path | str | None = None, product_class: str | None = None, detect_only: bool = False,
-                detect_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                detect_options: dict[str, Any] | None = None, profiles: Sequence[str] | None = None) -> dict[str, Any]:
         """Run the pipeline on ``path``; write outputs under ``outbox``; return the record.
 
         ``classes`` narrows detection to those class names; ``actions`` replaces the rules' plan
@@ -127,7 +132,9 @@ class Processor:
         looks more like another class is not taken for this one); none found: ``skipped``.
         ``detect_only`` (the ``detect`` command): stop after detection with a ``detected`` (or
         ``skipped``) record; ``detect_options``: passed to the detector (``proposals``,
-        ``prefilter``)."""
+        ``prefilter``). ``profiles``: marketplace profiles (:mod:`pipeline.profiles`) to write
+        after the plan, ``STEM.PROFILE.EXT`` each, with their compliance check (added to those
+        the matching rules name)."""
         t0 = time.perf_counter()
         path = Path(path)
         stem = stem or stem_for(path.name)
@@ -142,7 +149,7 @@ class Processor:
         try:
             return self._process(path, outbox, stem, loaded, ctx, t0, dry_run=dry_run, classes=classes,
                                  actions=actions, mask=mask, product_class=product_class, detect_only=detect_only,
-                                 detect_options=detect_options or {})
+                                 detect_options=detect_options or {}, profiles=list(profiles or []))
         except BadInput as e:
             rec = {**base, "stage": ctx["stage"], "input": input_record(loaded), **ctx.get("extra", {})}
             return write_failure(outbox, stem, str(path), ctx.get("prefix", "") + str(e), rec)
@@ -150,7 +157,7 @@ class Processor:
     def _process(self, path: Path, outbox: Path, stem: str, loaded: Any, ctx: dict[str, Any], t0: float, *,
                  dry_run: bool, classes: list[str] | None, actions: Sequence[Action] | None,
                  mask: Path | str | None, product_class: str | None, detect_only: bool,
-                 detect_options: dict[str, Any]) -> dict[str, Any]:
+                 detect_options: dict[str, Any], profiles: list[str]) -> dict[str, Any]:
         base = ctx["base"]
         image = loaded.image.convert("RGB")
         cls = self.rules.classes
@@ -191,10 +198,14 @@ class Processor:
             matches = [{"detection": best, "label": label, "rules": None, "override": True}]
         else:
             plan, matches = self.rules.plan(result.detections, image.size)
+        for m in matches:
+            profiles += [n for n in m.get("profiles") or [] if n not in profiles]
+        ctx["stage"] = "plan"
+        profile_plans = self._profile_plans(profiles)
         planned = [p.to_record() for p in plan]
         if dry_run:
             return write_detect_outputs(outbox, stem, loaded, result,
-                                        {**base, "matches": matches, "plan": planned,
+                                        {**base, "matches": matches, "plan": planned, "profiles": profiles,
                                          "no_match": self.rules.no_match if not plan else None, "timings": timings},
                                         status="planned")
         if not plan and self.rules.no_match == "skip":
@@ -207,30 +218,16 @@ class Processor:
         dets = result.detections
         products = [d.mask.copy() for d in dets]
         source = np.asarray(image)
-        current = image
-        edit_mask = np.zeros((image.height, image.width), bool)
-        steps: list[Step] = []
-        done: list[dict[str, Any]] = []
         ectx = EditContext(self.settings, self.registry, list(self.rules.classes))
+        done: list[dict[str, Any]] = []
         ctx["extra"] = {"detect": result.to_record(), "matches": matches, "plan": planned, "actions": done}
+        chain = _Chain(image, products)
         for p in plan:
-            i, label = p.detection_index, dets[p.detection_index].label
-            ctx["stage"], ctx["prefix"] = p.op, f"{p.op} on {label}: "
-            if not products[i].any():
-                raise EditError("the product is no longer in the image (an earlier edit moved it out of the frame "
-                                "or painted over it)")
-            t = time.perf_counter()
-            edit = p.action.run(current, products[i], label, ectx)
-            timings[p.op] = timings.get(p.op, 0.0) + time.perf_counter() - t
-            steps.append(Step(p.op, label, i, np.asarray(current), edit))
-            products[i] = edit.product_mask
-            for j in range(len(products)):
-                if j != i:
-                    products[j] = products[j] & ~edit.edit_mask
-            current = edit.image
-            edit_mask |= edit.edit_mask
-            done.append({**p.to_record(), "record": edit.record, "product": _product_record(products[i])})
+            ctx["stage"], ctx["prefix"] = p.op, f"{p.op} on {p.label}: "
+            rec = chain.run(p.action, p.op, p.detection_index, p.label, ectx, timings)
+            done.append({**p.to_record(), "record": rec, "product": _product_record(chain.products[p.detection_index])})
         ctx["prefix"] = ""
+        current, products, edit_mask, steps = chain.image, chain.products, chain.edit_mask, chain.steps
 
         # -- the QA gate, before anything is written -------------------------------------------------
         t = time.perf_counter()
@@ -241,12 +238,40 @@ class Processor:
             ctx["stage"] = "qa"
             raise QAFailed("QA failed: " + "; ".join(qa.failures()), qa.checks)
 
+        # -- profiles: background + frame on the edited product, each through the QA gate too ------
+        branches = []
+        target = plan[-1].detection_index if plan else max(range(len(dets)), key=lambda i: dets[i].score)
+        for name, prof, actions in profile_plans:
+            ctx["stage"], ctx["prefix"] = f"profile {name}", f"profile {name}: "
+            branch = chain.fork()
+            recs = [{"op": a.op, **a.to_record(), "record": branch.run(a, a.op, target, dets[target].label, ectx,
+                                                                       timings)} for a in actions]
+            pqa = check(source, np.asarray(branch.image), branch.steps, branch.products, [d.label for d in dets])
+            if not pqa.passed:
+                ctx["stage"] = "qa"
+                raise QAFailed(f"QA failed (profile {name}): " + "; ".join(pqa.failures()), pqa.checks)
+            branches.append((name, prof, branch, recs, pqa))
+        ctx["prefix"] = ""
+
         outbox.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        out_img, out_mask, overlay = f"{stem}.png", f"{stem}.mask.png", f"{stem}.overlay.png"
-        save_image(current, outbox / out_img, icc_profile=loaded.icc_profile)
+        from pipeline.profiles import file_suffix
+
+        out_fmt = self.settings.output
+        out_img, out_mask, overlay = f"{stem}.{file_suffix(out_fmt.format)}", f"{stem}.mask.png", f"{stem}.overlay.png"
+        written = encode_image(current, chain.alpha, outbox, out_img, out_fmt, loaded.icc_profile)
         save_image(edit_mask, outbox / out_mask)
         save_image(draw_overlay(image, dets), outbox / overlay)
+        profile_records = []
+        ctx["stage"] = "write"
+        from pipeline.compliance import measure
+
+        for name, prof, branch, recs, pqa in branches:
+            fname = f"{stem}.{stem_for(name)}.{file_suffix(prof.output.format)}"
+            enc = encode_image(branch.image, branch.alpha, outbox, fname, prof.output, loaded.icc_profile)
+            comp = measure(outbox / fname, branch.products[target], prof.check)
+            profile_records.append({"name": name, "file": fname, "output": enc, "actions": recs, "qa": pqa.to_record(),
+                                    "product": _product_record(branch.products[target]), "check": comp})
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         record = {
@@ -256,12 +281,81 @@ class Processor:
             **ctx["extra"],
             "copied": not plan,
             "products": [{"label": d.label, **_product_record(m)} for d, m in zip(dets, products)],
-            "outputs": {"image": out_img, "edit_mask": out_mask, "overlay": overlay},
+            "outputs": {"image": out_img, "edit_mask": out_mask, "overlay": overlay,
+                        **({"profiles": [p["file"] for p in profile_records]} if profile_records else {})},
+            "output": written,
+            "lossy": written["lossy"],
+            "profiles": profile_records,
+            "checks_passed": all(p["check"]["passed"] for p in profile_records) if profile_records else None,
             "edit_pixels": int(edit_mask.sum()),
             "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else [],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         return write_record(outbox, stem, record)
+
+    def _profile_plans(self, names: Sequence[str]) -> list[tuple[str, Any, list[Action]]]:
+        """``(name, profile, its background/frame actions)`` per profile; BadInput for an unknown
+        name or a bad override."""
+        from pipeline.errors import ParamsError
+        from pipeline.profiles import get_profile, profile_actions
+
+        out = []
+        for n in names:
+            try:
+                out.append((n, get_profile(n, self.settings), profile_actions(n, self.settings)))
+            except ParamsError as e:
+                raise BadInput(f"profile {n}: {e}") from None
+        return out
+
+
+class _Chain:
+    """The edits applied so far to one image: the current image, each product's mask (tracked
+    through every edit, size changes included), the union of the edit masks, the alpha channel
+    (None = opaque) and the QA steps. :meth:`fork` starts a profile's branch from here."""
+
+    def __init__(self, image: Any, products: list[np.ndarray]):
+        self.image = image
+        self.products = products
+        self.edit_mask = np.zeros((image.height, image.width), bool)
+        self.alpha: np.ndarray | None = None
+        self.steps: list[Step] = []
+
+    def fork(self) -> "_Chain":
+        c = _Chain.__new__(_Chain)
+        c.image, c.products, c.edit_mask = self.image, list(self.products), self.edit_mask.copy()
+        c.alpha = None if self.alpha is None else self.alpha.copy()
+        c.steps = list(self.steps)
+        return c
+
+    def run(self, action: Action, op: str, i: int, label: str, ectx: EditContext, timings: dict[str, float]) -> dict:
+        """Apply ``action`` to product ``i``; returns the edit's record."""
+        import dataclasses
+
+        if not self.products[i].any():
+            raise EditError("the product is no longer in the image (an earlier edit moved it out of the frame "
+                            "or painted over it)")
+        t = time.perf_counter()
+        edit = action.run(self.image, self.products[i], label, ectx)
+        timings[op] = timings.get(op, 0.0) + time.perf_counter() - t
+        self.steps.append(Step(op, label, i, np.asarray(self.image), edit))
+        tr = edit.transform
+        for j in range(len(self.products)):
+            if j != i:
+                moved = tr.mask(self.products[j]) if tr is not None else self.products[j]
+                self.products[j] = moved & ~edit.edit_mask
+        self.products[i] = edit.product_mask
+        if tr is not None:
+            self.edit_mask = tr.reach(self.edit_mask)
+            if self.alpha is not None:
+                # Padding around a transparent product is transparent.
+                self.alpha = dataclasses.replace(tr, fill=(0, 0, 0)).apply(self.alpha)
+        if edit.alpha is not None:
+            self.alpha = edit.alpha
+        elif op == "background":
+            self.alpha = None
+        self.edit_mask |= edit.edit_mask
+        self.image = edit.image
+        return edit.record
 
 
 def _product_record(mask: np.ndarray) -> dict[str, Any]:

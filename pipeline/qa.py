@@ -9,6 +9,10 @@ Checks (each recorded with its figures; any failure makes the image ``failed``, 
   later edit's mask cannot hide an earlier edit's stray pixel);
 - ``moved_product_identical``: for every edit that moved a product (displace), the product's
   pixels at their new place equal the source's, pixel for pixel, wherever they are in the frame;
+- ``geometry``: for every edit that changed the size (``frame``), its result equals
+  ``transform.apply(image before)`` outside its edit mask, bit for bit (so a product scaled 1:1
+  is copied exactly, and padding is exactly the padding colour); from there on the input and the
+  edit masks are compared through the transform (:mod:`pipeline.geometry`);
 - ``products_kept``: no product was lost: each product's final mask is non-empty, and a moved
   product kept in the frame at least the share its edit allowed (all of it unless clipping
   was asked for).
@@ -61,27 +65,48 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def check(source: np.ndarray, result: np.ndarray, steps: Sequence[Step], products: Sequence[np.ndarray],
           labels: Sequence[str]) -> QAReport:
-    """Run every check. ``source``/``result``: HxWx3 uint8 RGB, the input and the final image;
+    """Run every check. ``source``/``result``: HxWx3 uint8 RGB, the input and the final image
+    (of another size when an edit carries a transform);
     ``steps``: the edits in the order applied; ``products``: each product's final HxW bool mask
     (as the processor tracked it), ``labels`` their classes."""
     report = QAReport()
-    H, W = source.shape[:2]
-    union = np.zeros((H, W), bool)
+    # `reference`: the input carried through every size change so far; `union`: every pixel any
+    # edit may have changed, in the current image's coordinates.
+    reference = source
+    union = np.zeros(source.shape[:2], bool)
     stray: list[dict[str, Any]] = []
-    after = source
+    geometry: list[dict[str, Any]] = []
     for i, st in enumerate(steps):
-        union |= st.edit.edit_mask
+        tr = st.edit.transform
+        before = st.before
         after = np.asarray(st.edit.image)
-        n = int((_changed(st.before, after) & ~st.edit.edit_mask).sum())
+        if tr is not None:
+            before = tr.apply(before)
+            reference = tr.apply(reference)
+            union = tr.reach(union)
+            geometry.append({"step": i, "op": st.op, "label": st.label, **tr.to_record()})
+        union |= st.edit.edit_mask
+        n = int((_changed(before, after) & ~st.edit.edit_mask).sum()) if before.shape == after.shape \
+            else int(after.shape[0] * after.shape[1])
         if n:
             stray.append({"step": i, "op": st.op, "label": st.label, "pixels": n})
-    outside = int((_changed(source, result) & ~union).sum())
+    H, W = reference.shape[:2]
+    if result.shape != reference.shape:
+        outside = int(H * W)
+    else:
+        outside = int((_changed(reference, result) & ~union).sum())
     report.add("outside_edits_unchanged", outside == 0,
-               f"{outside} pixel(s) outside the edits differ from the input", changed_outside=outside,
-               edit_pixels=int(union.sum()))
+               f"{outside} pixel(s) outside the edits differ from the input" + (" (through the size changes)"
+                                                                              if geometry else ""),
+               changed_outside=outside, edit_pixels=int(union.sum()))
     report.add("each_edit_within_its_mask", not stray,
                "; ".join(f"{s['op']} on {s['label']} changed {s['pixels']} pixel(s) outside its edit mask" for s in stray),
                steps=len(steps), stray=stray)
+    if geometry:
+        bad = [x for x in stray if steps[x["step"]].edit.transform is not None]
+        report.add("geometry", not bad, "; ".join(f"{x['op']} on {x['label']}: {x['pixels']} pixel(s) differ from "
+                                                  "its transform of the image before" for x in bad),
+                   transforms=geometry)
 
     moved: list[dict[str, Any]] = []
     bad_moves: list[str] = []
@@ -92,6 +117,7 @@ def check(source: np.ndarray, result: np.ndarray, steps: Sequence[Step], product
             continue
         ys, xs = np.nonzero(mv.source_mask)
         ny, nx = ys + mv.dy, xs + mv.dx
+        H, W = st.before.shape[:2]
         inside = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
         img = np.asarray(st.edit.image)
         diff = int((img[ny[inside], nx[inside]] != st.before[ys[inside], xs[inside]]).any(axis=-1).sum())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.actions import OPS as ACTIONS
 from pipeline.actions import Action, chain_problems, parse_action
@@ -65,14 +65,19 @@ class Match(_Strict):
 class Rule(_Strict):
     name: str | None = None
     match: Match
-    actions: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
+    # profiles before actions: the actions' validator looks at them.
+    profiles: list[str] = Field(default_factory=list, description="marketplace profiles to write for a match "
+                                "(STEM.PROFILE.EXT each), after the actions")
+    actions: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
     continue_: bool = Field(False, alias="continue")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @field_validator("actions")
     @classmethod
-    def _actions(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _actions(cls, v: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        if not v and not info.data.get("profiles"):
+            raise ValueError("a rule needs at least 1 action (or profiles)")
         for i, a in enumerate(v):
             if not isinstance(a, dict) or len(a) != 1:
                 raise ValueError(f"action {i} must be a mapping with one key (one of {', '.join(ACTIONS)})")
@@ -154,8 +159,10 @@ class RuleSet:
                     actions.append(PlannedAction(a, ri, rule.name, di, d.label))
                 if not rule.continue_:
                     break
+            profiles = [n for ri in hit for n in self.file.rules[ri].profiles]
             matches.append({"detection": di, "label": d.label, "score": round(float(d.score), 4),
-                            "size": round(size, 4), "rules": hit or None})
+                            "size": round(size, 4), "rules": hit or None,
+                            **({"profiles": list(dict.fromkeys(profiles))} if profiles else {})})
         return actions, matches
 
     def describe(self) -> list[tuple[str, list[str]]]:
@@ -172,7 +179,7 @@ class RuleSet:
                     cond.append(f"score >= {m.min_score}")
                 if m.min_size is not None or m.max_size is not None:
                     cond.append(f"size {m.min_size or 0:.0%}..{m.max_size if m.max_size is not None else 1:.0%}")
-                acts = [a.describe() for a in self.actions[ri]]
+                acts = [a.describe() for a in self.actions[ri]] + [f"profile {n}" for n in r.profiles]
                 label = f"rule {ri + 1}" + (f" '{r.name}'" if r.name else "")
                 lines.append(f"{label}{' if ' + ' and '.join(cond) if cond else ''}: {'; '.join(acts)}"
                              + (" (then continue)" if r.continue_ else ""))
@@ -249,6 +256,13 @@ def _resolve(rf: RulesFile, path: Path | None, text: str, settings: Settings, ba
             if act is not None:
                 acts.append(act)
         per_rule.append(acts)
+        if rule.profiles:
+            from pipeline.profiles import all_profiles
+
+            known = all_profiles(settings)
+            for pi, n in enumerate(rule.profiles):
+                if n not in known:
+                    add(("rules", ri, "profiles", pi), f"unknown profile {n!r} (known: {', '.join(sorted(known))})")
     if not problems:
         _check_chains(rf, per_rule, classes, add)
     if problems:

@@ -16,22 +16,57 @@ def _backdrop(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(g.clip(0, 255).astype(np.uint8))
 
 
+def _draw_handbag(d: ImageDraw.ImageDraw, w: int, h: int, body: object, handle: object) -> None:
+    cx, cy = w // 2, h // 2 + h // 10
+    d.rounded_rectangle((cx - w // 5, cy - h // 6, cx + w // 5, cy + h // 5), radius=w // 30, fill=body)
+    d.arc((cx - w // 9, cy - h // 3, cx + w // 9, cy - h // 12), 180, 360, fill=handle, width=max(3, w // 60))
+
+
+def _draw_shoe(d: ImageDraw.ImageDraw, w: int, h: int, upper: object, sole: object) -> None:
+    d.ellipse((w // 6, h // 2, 5 * w // 6, 5 * h // 6), fill=upper)
+    d.polygon([(w // 6, 2 * h // 3), (w // 3, h // 4), (w // 2, h // 4), (w // 2, 2 * h // 3)], fill=upper)
+    d.rectangle((w // 6, 3 * h // 4, 5 * w // 6, 5 * h // 6), fill=sole)
+
+
 def handbag(w: int = 640, h: int = 480) -> Image.Image:
     img = _backdrop(w, h, 1)
-    d = ImageDraw.Draw(img)
-    cx, cy = w // 2, h // 2 + h // 10
-    d.rounded_rectangle((cx - w // 5, cy - h // 6, cx + w // 5, cy + h // 5), radius=w // 30, fill=(120, 60, 30))
-    d.arc((cx - w // 9, cy - h // 3, cx + w // 9, cy - h // 12), 180, 360, fill=(90, 45, 20), width=max(3, w // 60))
+    _draw_handbag(ImageDraw.Draw(img), w, h, (120, 60, 30), (90, 45, 20))
     return img
+
+
+def handbag_mask(w: int = 640, h: int = 480) -> Image.Image:
+    """The handbag's exact mask (mode L, 255 = product), drawn with the same shapes."""
+    m = Image.new("L", (w, h), 0)
+    _draw_handbag(ImageDraw.Draw(m), w, h, 255, 255)
+    return m
 
 
 def shoe(w: int = 720, h: int = 400) -> Image.Image:
     img = _backdrop(w, h, 2)
-    d = ImageDraw.Draw(img)
-    d.ellipse((w // 6, h // 2, 5 * w // 6, 5 * h // 6), fill=(30, 30, 160))
-    d.polygon([(w // 6, 2 * h // 3), (w // 3, h // 4), (w // 2, h // 4), (w // 2, 2 * h // 3)], fill=(30, 30, 160))
-    d.rectangle((w // 6, 3 * h // 4, 5 * w // 6, 5 * h // 6), fill=(240, 240, 240))
+    _draw_shoe(ImageDraw.Draw(img), w, h, (30, 30, 160), (240, 240, 240))
     return img
+
+
+def shoe_mask(w: int = 720, h: int = 400) -> Image.Image:
+    """The shoe's exact mask (mode L, 255 = product)."""
+    m = Image.new("L", (w, h), 0)
+    _draw_shoe(ImageDraw.Draw(m), w, h, 255, 255)
+    return m
+
+
+def write_shop_samples(folder: Path) -> tuple[list[tuple[Path, str]], Path]:
+    """Sample photos with their known masks for the shop outputs (no model needed): writes
+    ``folder/photos/{handbag,shoe}.png`` and ``folder/masks/`` (same names). Returns
+    ``([(photo, class)], masks folder)``."""
+    photos, masks = folder / "photos", folder / "masks"
+    photos.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, img, mask in (("handbag", handbag(), handbag_mask()), ("shoe", shoe(), shoe_mask())):
+        img.save(photos / f"{name}.png")
+        mask.save(masks / f"{name}.png")
+        out.append((photos / f"{name}.png", name))
+    return out, masks
 
 
 def empty_wall(w: int = 500, h: int = 500) -> Image.Image:

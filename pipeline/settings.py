@@ -458,6 +458,152 @@ class RotateSettings(_Strict):
         return self
 
 
+def parse_colour(v: Any) -> tuple[int, int, int]:
+    """``"#RRGGBB"``, ``"#RGB"`` or ``[R, G, B]`` (0..255) -> ``(R, G, B)``. Raises ValueError."""
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in v):
+        return (int(v[0]), int(v[1]), int(v[2]))
+    if isinstance(v, str):
+        t = v.strip().lstrip("#")
+        if re.fullmatch(r"[0-9a-fA-F]{3}", t):
+            t = "".join(c * 2 for c in t)
+        if re.fullmatch(r"[0-9a-fA-F]{6}", t):
+            return (int(t[0:2], 16), int(t[2:4], 16), int(t[4:6], 16))
+    raise ValueError(f"{v!r} is not a colour (\"#RRGGBB\" or [R, G, B] with 0..255)")
+
+
+class BackgroundSettings(_Strict):
+    """Put the product on a new background (:mod:`pipeline.background`). The product's own pixels
+    (its mask) stay bit-identical; every other pixel is the new background, with a soft edge of
+    ``edge`` px just outside the mask made of the product's edge colours."""
+
+    mode: Literal["color", "transparent", "blur", "image", "generate"] = Field(
+        "color", description="color: a flat colour; transparent: RGBA; blur: the original background blurred; "
+        "image: a backdrop file; generate: SD inpainting of everything but the product")
+    color: str = Field("#FFFFFF", description="mode color (and the colour under transparent pixels)")
+    edge: int = Field(1, ge=0, le=32, description="px of soft edge outside the product mask")
+    blur_radius: int = Field(25, ge=1, le=512, description="mode blur: Gaussian sigma, px")
+    image: Path | None = Field(None, description="mode image: backdrop file (relative: against root), "
+                               "scaled to cover the frame")
+    shadow: Literal["none", "contact", "drop"] = Field("none", description="contact: a soft ellipse under the "
+                                                       "product's base; drop: a blurred offset silhouette")
+    shadow_opacity: float = Field(0.35, ge=0.0, le=1.0, description="darkening at the shadow's core")
+    shadow_blur: int = Field(12, ge=0, le=256, description="shadow softness, px (Gaussian sigma)")
+    shadow_offset: tuple[float, float] = Field((0.04, 0.03), description="drop: offset as a share of the "
+                                                "product box's width and height")
+    contact_height: float = Field(0.08, gt=0.0, le=1.0, description="contact: ellipse height, share of the "
+                                  "product box height")
+    # -- mode generate (SD inpainting of everything but the product; enhance's models) --
+    prompt: str = Field("{label}, product photography, on a clean studio table, soft light",
+                        description="generate: prompt ({label} and {tag} filled)")
+    negative_prompt: str = "blurry, deformed, lowres, watermark, text"
+    steps: int = Field(30, ge=1, le=500)
+    guidance: float = Field(7.0, ge=0.0, le=50.0)
+    controlnet: bool = Field(True, description="generate: ControlNet depth keeps the scene's layout")
+    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="generate: long side of the work size")
+    loras: list[str | dict[str, Any]] = Field(default_factory=list, description="generate: LoRA files")
+    seed: int = 0
+
+    @field_validator("color")
+    @classmethod
+    def _colour(cls, v: str) -> str:
+        parse_colour(v)
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return EnhanceSettings.check_template(v)
+
+
+class FrameSettings(_Strict):
+    """Crop and pad around the product (:mod:`pipeline.frame`): the product's box fills ``fill``
+    of the frame along its limiting side, placed by ``anchor``; padding is ``pad_color``."""
+
+    aspect: str = Field("1:1", description="W:H of the frame, or 'keep' (the input's)")
+    size: tuple[int, int] | None = Field(None, description="exact frame size [W, H] (overrides aspect)")
+    min_long_side: int = Field(0, ge=0, le=20000, description="frame long side at least this (the product is "
+                               "upscaled when needed)")
+    fill: float = Field(0.85, gt=0.0, le=1.0, description="product box / frame along the limiting side")
+    anchor: Literal["center", "bottom", "top"] = "center"
+    pad_color: str = Field("#FFFFFF", description="padding colour")
+    upscale: Literal["resample", "upscaler", "refuse"] = Field(
+        "resample", description="product smaller than asked: resample (Lanczos), the upscaler role, or refuse")
+    max_upscale: float = Field(8.0, ge=1.0, le=64.0, description="refuse scaling up more than this")
+
+    @field_validator("pad_color")
+    @classmethod
+    def _colour(cls, v: str) -> str:
+        parse_colour(v)
+        return v
+
+    @field_validator("aspect")
+    @classmethod
+    def _aspect(cls, v: str) -> str:
+        if v != "keep" and not re.fullmatch(r"\d+(\.\d+)?:\d+(\.\d+)?", v) or v.startswith("0:") or v.endswith(":0"):
+            raise ValueError(f"aspect {v!r} is not W:H (e.g. 1:1, 4:5) or 'keep'")
+        return v
+
+    def ratio(self, in_size: tuple[int, int]) -> float:
+        if self.size is not None:
+            return self.size[0] / self.size[1]
+        if self.aspect == "keep":
+            return in_size[0] / in_size[1]
+        a, b = self.aspect.split(":")
+        return float(a) / float(b)
+
+
+class OutputSettings(_Strict):
+    """How result images are encoded (:func:`pipeline.outputs.encode_image`). Every QA check runs
+    on the pixels before encoding; the record says when a lossy format was used."""
+
+    format: Literal["png", "jpeg", "webp", "avif", "tiff"] = "png"
+    quality: int = Field(92, ge=1, le=100, description="jpeg, webp and avif quality")
+    lossless: bool = Field(False, description="webp / avif: lossless mode")
+    srgb: bool = Field(False, description="convert from the input's ICC profile to sRGB and tag the file sRGB "
+                       "(the main output keeps the input's bytes by default; profiles turn it on)")
+    metadata: Literal["keep", "strip"] = Field("keep", description="keep: embed the ICC profile (sRGB after "
+                                               "conversion); strip: write no ICC profile or other metadata")
+
+
+class CheckSettings(_Strict):
+    """A profile's compliance rules (:mod:`pipeline.compliance`); None = not checked."""
+
+    background: str | None = Field(None, description="the background colour required outside the product")
+    min_background_share: float = Field(0.98, ge=0.0, le=1.0, description="share of pixels outside the product "
+                                        "(and its edge band) that must be exactly `background`")
+    edge_band: int = Field(8, ge=0, le=64, description="px around the product not counted: its anti-aliased "
+                           "edge and JPEG's ringing, which stays within one 8 px block")
+    min_fill: float | None = Field(None, ge=0.0, le=1.0, description="product box / frame, limiting side")
+    max_fill: float | None = Field(None, ge=0.0, le=1.0)
+    min_long_side: int | None = Field(None, ge=1)
+    max_long_side: int | None = Field(None, ge=1)
+    min_short_side: int | None = Field(None, ge=1)
+    square: bool = Field(False, description="width must equal height")
+    formats: list[str] | None = Field(None, description="allowed file formats (JPEG, PNG, WEBP, ...)")
+    srgb: bool = Field(False, description="the file must be sRGB (tagged sRGB, or untagged)")
+    no_borders: bool = Field(False, description="no uniform border lines of another colour at the edges")
+    max_bytes: int | None = Field(None, ge=1, description="largest file size")
+
+    @field_validator("background")
+    @classmethod
+    def _colour(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_colour(v)
+        return v
+
+
+class ProfileSettings(_Strict):
+    """A marketplace profile: background + frame + output + the compliance rules. ``background`` /
+    ``frame``: overrides of those settings sections (None: that step is not run)."""
+
+    description: str = ""
+    background: dict[str, Any] | None = None
+    frame: dict[str, Any] | None = None
+    output: OutputSettings = OutputSettings()
+    check: CheckSettings = CheckSettings()
+    sources: list[str] = Field(default_factory=list, description="where the rules come from (docs/profiles.md)")
+
+
 class Settings(_Strict):
     """The whole settings file. ``source_file`` and ``base_dir`` are set by :func:`load_settings`."""
 
@@ -472,6 +618,11 @@ class Settings(_Strict):
     enhance: EnhanceSettings = EnhanceSettings()
     displace: DisplaceSettings = DisplaceSettings()
     rotate: RotateSettings = RotateSettings()
+    background: BackgroundSettings = BackgroundSettings()
+    frame: FrameSettings = FrameSettings()
+    output: OutputSettings = Field(OutputSettings(), description="how the main result image is encoded")
+    profiles: dict[str, ProfileSettings] = Field(default_factory=dict, description="marketplace profiles, "
+                                                 "added to (or replacing) the shipped presets")
 
     source_file: Path | None = Field(None, exclude=True)
     base_dir: Path = Field(Path("."), exclude=True)

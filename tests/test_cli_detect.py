@@ -88,5 +88,14 @@ def test_demo_runs_offline(tmp_path):
     assert r.exit_code == 0, r.output
     assert "noise, not quality" in r.output
     out = tmp_path / "demo" / "outbox"
-    assert sorted(p.name for p in out.glob("*.json")) == ["empty-wall.json", "handbag.json", "shoe-phone.json"]
+    assert sorted(p.name for p in out.glob("*.json")) == ["empty-wall.json", "handbag-shop.json", "handbag.json",
+                                                          "shoe-phone.json", "shoe-shop.json"]
+    # The shop outputs (known masks, no model): on white, amazon-main framing, check passed.
+    import json
+
+    for name in ("handbag", "shoe"):
+        rec = json.loads((out / f"{name}-shop.json").read_text())
+        assert rec["profiles"][0]["name"] == "amazon-main" and rec["profiles"][0]["check"]["passed"]
+        assert (out / f"{name}-shop.amazon-main.jpg").is_file()
+    assert "known masks" in (out / "report.html").read_text()
     assert (tmp_path / "demo" / "models" / "settings.yaml").is_file()

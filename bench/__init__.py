@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "warm": "bench.warm:run_from_options",
     "dtype": "bench.dtype:run_from_options",
     "large": "bench.large:run_from_options",
+    "fill": "bench.fill:run_from_options",
 }
 
 

@@ -82,10 +82,12 @@ def case_params(case: str, base: EnhanceSettings | None = None, steps: int = STE
 # Models
 
 
-def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "auto") -> ModelRegistry:
+def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "auto",
+                        roles: tuple[str, ...] = ("inpaint", "controlnet_depth", "depth")) -> ModelRegistry:
     """Registry holding full-size random-weight SD 1.5 inpainting, ControlNet depth and Depth
     Anything V2 Small (never a checkpoint, never the Hub), in ``dtype`` (``auto``: the product's
-    choice, fp16 on CUDA and fp32 on the CPU)."""
+    choice, fp16 on CUDA and fp32 on the CPU). ``roles=("inpaint",)`` builds the SD inpainting
+    pipeline only (the fill benchmark)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -131,6 +133,8 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
     pipe.to(device=rt.device, dtype=rt.dtype)
     pipe.set_progress_bar_config(disable=True)
     registry.put("inpaint", pipe)
+    if "controlnet_depth" not in roles and "depth" not in roles:
+        return registry
 
     torch.manual_seed(seed + 1)
     cn = ControlNetModel(in_channels=4, conditioning_channels=3, cross_attention_dim=768)

@@ -288,7 +288,8 @@ def run_cmd(
     mask: Optional[Path] = typer.Option(None, "--mask", help="product mask file, or a folder of masks named like the inputs (white = product); skips detection"),
     x: Optional[str] = typer.Option(None, "--x", help="displace: horizontal offset, pixels (162, -40) or fraction (0.1, -10%)"),
     y: Optional[str] = typer.Option(None, "--y", help="displace: vertical offset, pixels or fraction of the height"),
-    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: sd | classical"),
+    fill_backend: Optional[str] = typer.Option(None, "--fill", help="displace/rotate hole fill: lama | sd | classical, "
+                                               "or a fallback order such as lama,sd,classical"),
     lora: Optional[List[str]] = typer.Option(None, "--lora", help="enhance: LoRA FILE[:WEIGHT] (repeatable)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="enhance: prompt (default: the class template)"),
     tag: Optional[str] = typer.Option(None, "--tag", help="enhance: LoRA activation tag for the prompt's {tag}"),
@@ -318,7 +319,10 @@ def run_cmd(
     is reported, not an error), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and
     OUT/report.html (contact sheet). Exit 0 when every input was processed (skipped counts), 4 if
     any failed."""
-    given = {"x": x, "y": y, "fill": fill_backend, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
+    # --fill lama,sd,classical is a fallback order (a list); one name stays a name
+    fill_spec = None if fill_backend is None else [f.strip() for f in fill_backend.split(",")] if "," in fill_backend \
+        else fill_backend
+    given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar}
     given = {k: v for k, v in given.items() if v is not None}
     for kv in param or []:
@@ -450,7 +454,7 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
                     r, who = a.get("record") or {}, f"{name}: {a.get('op')} on {a.get('label')}"
                     fill = r.get("fill") or {}
                     if fill.get("fallback"):
-                        notes.append(f"{who}: classical fill used as fallback: {fill.get('fallback_reason')}")
+                        notes.append(f"{who}: {fill.get('used')} fill used as fallback: {fill.get('fallback_reason')}")
                     notes.extend(f"{who}: {w}" for w in [fill.get("warning"), *(r.get("warnings") or [])] if w)
                 manifest.add(ent)
                 entries.append((pos, ent))

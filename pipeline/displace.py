@@ -7,12 +7,13 @@ Steps for one product (image RGB, mask HxW bool at full resolution, offset (dx, 
    outwards, so the pasted product is bit-identical to the source inside its mask and none of its
    old surroundings come along.
 2. **Fill the hole**: the mask dilated by ``mask_dilation`` is filled with background by the
-   configured backend (:func:`pipeline.inpaint.fill`: ``sd`` inpainting on a crop, or
-   ``classical`` OpenCV ``cv2.inpaint``).
-3. **Check and retry**: a checker looks at the old region of the filled image. If it still looks
-   like the product (SD can paint a new object into a hole), the SD fill is retried with seeds
-   ``seed+1, seed+2, ...`` up to ``retries`` times, then the classical fill is used and the
-   record says so.
+   configured backend (:func:`pipeline.inpaint.fill`: ``lama`` on a crop at the photo's scale,
+   ``sd`` inpainting on a crop, or ``classical`` OpenCV ``cv2.inpaint``).
+3. **Check and fall back** (:func:`pipeline.inpaint.fill_in_order`): a checker looks at the old
+   region of every fill, whatever its backend. If it still looks like the product (SD can paint a
+   new object into a hole), SD is retried with seeds ``seed+1, seed+2, ...`` up to ``retries``
+   times, then the next backend of the fill order is tried (``fill: sd`` is ``[sd, classical]``);
+   the record says which backend filled and why the others were not used.
 4. **Paste** the cut product at the new place, clipped at the frame (``out_of_frame: clip``) or
    refused with :class:`~pipeline.edits.EditError` when more than ``max_outside_share`` of it
    would leave the frame (``out_of_frame: refuse``).
@@ -35,8 +36,8 @@ from pydantic import field_validator
 
 from pipeline.composite import dilate, extend_edges, feather_alpha, parse_offset, paste, shift_image, shift_mask
 from pipeline.edits import Edit, EditContext, EditError, Moved, OpParams
-from pipeline.inpaint import fill
-from pipeline.settings import DisplaceSettings, ProductClass
+from pipeline.inpaint import BACKEND_ROLES, fill, fill_in_order
+from pipeline.settings import DisplaceSettings, ProductClass, fill_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.detect import Detection
@@ -121,7 +122,8 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
 
     ``image``: PIL ``"RGB"`` (uint8, R, G, B). ``mask``: HxW bool, the product at full
     resolution. ``label``: its class name (for the checker and the record). ``params``: the
-    ``displace`` settings. ``registry``: needed for the ``sd`` fill and the default CLIP checker.
+    ``displace`` settings. ``registry``: needed for the ``lama`` and ``sd`` fills and the default
+    CLIP checker.
     ``checker``: ``checker(filled_image, old_mask, label) -> float`` (score >=
     ``params.recheck_threshold`` means still there); an injected checker is always used, else a
     :class:`ClipChecker` when a registry is given and ``params.recheck`` is on, else no check.
@@ -145,8 +147,9 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         out = image.copy()
         return Edit(out, np.zeros((H, W), bool), m.copy(), record)
 
-    if params.fill == "sd" and registry is None:
-        raise ValueError("displace with fill 'sd' needs a model registry (role 'inpaint')")
+    order = fill_order(params.fill)
+    if isinstance(params.fill, str) and order[0] in BACKEND_ROLES and registry is None:
+        raise ValueError(f"displace with fill '{order[0]}' needs a model registry (role '{BACKEND_ROLES[order[0]]}')")
 
     # -- out-of-frame policy, decided before any expensive work ----------------------------------
     new_mask = shift_mask(m, dx, dy)
@@ -175,53 +178,16 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
     fill_kw = dict(registry=registry, steps=params.steps, guidance=params.guidance, strength=params.strength,
                    prompt=params.prompt, negative_prompt=params.negative_prompt, resolution=params.resolution,
                    crop_margin=params.crop_margin, radius=params.classical_radius,
-                   method=params.classical_method)
-    timings: dict[str, float] = {"fill": 0.0, "check": 0.0}
-    attempts: list[dict[str, Any]] = []
-
-    def attempt(backend: str, seed: int) -> tuple[Image.Image, bool]:
-        t0 = time.perf_counter()
-        filled, frec = fill(image, m, backend, seed=seed, dilation=params.mask_dilation,
-                            blend=params.fill_blend, **fill_kw)
-        timings["fill"] += time.perf_counter() - t0
-        entry: dict[str, Any] = {"backend": backend, "seed": seed if backend == "sd" else None, "fill": frec}
-        still = False
-        if checker is not None:
-            t1 = time.perf_counter()
-            score = float(checker(filled, m, label))
-            timings["check"] += time.perf_counter() - t1
-            still = score >= params.recheck_threshold
-            entry.update(score=_round(score), still_there=still)
-            detail = getattr(checker, "last_detail", None)
-            if detail:
-                entry["detail"] = dict(detail)
-        attempts.append(entry)
-        return filled, still
-
-    fallback_reason = None
-    if params.fill == "sd":
-        for i in range(params.retries + 1):
-            filled, still = attempt("sd", params.seed + i)
-            if not still:
-                break
-        else:
-            fallback_reason = (f"SD fill still looked like '{label}' after {params.retries + 1} attempt(s) "
-                               f"(score >= {params.recheck_threshold}); used the classical fill")
-            filled, still = attempt("classical", params.seed)
-    else:
-        filled, still = attempt("classical", params.seed)
-    used = attempts[-1]["backend"]
+                   method=params.classical_method, lama_resolution=params.lama_resolution)
+    got = fill_in_order(image, m, params.fill, label=label, checker=checker, threshold=params.recheck_threshold,
+                        retries=params.retries, seed=params.seed, dilation=params.mask_dilation,
+                        blend=params.fill_blend, **fill_kw)
+    filled, used = got.image, got.backend
+    timings: dict[str, float] = {"fill": got.fill_seconds, "check": got.check_seconds}
+    attempts = got.record["tries"]
     hole = dilate(m, params.mask_dilation)
-    record["fill"] = {
-        "requested": params.fill, "used": used, "fallback": fallback_reason is not None,
-        "fallback_reason": fallback_reason, "attempts": len(attempts),
-        "seeds": [a["seed"] for a in attempts if a["backend"] == "sd"],
-        "checker": checker_name, "recheck_threshold": params.recheck_threshold,
-        "scores": [a.get("score") for a in attempts], "still_there": bool(still),
-        "dilation": params.mask_dilation, "hole_pixels": int(hole.sum()), "tries": attempts,
-    }
-    if still:
-        record["fill"]["warning"] = f"the old region may still show '{label}' (no attempt cleared the check)"
+    record["fill"] = {**got.record, "checker": checker_name, "recheck_threshold": params.recheck_threshold,
+                      "dilation": params.mask_dilation, "hole_pixels": int(hole.sum())}
 
     # -- paste the product at its new place --------------------------------------------------------
     t0 = time.perf_counter()
@@ -236,7 +202,7 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
     if params.harmonize_ring > 0 and new_mask.any():
         t0 = time.perf_counter()
         ring_mask = dilate(new_mask, params.harmonize_ring) & ~new_mask
-        seed = attempts[-1]["seed"] if used == "sd" else params.seed
+        seed = got.seed if used == "sd" else params.seed
         harmonised, hrec = fill(Image.fromarray(out, "RGB"), ring_mask, used, seed=seed, dilation=0, blend=0,
                                 **fill_kw)
         out = np.asarray(harmonised)
@@ -251,8 +217,9 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         result.info["icc_profile"] = image.info["icc_profile"]
 
     models: dict[str, Any] = {}
-    if registry is not None and any(a["backend"] == "sd" for a in attempts):
-        models["inpaint"] = registry.provenance("inpaint")
+    for backend, role in BACKEND_ROLES.items():
+        if registry is not None and any(a["backend"] == backend for a in attempts):
+            models[role] = registry.provenance(role)
     if checker_name == "clip":
         models["clip"] = registry.provenance("clip")
     timings["total"] = time.perf_counter() - t_start

@@ -44,6 +44,10 @@ if TYPE_CHECKING:  # pragma: no cover
 KNOWN_SHA256: dict[tuple[str, str], tuple[str, int]] = {
     ("ybelkada/segment-anything", "checkpoints/sam_vit_b_01ec64.pth"):
         ("ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383),
+    # LaMa's big-lama.pt as IOPaint publishes it (github.com/Sanster/models release add_big_lama);
+    # the Hub mirror must serve the same bytes. Also pinned as models.inpaint_fill.sha256.
+    ("fashn-ai/LaMa", "big-lama.pt"):
+        ("344c77bbcb158f17dd143070d1e789f38a66c04202311ae3a258ef66667a9ea9", 205_669_692),
 }
 
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")

@@ -1,7 +1,15 @@
 """Background fill ("inpainting") of a masked region, shared by the edits.
 
-Two backends:
+Three backends:
 
+* ``"lama"``: the registry's ``inpaint_fill`` role, LaMa (large-mask inpainting with Fourier
+  convolutions, Apache-2.0) as the published TorchScript ``big-lama.pt``. It fills from the
+  surrounding texture with one forward pass and no prompt, so it does not paint new objects into
+  the hole. It runs on a crop around the hole (the crop planner the SD fill uses) at the photo's
+  own scale (crops longer than ``lama_resolution`` are scaled down), padded to a multiple of 8
+  (the network downsamples three times) by mirroring and cropped back. Its contract, as IOPaint's
+  wrapper calls it: ``model(image, mask)`` with image float32 ``Bx3xHxW`` RGB in [0, 1] and mask
+  float32 ``Bx1xHxW`` in {0, 1} (1 = fill), returning ``Bx3xHxW`` RGB in [0, 1].
 * ``"sd"``: the registry's ``inpaint`` role (a diffusers ``StableDiffusionInpaintPipeline``) run
   on a crop around the hole (mask box + context margin), resized so its long side equals the
   model resolution with both sides multiples of 8 and the aspect ratio kept (the crop is widened
@@ -11,6 +19,10 @@ Two backends:
 * ``"classical"``: OpenCV's ``cv2.inpaint``, no weights; also the callers' fallback. Navier-Stokes
   (``"ns"``) by default: on a flat backdrop it fills exactly flat, while Telea's normalised
   gradient term drifts by several levels (up to 8 on a 200-grey backdrop with a 70 px hole).
+
+:func:`fill_in_order` tries backends in a fallback order (``fill: [lama, sd, classical]``) with an
+optional re-check (e.g. CLIP: "does the hole still show the product?"): the first result that
+passes wins and its record says which backend filled and why each other one was not used.
 
 Whatever the backend, the result is pasted back **only inside the dilated mask**: every pixel
 outside it is bit-identical to the input. An optional inner feather blends the generated pixels
@@ -25,19 +37,25 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from pipeline.composite import bbox, dilate, inner_feather_alpha, paste
+from pipeline.settings import FILL_BACKENDS, fill_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.models import ModelRegistry
 
-BACKENDS = ("sd", "classical")
+BACKENDS = FILL_BACKENDS
+# The model role each backend loads (classical needs none).
+BACKEND_ROLES: dict[str, str] = {"lama": "inpaint_fill", "sd": "inpaint"}
+# LaMa downsamples three times by 2: its input sides must be multiples of 8.
+LAMA_MULTIPLE = 8
 
-__all__ = ["BACKENDS", "CropBox", "fill", "plan_crop", "sd_inpaint"]
+__all__ = ["BACKENDS", "BACKEND_ROLES", "CropBox", "FillOutcome", "fill", "fill_in_order", "lama_inpaint",
+           "plan_crop", "sd_inpaint"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +132,7 @@ def _grow_axis(lo: int, hi: int, target: int, limit: int) -> tuple[int, int]:
 
 
 def plan_crop(box: Sequence[float], image_size: tuple[int, int], *, margin: float, resolution: int,
-              multiple: int = 8) -> CropBox:
+              multiple: int = 8, native: bool = False) -> CropBox:
     """Plan the model crop around ``box`` (x0, y0, x1, y1 in pixels of an image of
     ``image_size`` = (width, height)).
 
@@ -124,6 +142,10 @@ def plan_crop(box: Sequence[float], image_size: tuple[int, int], *, margin: floa
     ratio; the crop's short side is then widened (centred, kept inside the image) to that exact
     ratio, so the content is scaled, never stretched, except when the image itself is too narrow
     (then by less than one ``multiple`` step at work resolution).
+
+    ``native``: for fully convolutional models (LaMa) that take any size. When the context crop's
+    long side is at most ``resolution`` it is kept at scale 1 (work size = crop size, not snapped
+    to ``multiple``: the caller pads); a longer crop is planned as above.
     """
     if resolution % multiple or resolution < multiple:
         raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple}")
@@ -137,6 +159,8 @@ def plan_crop(box: Sequence[float], image_size: tuple[int, int], *, margin: floa
     if cx1 <= cx0 or cy1 <= cy0:
         raise ValueError(f"crop box {tuple(box)} lies outside the {W}x{H} image")
     cw, ch = cx1 - cx0, cy1 - cy0
+    if native and max(cw, ch) <= resolution:
+        return CropBox(cx0, cy0, cx1, cy1, cw, ch)
     scale = resolution / max(cw, ch)
     if cw >= ch:
         work_w, work_h = resolution, _snap_up(ch * scale, multiple)
@@ -166,6 +190,39 @@ def sd_inpaint(pipe: Any, image: Image.Image, mask: Image.Image, *, seed: int, s
     return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "RGB")
 
 
+def lama_inpaint(model: Any, image: Image.Image, mask: Image.Image, *, device: Any = "cpu",
+                 multiple: int = LAMA_MULTIPLE) -> Image.Image:
+    """One LaMa forward pass at the image's own size (any size).
+
+    ``model``: a TorchScript (or any) module with LaMa's contract, ``model(image, mask)``: image
+    float32 ``1x3xHxW`` RGB in [0, 1], mask float32 ``1x1xHxW`` in {0, 1} (1 = fill), output
+    ``1x3xHxW`` RGB in [0, 1]. ``image``: PIL RGB; ``mask``: PIL ``"L"`` (> 127 = fill).
+    The inputs are padded on the bottom/right to multiples of ``multiple`` by mirroring (as
+    IOPaint pads) and the output is cropped back. Returns PIL RGB of the input's size.
+    IOPaint hands the mask over as an integer {0, 1} tensor; the network only multiplies and
+    concatenates it with the float image, so float32 {0, 1} is the same input without a promotion.
+    """
+    import torch
+
+    w, h = image.size
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    hole = (np.asarray(mask.convert("L")) > 127).astype(np.float32)
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
+        hole = np.pad(hole, ((0, ph), (0, pw)), mode="symmetric")
+    t_img = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
+    t_mask = torch.from_numpy(np.ascontiguousarray(hole))[None, None].to(device)
+    with torch.inference_mode():
+        out = model(t_img, t_mask)
+    want = (1, 3, h + ph, w + pw)
+    if tuple(out.shape) != want:
+        raise RuntimeError(f"the LaMa model returned shape {tuple(out.shape)} for input {want}: not LaMa's contract "
+                           "(image 1x3xHxW and mask 1x1xHxW in, 1x3xHxW out)")
+    arr = out[0, :, :h, :w].float().clamp(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "RGB")
+
+
 CLASSICAL_METHODS = ("ns", "telea")
 
 
@@ -191,18 +248,20 @@ def _classical(rgb: np.ndarray, hole: np.ndarray, radius: int, method: str) -> n
 def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "ModelRegistry | None" = None,
          seed: int = 0, steps: int = 30, guidance: float = 2.0, strength: float = 1.0, prompt: str = "",
          negative_prompt: str = "", resolution: int = 512, dilation: int = 0, crop_margin: float = 0.5,
-         radius: int = 5, method: str = "ns", blend: int = 0) -> tuple[Image.Image, dict[str, Any]]:
+         radius: int = 5, method: str = "ns", blend: int = 0,
+         lama_resolution: int = 1024) -> tuple[Image.Image, dict[str, Any]]:
     """Fill ``dilate(mask, dilation)`` with plausible background.
 
     ``image``: PIL ``"RGB"`` (callers convert RGBA etc. first). ``mask``: HxW bool, the region
-    to replace (e.g. the object to remove). ``backend``: ``"sd"`` (needs ``registry``) or
+    to replace (e.g. the object to remove). ``backend``: ``"lama"`` (needs ``registry``; crop
+    at the photo's scale up to ``lama_resolution`` long side), ``"sd"`` (needs ``registry``) or
     ``"classical"`` (``method`` ``"ns"`` or ``"telea"``, neighbourhood ``radius`` px).
     ``blend``: inner feather in pixels, clamped to ``dilation``, over which generated pixels fade
     into the original ones at the edge of the dilated mask.
 
     Returns ``(filled PIL RGB image, record)``. Pixels outside ``dilate(mask, dilation)`` are
     bit-identical to ``image``; pixels in ``mask`` come wholly from the backend. The record holds
-    backend, seed and sampler settings (sd), crop, mask sizes and the time taken.
+    backend, seed and sampler settings (sd), crop and scale (sd, lama), mask sizes and the time taken.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown fill backend {backend!r} (one of: {', '.join(BACKENDS)})")
@@ -224,6 +283,19 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
     if backend == "classical":
         generated = _classical(rgb, hole, radius, method)
         rec.update(method=method, radius=int(radius))
+    elif backend == "lama":
+        if registry is None:
+            raise ValueError("the 'lama' fill backend needs a model registry (role 'inpaint_fill')")
+        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=lama_resolution, native=True)
+        work = lama_inpaint(registry.get("inpaint_fill"), crop.to_work(image), crop.mask_to_work(hole),
+                            device=registry.runtime.device)
+        generated = rgb.copy()
+        crop.crop_array(generated)[...] = np.asarray(crop.from_work(work))
+        cw, ch = crop.size
+        rec.update(lama_resolution=int(lama_resolution), crop_margin=float(crop_margin), crop=crop.to_record(),
+                   scale=1.0 if crop.work_size == crop.size else round(crop.work_w / cw, 4),
+                   padded_size=[crop.work_w + (-crop.work_w) % LAMA_MULTIPLE,
+                                crop.work_h + (-crop.work_h) % LAMA_MULTIPLE])
     else:
         if registry is None:
             raise ValueError("the 'sd' fill backend needs a model registry (role 'inpaint')")
@@ -248,3 +320,128 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
     if "icc_profile" in image.info:
         result.info["icc_profile"] = image.info["icc_profile"]
     return result, rec
+
+
+# checker(filled image PIL RGB, region mask HxW bool, label) -> score; a score at or above the
+# threshold means "the product (or a look-alike) is still there".
+Checker = Callable[[Image.Image, np.ndarray, str], float]
+
+
+@dataclass
+class FillOutcome:
+    """What :func:`fill_in_order` kept: the filled PIL RGB image, the backend that made it, its
+    seed (sd only, else None), the seconds spent filling and checking, and the record."""
+
+    image: Image.Image
+    backend: str
+    seed: int | None
+    fill_seconds: float
+    check_seconds: float
+    record: dict[str, Any]
+
+
+def _load_error(backend: str, registry: "ModelRegistry | None") -> Exception | None:
+    """The error that keeps ``backend`` from running here (its model role cannot be loaded: a
+    ModelLoadError, or ValueError without a registry), or None when it can run."""
+    from pipeline.models import ModelLoadError
+
+    role = BACKEND_ROLES.get(backend)
+    if role is None:
+        return None
+    if registry is None:
+        return ValueError(f"fill '{backend}' needs a model registry (role '{role}')")
+    try:
+        registry.get(role)
+    except ModelLoadError as e:
+        return e
+    return None
+
+
+def fill_in_order(image: Image.Image, mask: np.ndarray, spec: str | Sequence[str], *, label: str,
+                  checker: Checker | None = None, threshold: float = 0.5, retries: int = 0, seed: int = 0,
+                  registry: "ModelRegistry | None" = None, **fill_kw: Any) -> FillOutcome:
+    """Fill ``mask`` (HxW bool) trying the backends of ``spec`` in order; the first result that
+    passes the check wins.
+
+    ``spec``: a backend name or a list (see :func:`pipeline.settings.fill_order`: a single name
+    is followed by ``classical``). ``checker``: scores each result on ``mask`` for ``label``; a
+    score at or above ``threshold`` fails the result (it applies to every backend). Without a
+    checker the first backend that runs wins. ``sd`` is tried ``retries + 1`` times with seeds
+    ``seed, seed+1, ...``; ``lama`` and ``classical`` are deterministic and tried once.
+    A backend whose model cannot be loaded is skipped (the reason recorded) when the order was
+    given as a list and another backend is left to try or was tried; with a single name the
+    :class:`~pipeline.models.ModelLoadError` (or ValueError without a registry) propagates.
+    When no result passes, the last one is kept and the record carries a warning.
+    ``fill_kw``: passed to :func:`fill` (dilation, blend, steps, ...).
+
+    The record: ``requested`` (``spec``), ``order``, ``used``, ``fallback`` (something before
+    ``used`` was skipped or failed), ``fallback_reason``, ``skipped`` (every other backend of the
+    order with why), ``attempts``, ``seeds`` (sd), ``scores`` (one per checked fill; empty without a
+    checker), ``still_there``, ``tries`` (one
+    entry per fill: backend, seed, fill record, score) and ``warning`` when nothing passed.
+    """
+    order = fill_order(spec)
+    explicit = not isinstance(spec, str)
+    t_fill = t_check = 0.0
+    tries: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    kept: tuple[Image.Image, str, int | None] | None = None
+    still = False
+    used: str | None = None
+    for i, backend in enumerate(order):
+        if used is not None:
+            skipped[backend] = (f"not needed: {used} passed the check" if checker is not None
+                                else f"not needed: {used} filled (no re-check)")
+            continue
+        err = _load_error(backend, registry)
+        if err is not None:
+            if not explicit or (i == len(order) - 1 and not tries):
+                raise err
+            skipped[backend] = f"model unavailable: {getattr(err, 'reason', err)}"
+            continue
+        seeds = [seed + k for k in range(retries + 1)] if backend == "sd" else [seed]
+        scores: list[float] = []
+        for s in seeds:
+            t0 = time.perf_counter()
+            filled, frec = fill(image, mask, backend, registry=registry, seed=s, **fill_kw)
+            t_fill += time.perf_counter() - t0
+            entry: dict[str, Any] = {"backend": backend, "seed": s if backend == "sd" else None, "fill": frec}
+            still = False
+            if checker is not None:
+                t1 = time.perf_counter()
+                score = float(checker(filled, mask, label))
+                t_check += time.perf_counter() - t1
+                still = score >= threshold
+                scores.append(score)
+                entry.update(score=round(score, 4), still_there=still)
+                detail = getattr(checker, "last_detail", None)
+                if detail:
+                    entry["detail"] = dict(detail)
+            tries.append(entry)
+            kept = (filled, backend, entry["seed"])
+            if not still:
+                used = backend
+                break
+        else:
+            skipped[backend] = (f"still looked like '{label}' after {len(seeds)} attempt(s) "
+                                f"(score {max(scores):.2f} >= {threshold})")
+    assert kept is not None  # the last backend either ran or raised
+    image_out, kept_backend, kept_seed = kept
+    if used is None:  # nothing passed: keep the last result, say so
+        used = kept_backend
+        skipped.pop(used, None)
+    before = [b for b in order[: order.index(used)] if b in skipped]
+    reason = None
+    if before:
+        reason = "; ".join(f"{b}: {skipped[b]}" for b in before) + f"; used the {used} fill"
+    rec: dict[str, Any] = {
+        "requested": spec if isinstance(spec, str) else list(spec), "order": order, "used": used,
+        "fallback": bool(before), "fallback_reason": reason, "skipped": skipped, "attempts": len(tries),
+        "seeds": [t["seed"] for t in tries if t["backend"] == "sd"],
+        "recheck_threshold": threshold if checker is not None else None,
+        # only real scores: without a checker the list is empty (reports format every entry)
+        "scores": [t["score"] for t in tries if "score" in t], "still_there": bool(still), "tries": tries,
+    }
+    if still:
+        rec["warning"] = f"the old region may still show '{label}' (no attempt cleared the check)"
+    return FillOutcome(image_out, used, kept_seed, t_fill, t_check, rec)

@@ -1,7 +1,7 @@
 """The model registry: one owner for locating, loading and keeping every model warm.
 
-Each *role* (``clip``, ``sam``, ``base``, ``inpaint``, ``controlnet_depth``, ``depth``,
-``novel_view``, ``upscaler``, ``captioner``) maps to a :class:`~pipeline.settings.ModelSource`.
+Each *role* (``clip``, ``sam``, ``base``, ``inpaint``, ``inpaint_fill``, ``controlnet_depth``,
+``depth``, ``novel_view``, ``upscaler``, ``captioner``) maps to a :class:`~pipeline.settings.ModelSource`.
 :meth:`ModelRegistry.get` loads a role the first time it is asked for and returns the same object
 afterwards (thread-safe), on the device and dtype chosen once for the process.
 
@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
@@ -62,6 +63,7 @@ ROLE_INFO: dict[str, tuple[str, str]] = {
     "sam": ("sam", "segment-anything checkpoint (mask proposals)"),
     "base": ("diffusers", "Stable Diffusion text-to-image pipeline (LoRA training base)"),
     "inpaint": ("diffusers", "Stable Diffusion inpainting pipeline (enhance, hole filling)"),
+    "inpaint_fill": ("torchscript", "LaMa big-lama TorchScript (hole filling, fill: lama)"),
     "controlnet_depth": ("diffusers-model", "ControlNet depth model"),
     "depth": ("transformers", "monocular depth estimation"),
     "novel_view": ("diffusers", "Zero123-style novel-view model (rotate)"),
@@ -668,11 +670,24 @@ class ModelRegistry:
         try:
             # Inside the try: a Hub or disk failure while fetching on first use is a ModelLoadError too.
             loc = self.locate(role)
+            if src.sha256:
+                self._check_sha256(role, src, loc)
             return getattr(self, f"_load_{role}")(loc)
         except ModelLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - any library failure becomes one clear error
             raise ModelLoadError(role, src.describe(), f"{type(e).__name__}: {e}") from e
+
+    def _check_sha256(self, role: str, src: ModelSource, loc: Path) -> None:
+        """A pinned single-file checkpoint must hash to ``src.sha256``; anything else is refused."""
+        if not loc.is_file():
+            raise ModelLoadError(role, src.describe(), f"sha256 is pinned but {loc} is a folder, not one file",
+                                 f"point models.{role} at the checkpoint file (filename: or a file path:)")
+        got = file_sha256(loc)
+        if got != src.sha256:
+            raise ModelLoadError(role, src.describe(), f"SHA-256 of {loc} is {got}, expected {src.sha256}",
+                                 "the file is damaged or not the pinned checkpoint: delete it and pull again, or "
+                                 f"fix models.{role}.sha256 if you changed the checkpoint on purpose")
 
     def _place(self, module: Any, *, dtype: "torch.dtype | None" = None, cast: bool = True) -> Any:
         """Move to the runtime device; cast to ``dtype`` (default runtime dtype) unless ``cast`` is
@@ -744,6 +759,25 @@ class ModelRegistry:
     def _load_inpaint(self, loc: Path) -> Any:
         return self._load_sd(loc, "StableDiffusionInpaintPipeline", "inpaint")
 
+    def _load_inpaint_fill(self, loc: Path) -> Any:
+        """The LaMa TorchScript module (``torch.jit.load``, as IOPaint loads ``big-lama.pt``) on the
+        runtime device, always float32: its Fourier convolutions run torch.fft, whose half-precision
+        CUDA kernels only take power-of-two sizes, and the crops here are any multiple of 8."""
+        import torch
+
+        if loc.is_dir():
+            cands = sorted(loc.glob("*.pt"))
+            if len(cands) != 1:
+                raise ModelLoadError("inpaint_fill", str(loc), f"expected one .pt TorchScript file in the folder, "
+                                     f"found {len(cands)}")
+            loc = cands[0]
+        # map_location cpu first: a file traced on a GPU must still load on a CPU-only machine.
+        # torch marks TorchScript deprecated, but the published checkpoint is TorchScript.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+            module = torch.jit.load(str(loc), map_location="cpu")
+        return module.to(device=self.runtime.device, dtype=torch.float32).eval()
+
     def _load_controlnet_depth(self, loc: Path) -> Any:
         from diffusers import ControlNetModel
 
@@ -804,7 +838,8 @@ class ModelRegistry:
             "class": type(getattr(obj, "model", obj)).__name__,
             "parameters": params,
             "device": str(rt.device),
-            "dtype": sam_dtype(obj) if role == "sam" else str(rt.dtype).replace("torch.", ""),
+            "dtype": sam_dtype(obj) if role == "sam" else "float32" if role == "inpaint_fill"
+            else str(rt.dtype).replace("torch.", ""),
             "seconds": round(self.load_seconds.get(role, 0.0), 3),
         }
 

@@ -14,8 +14,9 @@ Steps for one product (image RGB, mask HxW bool at full resolution, a relative c
 4. **Upscale** the view with the ``upscaler`` role (``auto``: only when the product would be
    enlarged onto the photo), then **matte** it (:func:`pipeline.matte.matte`: foreground against
    the white background, refined with SAM on the view, clean alpha edge, decontaminated colours).
-5. **Remove the old product** with the shared fill (:func:`pipeline.inpaint.fill`, ``sd`` or
-   ``classical``) over the mask dilated by ``mask_dilation``.
+5. **Remove the old product** with the shared fill (:func:`pipeline.inpaint.fill_in_order`: ``lama``,
+   ``sd`` or ``classical``, or a fallback order with an optional CLIP re-check, ``recheck``) over
+   the mask dilated by ``mask_dilation``.
 6. **Composite** at the old box (:func:`place_box`): anchored bottom-centre (or centre, or fitted
    inside the old box), scaled to the old product's height (or width); alpha 1 on the new
    product, a feathered ramp of its own edge colours outside it; optionally Poisson-blended
@@ -38,9 +39,9 @@ from pydantic import ValidationInfo, field_validator
 
 from pipeline.composite import bbox, dilate, extend_edges, feather_alpha, paste
 from pipeline.edits import Edit, EditContext, EditError, OpParams
-from pipeline.inpaint import fill as inpaint_fill
+from pipeline.inpaint import BACKEND_ROLES, fill_in_order
 from pipeline.pose import check_pose
-from pipeline.settings import RotateSettings
+from pipeline.settings import RotateSettings, check_fill, fill_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.models import ModelRegistry
@@ -265,9 +266,12 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     check_pose(polar, azimuth, params.radius, max_polar=params.max_polar)
     azimuth, polar = float(azimuth), float(polar)
     seed = params.seed if seed is None else int(seed)
-    backend = params.fill if fill is None else fill
-    if backend not in ("sd", "classical"):
-        raise ValueError(f"rotate: fill must be sd or classical, not {backend!r}")
+    try:
+        spec = check_fill(params.fill if fill is None else fill)
+    except ValueError as e:
+        raise ValueError(f"rotate: {e}") from None
+    order = fill_order(spec)
+    backend = order[0]
     W, H = image.size
     warnings: list[str] = []
     if abs(azimuth) >= params.warn_azimuth:
@@ -277,10 +281,14 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     # -- licence: everything this edit may load, before any work ----------------------------------
     use_sam = params.matte_refine and registry is not None
     roles = [r for r, wanted in (("novel_view", view_fn is None), ("upscaler", params.upscale != "off"),
-                                 ("sam", use_sam), ("inpaint", backend == "sd")) if wanted]
-    if registry is None and (view_fn is None or backend == "sd"):
+                                 ("sam", use_sam)) if wanted]
+    roles += [BACKEND_ROLES[b] for b in order if b in BACKEND_ROLES]
+    if params.recheck:
+        roles.append("clip")
+    if registry is None and (view_fn is None or (isinstance(spec, str) and backend in BACKEND_ROLES)):
         raise ValueError("rotate needs a model registry (roles: novel_view"
-                         + (", inpaint for fill 'sd'" if backend == "sd" else "") + ")")
+                         + (f", {BACKEND_ROLES[backend]} for fill '{backend}'" if backend in BACKEND_ROLES else "")
+                         + ")")
     licences: dict[str, Any] = {}
     if registry is not None:
         licences, lic_warn = check_licences(registry.settings, roles)
@@ -359,17 +367,27 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
         raise EditError(f"rotate: the new view of '{label}' would land wholly outside the {W}x{H} frame")
 
     # -- remove the old product ----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    filled, frec = inpaint_fill(image, m, backend, registry=registry, seed=seed, steps=params.fill_steps,
-                                guidance=params.fill_guidance, strength=params.fill_strength,
-                                prompt=params.fill_prompt, negative_prompt=params.fill_negative_prompt,
-                                resolution=params.fill_resolution, dilation=params.mask_dilation,
-                                crop_margin=params.fill_crop_margin, radius=params.classical_radius,
-                                method=params.classical_method, blend=params.fill_blend)
-    timings["fill"] = time.perf_counter() - t0
+    checker = None
+    if params.recheck and registry is not None:
+        from pipeline.displace import ClipChecker
+
+        checker = ClipChecker(registry)
+    got = fill_in_order(image, m, spec, label=label, checker=checker, threshold=params.recheck_threshold,
+                        retries=params.fill_retries, seed=seed, registry=registry, steps=params.fill_steps,
+                        guidance=params.fill_guidance, strength=params.fill_strength, prompt=params.fill_prompt,
+                        negative_prompt=params.fill_negative_prompt, resolution=params.fill_resolution,
+                        dilation=params.mask_dilation, crop_margin=params.fill_crop_margin,
+                        radius=params.classical_radius, method=params.classical_method, blend=params.fill_blend,
+                        lama_resolution=params.fill_lama_resolution)
+    filled = got.image
+    timings["fill"] = got.fill_seconds
+    timings["check"] = got.check_seconds
     hole = dilate(m, params.mask_dilation)
-    record["fill"] = {"requested": backend, "used": backend, "fallback": False, "dilation": params.mask_dilation,
-                      "hole_pixels": int(hole.sum()), "detail": frec}
+    record["fill"] = {**got.record, "checker": "clip" if checker is not None else None,
+                      "dilation": params.mask_dilation, "hole_pixels": int(hole.sum()),
+                      "detail": got.record["tries"][-1]["fill"]}
+    if got.record.get("warning"):
+        warnings.append(got.record["warning"])
 
     # -- composite -----------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -394,8 +412,10 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
 
     models: dict[str, Any] = {}
     if registry is not None:
+        tried = {t["backend"] for t in got.record["tries"]}
         used_roles = [r for r, used in (("novel_view", generator == "zero123"), ("upscaler", up_rec["used"]),
-                                        ("sam", use_sam), ("inpaint", backend == "sd")) if used]
+                                        ("sam", use_sam), ("inpaint", "sd" in tried),
+                                        ("inpaint_fill", "lama" in tried), ("clip", checker is not None)) if used]
         for role in used_roles:
             models[role] = {**registry.provenance(role), "commercial": licences.get(role, {}).get("commercial")}
     record["licence"] = {"commercial_use": bool(registry.settings.commercial_use) if registry else None,

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import BadInput
 
@@ -28,6 +28,7 @@ ROLES: tuple[str, ...] = (
     "sam",
     "base",
     "inpaint",
+    "inpaint_fill",
     "controlnet_depth",
     "depth",
     "novel_view",
@@ -71,6 +72,8 @@ class ModelSource(_Strict):
     revision: str | None = Field(None, description="branch, tag or commit of `repo` (pin a commit for reproducibility)")
     filename: str | None = Field(None, description="single checkpoint file inside `repo` (SAM .pth/.safetensors)")
     path: Path | None = Field(None, description="local directory (diffusers/transformers layout) or checkpoint file")
+    sha256: str | None = Field(None, description="SHA-256 of a single-file checkpoint (`filename` or a file `path`); "
+                               "checked before loading, a mismatch refuses the file")
     model_type: str | None = Field(None, description="SAM only: vit_b | vit_l | vit_h | auto (inferred from the weights)")
     licence: str = Field("", description="licence note shown by `models list` and written into records")
     commercial: bool | None = Field(None, description="False for weights under a non-commercial licence (refused "
@@ -82,6 +85,13 @@ class ModelSource(_Strict):
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", v):
             raise ValueError(f"{v!r} is not a Hub repo id (expected 'owner/name')")
         return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError(f"{v!r} is not a SHA-256 (64 hex digits)")
+        return None if v is None else v.lower()
 
     @field_validator("model_type")
     @classmethod
@@ -128,6 +138,15 @@ class ModelsSettings(_Strict):
     )
     inpaint: ModelSource = ModelSource(
         repo="stable-diffusion-v1-5/stable-diffusion-inpainting", licence="CreativeML OpenRAIL-M"
+    )
+    # LaMa ("big-lama", Apache-2.0) as the TorchScript file IOPaint loads with torch.jit.load. The
+    # canonical copy is IOPaint's release asset
+    # https://github.com/Sanster/models/releases/download/add_big_lama/big-lama.pt (download it and
+    # set `path:` to use it); the default is a Hub mirror of the same file. The SHA-256 is the
+    # canonical file's (205669692 bytes), so a mirror serving other bytes is refused at load.
+    inpaint_fill: ModelSource = ModelSource(
+        repo="fashn-ai/LaMa", filename="big-lama.pt",
+        sha256="344c77bbcb158f17dd143070d1e789f38a66c04202311ae3a258ef66667a9ea9", licence="Apache-2.0",
     )
     controlnet_depth: ModelSource = ModelSource(
         repo="lllyasviel/control_v11f1p_sd15_depth", licence="CreativeML OpenRAIL-M"
@@ -302,12 +321,50 @@ class EnhanceSettings(_Strict):
         return self
 
 
+FILL_BACKENDS: tuple[str, ...] = ("lama", "sd", "classical")
+
+
+def check_fill(v: Any) -> str | list[str]:
+    """A hole-fill choice: one backend name (``lama``, ``sd`` or ``classical``) or a fallback order
+    (a non-empty list of them without repeats). Returned unchanged when valid."""
+    known = ", ".join(FILL_BACKENDS)
+    if isinstance(v, str):
+        if v not in FILL_BACKENDS:
+            raise ValueError(f"unknown fill backend {v!r} (one of: {known}, or a list of them)")
+        return v
+    if isinstance(v, (list, tuple)):
+        items = list(v)
+        if not items:
+            raise ValueError(f"an empty fill order; list at least one of {known}")
+        bad = [x for x in items if not isinstance(x, str) or x not in FILL_BACKENDS]
+        if bad:
+            raise ValueError(f"unknown fill backend(s) {', '.join(map(repr, bad))} in the fill order (one of: {known})")
+        dup = sorted({x for x in items if items.count(x) > 1})
+        if dup:
+            raise ValueError(f"fill order repeats {', '.join(dup)}; name each backend once")
+        return items
+    raise ValueError(f"fill must be one of {known} or a list of them, got {type(v).__name__}")
+
+
+def fill_order(v: str | Sequence[str]) -> list[str]:
+    """The backends a fill tries, in order. A list is taken as given; a single name is shorthand for
+    that backend followed by ``classical`` (no weights, the fallback since before fill orders)."""
+    if isinstance(v, str):
+        return [v] if v == "classical" else [v, "classical"]
+    return list(v)
+
+
+# ``fill: lama`` or ``fill: [lama, sd, classical]`` (the first result that passes the re-check wins).
+FillSpec = Annotated[Union[str, list[str]], BeforeValidator(check_fill)]
+
+
 class DisplaceSettings(_Strict):
     """Move a detected product (:mod:`pipeline.displace`). Removal defaults from the seed projects:
     empty prompt, guidance ~2, strength 1.0, mask dilated by ~20 px."""
 
-    fill: Literal["sd", "classical"] = Field("sd", description="hole fill: SD inpainting, or OpenCV "
-                                             "(no weights; also the fallback)")
+    fill: FillSpec = Field("sd", description="hole fill: lama (LaMa, one forward pass), sd (SD inpainting) or "
+                           "classical (OpenCV, no weights), or a fallback order such as [lama, sd, classical]; a single "
+                           "name is followed by classical")
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(2.0, ge=0.0, le=50.0)
     strength: float = Field(1.0, ge=0.0, le=1.0)
@@ -315,6 +372,8 @@ class DisplaceSettings(_Strict):
     negative_prompt: str = ""
     resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
     crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
+    lama_resolution: int = Field(1024, ge=64, le=4096, multiple_of=8, description="LaMa works on the hole's crop at "
+                                 "the photo's own scale up to this long side; larger crops are scaled down to it")
     mask_dilation: int = Field(20, ge=0, le=512, description="px the hole grows beyond the product mask")
     fill_blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole "
                             "edge (clamped to mask_dilation)")
@@ -328,7 +387,7 @@ class DisplaceSettings(_Strict):
     max_outside_share: float = Field(0.5, ge=0.0, le=1.0, description="refuse: largest share allowed out of frame")
     recheck: bool = Field(True, description="CLIP-check the old region after filling (needs the clip role)")
     recheck_threshold: float = Field(0.5, ge=0.0, le=1.0, description="class probability at which it is still there")
-    retries: int = Field(2, ge=0, le=20, description="SD re-fills with seed+1.. before the classical fallback")
+    retries: int = Field(2, ge=0, le=20, description="SD re-fills with seed+1.. before the next backend in the order")
     seed: int = 0
 
 
@@ -368,7 +427,8 @@ class RotateSettings(_Strict):
     feather: int = Field(3, ge=0, le=256, description="px of soft edge outside the pasted product")
     poisson: bool = Field(False, description="Poisson-blend the new product into the background (cv2.seamlessClone)")
     # -- removing the old product (pipeline.inpaint.fill) --
-    fill: Literal["sd", "classical"] = Field("sd", description="hole fill: SD inpainting, or OpenCV (no weights)")
+    fill: FillSpec = Field("sd", description="hole fill: lama, sd or classical, or a fallback order such as "
+                           "[lama, sd, classical]; a single name is followed by classical")
     fill_steps: int = Field(30, ge=1, le=500)
     fill_guidance: float = Field(2.0, ge=0.0, le=50.0)
     fill_strength: float = Field(1.0, ge=0.0, le=1.0)
@@ -376,16 +436,23 @@ class RotateSettings(_Strict):
     fill_negative_prompt: str = ""
     fill_resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
     fill_crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
+    fill_lama_resolution: int = Field(1024, ge=64, le=4096, multiple_of=8, description="LaMa works on the hole's crop "
+                                      "at the photo's own scale up to this long side; larger crops are scaled down")
     mask_dilation: int = Field(20, ge=0, le=512, description="px the hole grows beyond the old product mask")
     fill_blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole edge")
     classical_method: Literal["ns", "telea"] = "ns"
     classical_radius: int = Field(5, ge=1, le=64)
+    recheck: bool = Field(False, description="CLIP-check the old region after filling, as displace does, and move "
+                          "on in the fill order when it still shows the product (needs the clip role)")
+    recheck_threshold: float = Field(0.5, ge=0.0, le=1.0, description="class probability at which it is still there")
+    fill_retries: int = Field(0, ge=0, le=20, description="with recheck: SD re-fills with seed+1.. before the next "
+                              "backend in the order")
     seed: int = 0
 
     @model_validator(mode="after")
     def _some_fill_denoising(self) -> "RotateSettings":
         # diffusers runs int(steps * strength) steps; zero would fail inside the SD fill.
-        if self.fill == "sd" and int(self.fill_steps * self.fill_strength) < 1:
+        if "sd" in fill_order(self.fill) and int(self.fill_steps * self.fill_strength) < 1:
             raise ValueError(f"fill_steps={self.fill_steps} x fill_strength={self.fill_strength} leaves no "
                              "denoising step for the sd fill; raise either (or use fill: classical)")
         return self

@@ -3,7 +3,7 @@
 ``make_tiny_set(DIR)`` writes one folder (or file) per model role, laid out exactly as the real
 checkpoints are (``model_index.json`` + component subfolders for diffusers pipelines, ``config.json``
 + ``model.safetensors`` + processor files for transformers models, a single state-dict file for
-SAM), plus ``DIR/settings.yaml`` pointing every role at them. The registry then loads them through
+SAM, a single TorchScript ``big-lama.pt`` for LaMa), plus ``DIR/settings.yaml`` pointing every role at them. The registry then loads them through
 the same code that loads real weights, so the whole product runs offline, in seconds, on a CPU.
 
 Random weights produce noise, not quality: the set exists to exercise code paths, never to judge
@@ -12,10 +12,11 @@ output. Detection thresholds in the written settings are permissive so every sta
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 # Kept small so that the whole set builds in a few seconds and every forward pass is cheap.
 TEXT_DIM = 32
@@ -179,6 +180,67 @@ def make_inpaint(out: Path) -> None:
     _save_sd(out, StableDiffusionInpaintPipeline, 9, DDIMScheduler)
 
 
+@functools.cache
+def _tiny_lama_class() -> type:
+    import torch
+    from torch import nn
+
+    class TinyLama(nn.Module):
+        """LaMa's TorchScript contract at toy size: ``forward(image, mask)`` with image float32
+        ``Bx3xHxW`` RGB in [0, 1] and mask ``Bx1xHxW`` in {0, 1} (1 = fill) -> ``Bx3xHxW`` in
+        [0, 1], the known pixels passed through. Like big-lama it blanks the hole before looking,
+        downsamples three times by 2 (H and W must be multiples of 8, else the skip sum fails) and
+        has a Fourier (FFT) branch at the bottleneck."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+            self.spectral = nn.Conv2d(32, 32, 1)
+            self.up = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(),
+                                    nn.Upsample(scale_factor=2.0), nn.Conv2d(16, 8, 3, 1, 1), nn.ReLU(),
+                                    nn.Upsample(scale_factor=2.0), nn.Conv2d(8, 3, 3, 1, 1))
+            self.skip = nn.Conv2d(4, 3, 1)
+
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            mask = mask.to(image.dtype)
+            x = torch.cat([image * (1 - mask), mask], dim=1)
+            z = self.down(x)
+            f = torch.fft.rfft2(z, norm="ortho")
+            f = self.spectral(torch.cat([f.real, f.imag], dim=1))
+            re, im = torch.chunk(f, 2, dim=1)
+            z = z + torch.fft.irfft2(torch.complex(re, im), s=[z.shape[-2], z.shape[-1]], norm="ortho")
+            pred = torch.sigmoid(self.up(z) + self.skip(x))
+            return mask * pred + (1 - mask) * image
+
+    return TinyLama
+
+
+def tiny_lama() -> Any:
+    """The tiny LaMa-contract module, scripted (seeded weights)."""
+    import warnings
+
+    import torch
+
+    _seeded(9)
+    with warnings.catch_warnings():  # deprecated by torch, but it is the real checkpoint's format
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        return torch.jit.script(_tiny_lama_class()().eval())
+
+
+def make_inpaint_fill(out_file: Path) -> None:
+    """LaMa's on-disk form: one TorchScript file (``big-lama.pt``) written with ``torch.jit.save``,
+    loaded by the registry with ``torch.jit.load`` exactly as the real file is."""
+    import warnings
+
+    import torch
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        torch.jit.save(tiny_lama(), str(out_file))
+
+
 def make_controlnet_depth(out: Path) -> None:
     """diffusers ControlNetModel layout (config.json + diffusion_pytorch_model.safetensors)."""
     from diffusers import ControlNetModel
@@ -277,6 +339,7 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "sam": ("sam/sam_tiny.safetensors", make_sam),
     "base": ("base", make_base),
     "inpaint": ("inpaint", make_inpaint),
+    "inpaint_fill": ("inpaint_fill/big-lama.pt", make_inpaint_fill),
     "controlnet_depth": ("controlnet_depth", make_controlnet_depth),
     "depth": ("depth", make_depth),
     "novel_view": ("novel_view", make_novel_view),
@@ -289,6 +352,11 @@ def tiny_settings_dict(out: Path) -> dict:
     """Settings pointing every role at the tiny set, with permissive detection for random weights."""
     models = {role: {"path": rel, "licence": "tiny random weights (tests/demo only)"} for role, (rel, _) in BUILDERS.items()}
     models["sam"]["model_type"] = "auto"
+    lama = out / BUILDERS["inpaint_fill"][0]
+    if lama.is_file():  # pinned like the real file, so the checksum path runs in every test
+        from pipeline.models import file_sha256
+
+        models["inpaint_fill"]["sha256"] = file_sha256(lama)
     return {
         "root": ".",
         "paths": {"inbox": "inbox", "outbox": "outbox", "ledger": "outbox/.ledger.sqlite3", "rules": "rules.yaml",

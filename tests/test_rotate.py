@@ -389,7 +389,7 @@ def test_op_rotate_parses_options_and_overrides(tiny_settings, registry):
 # Tiny models end to end
 
 
-@pytest.mark.parametrize("fill", ["classical", "sd"])
+@pytest.mark.parametrize("fill", ["classical", "sd", "lama"])
 def test_tiny_models_end_to_end(registry, fill):
     img, m = scene()
     p = params(fill=fill, upscale="always", matte_refine=True)
@@ -398,7 +398,7 @@ def test_tiny_models_end_to_end(registry, fill):
     rec = e.record
     assert rec["upscale"]["used"] and rec["upscale"]["factor"] == 4 and rec["upscale"]["size"] == [256, 256]
     assert rec["matte"]["refine"]["method"] == "sam" and rec["novel_view"]["generator"] == "zero123"
-    roles = {"novel_view", "upscaler", "sam"} | ({"inpaint"} if fill == "sd" else set())
+    roles = {"novel_view", "upscaler", "sam"} | {"sd": {"inpaint"}, "lama": {"inpaint_fill"}}.get(fill, set())
     assert set(rec["models"]) == roles
     assert all(rec["models"][r]["licence"] for r in roles) and rec["models"]["novel_view"]["source"]
     assert rec["fill"]["used"] == fill and rec["pose"]["embedding"] == [0.0, 0.0, 1.0, 0.0]

@@ -95,7 +95,7 @@ BAD = [
     ("rules:\n  - match: {class: hat}\n    actions: [{displace: {x: 1}}]\n", "rules.0.match.class", "unknown class", 2),
     ("rules:\n  - match: {class: shoe}\n    actions: [{teleport: {}}]\n", "rules.0.actions", "unknown action", 3),
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - displace: {x: 5, fill: magic}\n",
-     "rules.0.actions.0.displace.fill", "'sd' or 'classical'", 4),
+     "rules.0.actions.0.displace.fill", "unknown fill backend 'magic'", 4),
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - enhance: {steps: 0}\n",
      "rules.0.actions.0.enhance.steps", "greater than or equal to 1", 4),
     ("rules:\n  - match: {class: shoe}\n    actions:\n      - enhance:\n          loras: [{path: missing.safetensors}]\n",

@@ -28,6 +28,7 @@ def _iso(t: float | None) -> str | None:
 class StatusBoard:
     def __init__(self, **static: Any):
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._static = dict(static)
         self.state = "starting"
         self.current: dict[str, Any] | None = None
@@ -82,7 +83,13 @@ class StatusBoard:
 
     def write(self, path: Path) -> None:
         """Temp file + rename: readers never see a partial file. Not fsynced: it is rewritten every
-        few seconds and only advisory, and an fsync per update would slow the daemon down."""
+        few seconds and only advisory, and an fsync per update would slow the daemon down. Writers
+        (the periodic one and an immediate one after a rules reload) take turns, snapshot and rename
+        together, so an older snapshot can never replace a newer file."""
+        with self._write_lock:
+            self._write(path)
+
+    def _write(self, path: Path) -> None:
         snap = self.snapshot()
         with self._lock:
             self.dirty = False

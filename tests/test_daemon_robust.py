@@ -356,19 +356,25 @@ def test_status_shows_a_rules_reload_as_soon_as_it_is_logged(env, caplog):
                 snap = json.loads(d.paths.status_file.read_text())
                 seen.append(snap["rules"]["last_error"] or snap["rules"]["hash"])
 
+    def replace(text: str) -> None:
+        # Atomic, as an editor saves: the rules poll must never see a half-written file here.
+        tmp = rules.with_name(".rules.yaml.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, rules)
+
     peek = Peek()
     logging.getLogger("product_studio.daemon").addHandler(peek)
     try:
         with env.running(rules=rules) as d:
             old = d.rules_hash
-            rules.write_text("rules: [{name: x}]\n")
+            replace("rules: [{name: x}]\n")
             wait_for(lambda: d.rules_hash != old, 10, "the reload")
-            rules.write_text("rules: 5\n")
+            replace("rules: 5\n")
             wait_for(lambda: len(seen) == 2, 10, "the refusal")
             new = d.rules_hash
     finally:
         logging.getLogger("product_studio.daemon").removeHandler(peek)
-    assert seen[0] == new and "expected a list" in seen[1]
+    assert seen[0] == new and "expected a list" in seen[1], seen
 
 
 def test_errors_raised_in_the_child_keep_their_class(env):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.measure import PeakMemory, Rounds, process_peak_rss_mib, stats
+from bench.measure import PeakMemory, Rounds, process_peak_rss_mib, run_with_models, stats
 from pipeline.detect import ClipScorer, Detector, softmax_probs
 from pipeline.models import ClipBundle, ModelRegistry, SamBundle
 from pipeline.settings import DetectSettings, Settings
@@ -528,14 +527,6 @@ def run_from_options(opts: Any) -> dict[str, Any]:
         # The baseline runs once (its models are warm from the other cases), the floor without a
         # warm-up (its models and shapes are warm from ours_product).
         common.update(slow_baseline_s=0.0, warm_floor=False)
-    if opts.tiny:
-        from pipeline.tiny import make_tiny_set
-
-        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
-            err.print("building the tiny model set (clip, sam) ...")
-            make_tiny_set(d, roles=["clip", "sam"])
-            result = run_detect(tiny_dir=d, **common)
-    else:
-        result = run_detect(**common)
+    result = run_with_models(opts.tiny, ["clip", "sam"], run_detect, **common)
     render(result)
     return result

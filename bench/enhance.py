@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +38,7 @@ from PIL import Image
 
 from bench import malloc_mode
 from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
-from bench.measure import PeakMemory, Rounds, stats
+from bench.measure import PeakMemory, Rounds, run_with_models, stats
 from pipeline.models import HFBundle, ModelRegistry
 from pipeline.settings import EnhanceSettings, Settings
 
@@ -314,15 +313,7 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     if quick:
         # Each case once, one denoising step: both cases' UNet work halves alike, the ratio stays.
         common.update(warmup=False, steps=1)
-    if opts.tiny:
-        from pipeline.tiny import make_tiny_set
-
-        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
-            err.print("building the tiny model set (inpaint, controlnet_depth, depth) ...")
-            make_tiny_set(d, roles=["inpaint", "controlnet_depth", "depth"])
-            result = run_enhance(tiny_dir=d, **common)
-    else:
-        result = run_enhance(**common)
+    result = run_with_models(opts.tiny, ["inpaint", "controlnet_depth", "depth"], run_enhance, **common)
     render(result)
     return result
 

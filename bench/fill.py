@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +42,7 @@ from PIL import Image
 
 from bench import malloc_mode
 from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
-from bench.measure import PeakMemory, Rounds, stats
+from bench.measure import PeakMemory, Rounds, run_with_models, stats
 from pipeline.models import ModelRegistry
 from pipeline.settings import DisplaceSettings
 
@@ -247,15 +246,7 @@ def run_from_options(opts: Any) -> dict[str, Any]:
                   log=lambda m: err.print(m, highlight=False))
     if quick:
         common.update(sd_steps=QUICK_SD_STEPS)
-    if opts.tiny:
-        from pipeline.tiny import make_tiny_set
-
-        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
-            err.print("building the tiny model set (inpaint, inpaint_fill) ...")
-            make_tiny_set(d, roles=["inpaint", "inpaint_fill"])
-            result = run_fill(tiny_dir=d, **common)
-    else:
-        result = run_fill(**common)
+    result = run_with_models(opts.tiny, ["inpaint", "inpaint_fill"], run_fill, **common)
     render(result)
     return result
 

@@ -160,3 +160,20 @@ class Rounds:
                 dt, out = run(c, False)
                 self.times[c].append(dt)
                 self.details[c].append(out)
+
+
+def run_with_models(tiny: bool, roles: list[str], fn: Any, **kwargs: Any) -> Any:
+    """``fn(**kwargs)`` on the full-size random-weight models (the default), or with ``tiny`` on a
+    tiny model set of ``roles`` built in a temporary folder (``fn(tiny_dir=..., **kwargs)``);
+    ``kwargs["log"]``, when given, hears about the build."""
+    if not tiny:
+        return fn(**kwargs)
+    import tempfile
+
+    from pipeline.tiny import make_tiny_set
+
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
+        if kwargs.get("log") is not None:
+            kwargs["log"](f"building the tiny model set ({', '.join(roles)}) ...")
+        make_tiny_set(d, roles=roles)
+        return fn(tiny_dir=d, **kwargs)

@@ -845,7 +845,7 @@ class ModelRegistry:
             "class": type(getattr(obj, "model", obj)).__name__,
             "parameters": params,
             "device": str(rt.device),
-            "dtype": sam_dtype(obj) if role == "sam" else "float32" if role == "inpaint_fill"
+            "dtype": sam_dtype(obj) if role == "sam" else "float32" if role in ("inpaint_fill", "matting")
             else str(rt.dtype).replace("torch.", ""),
             "seconds": round(self.load_seconds.get(role, 0.0), 3),
         }

@@ -5,6 +5,7 @@ bit-identical and the record names the model. `ramp` stays the default and uncha
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -83,3 +84,16 @@ def test_run_background_with_vitmatte_end_to_end(tiny_dir, tmp_path):
     assert (res[~dilate(m, 6)] == 255).all()  # pure white beyond the band
     band = dilate(m, 6) & ~m
     assert (res[band] != 255).any()  # the matte drew a soft edge there
+
+
+def test_vitmatte_without_the_model_is_a_model_error_naming_the_role(tiny_settings, tmp_path):
+    from pipeline.models import ModelLoadError, ModelRegistry
+
+    s = tiny_settings.model_copy(deep=True)
+    s.models.matting = s.models.matting.model_copy(update={"path": tmp_path / "no-such-matting"})
+    img = Image.fromarray(np.full((40, 40, 3), 90, np.uint8))
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    with pytest.raises(ModelLoadError) as e:
+        run_action("background", img, mask, "box", {"matte": "vitmatte"}, s, ModelRegistry(s))
+    assert e.value.role == "matting" and "no-such-matting" in str(e.value)

@@ -13,6 +13,14 @@ the frame), ``generate`` (SD inpainting, with ControlNet depth and LoRAs, of eve
 product: :func:`pipeline.enhance.enhance` on the complement of the mask; the product's pixels are
 not in its region, so they stay bit-identical).
 
+The soft edge (``matte``): ``ramp`` (default) is the linear fall-off above; ``vitmatte`` runs the
+optional ``matting`` role (transformers' ViTMatte) on a trimap built from the mask
+(:func:`trimap`) over a bounded crop around the product and takes its alpha in the band of
+``matte_band`` px just *outside* the mask only: inside the mask alpha stays exactly 1, so the
+product's pixels keep their bytes and the QA gate's guarantee holds. The band's colours are still
+the product's extended edge colours, so the matte decides how much product each band pixel shows,
+never which old background comes along.
+
 Shadows are drawn on the background before the product is pasted, from the mask alone:
 ``contact`` a soft ellipse under the product box's base, ``drop`` the silhouette offset and
 blurred; their parameters go into the record.
@@ -96,6 +104,65 @@ def shadow_map(product: np.ndarray, s: BackgroundSettings) -> tuple[np.ndarray |
     return np.clip(m, 0.0, 1.0), rec
 
 
+def trimap(mask: np.ndarray, band: int) -> np.ndarray:
+    """HxW uint8 trimap of the product ``mask`` (HxW bool) as ViTMatte reads it: 255 = foreground
+    (the mask eroded by ``band`` px), 128 = unknown (``dilate(mask, band) & ~erode(mask, band)``),
+    0 = background (the rest)."""
+    m = np.asarray(mask, bool)
+    # erode(m, b) == ~dilate(~m, b); outside the image counts as background, so the border erodes too.
+    padded = np.pad(~m, 1, constant_values=True)
+    fg = ~dilate(padded, band)[1:-1, 1:-1]
+    tri = np.zeros(m.shape, np.uint8)
+    tri[dilate(m, band)] = 128
+    tri[fg] = 255
+    return tri
+
+
+def vitmatte_alpha(rgb: np.ndarray, m: np.ndarray, band: int, max_side: int,
+                   registry: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """HxW float32 alpha in [0, 1]: exactly 1 on ``m``, the ``matting`` role's prediction in
+    ``dilate(m, band) & ~m``, 0 elsewhere; and the record's ``matte`` entry.
+
+    ``rgb``: HxWx3 uint8 RGB; ``m``: HxW bool. The model sees the box of ``dilate(m, band)`` grown by
+    ``band`` px, scaled (area) so its long side is at most ``max_side``; its alpha is scaled back
+    (bilinear) to the crop."""
+    import cv2
+    import torch
+
+    if registry is None:
+        raise ValueError("background matte vitmatte needs a model registry (role matting)")
+    H, W = m.shape
+    tri = trimap(m, band)
+    x0, y0, x1, y1 = bbox(tri > 0, pad=band)
+    cw, ch = x1 - x0, y1 - y0
+    k = min(1.0, max_side / max(cw, ch))
+    ww, wh = max(1, int(round(cw * k))), max(1, int(round(ch * k)))
+    crop, tcrop = rgb[y0:y1, x0:x1].copy(), tri[y0:y1, x0:x1].copy()  # writable: torch.from_numpy warns otherwise
+    if (ww, wh) != (cw, ch):
+        crop = cv2.resize(crop, (ww, wh), interpolation=cv2.INTER_AREA)
+        # Nearest keeps the trimap's three values.
+        tcrop = cv2.resize(tcrop, (ww, wh), interpolation=cv2.INTER_NEAREST)
+    bundle = registry.get("matting")
+    dev = next(bundle.model.parameters()).device
+    with registry.lock("matting"):
+        inputs = bundle.processor(images=crop, trimaps=tcrop, return_tensors="pt")
+        with torch.inference_mode():
+            pred = bundle.model(pixel_values=inputs["pixel_values"].to(dev, torch.float32)).alphas
+    a = pred[0, 0, :wh, :ww].float().clamp(0, 1).cpu().numpy()  # the processor pads to a multiple of 32
+    if (ww, wh) != (cw, ch):
+        a = cv2.resize(a, (cw, ch), interpolation=cv2.INTER_LINEAR)
+    alpha = np.zeros((H, W), np.float32)
+    alpha[y0:y1, x0:x1] = np.clip(a, 0.0, 1.0)
+    alpha[~dilate(m, band)] = 0.0
+    alpha[m] = 1.0  # the product's own pixels are never matted: their bytes are the input's
+    band_px = dilate(m, band) & ~m
+    rec = {"kind": "vitmatte", "band": band, "crop": [int(x0), int(y0), int(x1), int(y1)], "work_size": [ww, wh],
+           "band_pixels": int(band_px.sum()),
+           "band_alpha_mean": round(float(alpha[band_px].mean()), 4) if band_px.any() else None,
+           "model": registry.provenance("matting")}
+    return alpha, rec
+
+
 def background(image: Image.Image, mask: np.ndarray, label: str, s: BackgroundSettings, *, registry: Any = None,
                settings: Any = None) -> Edit:
     """``image``: PIL RGB; ``mask``: HxW bool, the product. Returns an :class:`Edit` whose product
@@ -136,8 +203,12 @@ def background(image: Image.Image, mask: np.ndarray, label: str, s: BackgroundSe
     if shadow is not None and s.mode != "transparent":
         dark = 1.0 - s.shadow_opacity * shadow
         bg = np.clip(np.rint(bg.astype(np.float32) * dark[..., None]), 0, 255).astype(np.uint8)
-    alpha = feather_alpha(m, s.edge)
-    out = paste(bg, extend_edges(rgb, m, s.edge), alpha)
+    if s.matte == "vitmatte":
+        alpha, rec["matte"] = vitmatte_alpha(rgb, m, s.matte_band, s.matte_resolution, registry)
+        reach = s.matte_band
+    else:
+        alpha, rec["matte"], reach = feather_alpha(m, s.edge), {"kind": "ramp", "edge": s.edge}, s.edge
+    out = paste(bg, extend_edges(rgb, m, reach), alpha)
     a8 = None
     if s.mode == "transparent":
         a8 = np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)

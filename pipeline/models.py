@@ -1,7 +1,7 @@
 """The model registry: one owner for locating, loading and keeping every model warm.
 
 Each *role* (``clip``, ``sam``, ``base``, ``inpaint``, ``inpaint_fill``, ``controlnet_depth``,
-``depth``, ``novel_view``, ``upscaler``, ``captioner``) maps to a :class:`~pipeline.settings.ModelSource`.
+``depth``, ``novel_view``, ``upscaler``, ``captioner``, ``matting``) maps to a :class:`~pipeline.settings.ModelSource`.
 :meth:`ModelRegistry.get` loads a role the first time it is asked for and returns the same object
 afterwards (thread-safe), on the device and dtype chosen once for the process.
 
@@ -69,6 +69,7 @@ ROLE_INFO: dict[str, tuple[str, str]] = {
     "novel_view": ("diffusers", "Zero123-style novel-view model (rotate)"),
     "upscaler": ("transformers", "image super-resolution"),
     "captioner": ("transformers", "image captioning (LoRA dataset captions)"),
+    "matting": ("transformers", "ViTMatte image matting from a trimap (background matte: vitmatte)"),
 }
 
 _SKIP_WEIGHT_MARKERS = (".fp16.", "non_ema", ".ema.", "onnx", "flax", "openvino")
@@ -191,7 +192,7 @@ class SamBundle:
 
 @dataclass
 class HFBundle:
-    """A transformers model (eval) with its processor: depth, upscaler, captioner."""
+    """A transformers model (eval) with its processor: depth, upscaler, captioner, matting."""
 
     model: Any
     processor: Any
@@ -805,6 +806,12 @@ class ModelRegistry:
     def _load_captioner(self, loc: Path) -> HFBundle:
         return self._load_hf(loc, "AutoModelForImageTextToText", "AutoProcessor")
 
+    def _load_matting(self, loc: Path) -> HFBundle:
+        import torch
+
+        # Small (25M parameters) and its alpha feeds an 8-bit composite: keep fp32.
+        return self._load_hf(loc, "VitMatteForImageMatting", "VitMatteImageProcessor", dtype=torch.float32)
+
     def _load_novel_view(self, loc: Path) -> NovelViewComponents:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -838,7 +845,7 @@ class ModelRegistry:
             "class": type(getattr(obj, "model", obj)).__name__,
             "parameters": params,
             "device": str(rt.device),
-            "dtype": sam_dtype(obj) if role == "sam" else "float32" if role == "inpaint_fill"
+            "dtype": sam_dtype(obj) if role == "sam" else "float32" if role in ("inpaint_fill", "matting")
             else str(rt.dtype).replace("torch.", ""),
             "seconds": round(self.load_seconds.get(role, 0.0), 3),
         }

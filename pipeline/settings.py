@@ -34,6 +34,7 @@ ROLES: tuple[str, ...] = (
     "novel_view",
     "upscaler",
     "captioner",
+    "matting",
 )
 
 
@@ -160,6 +161,10 @@ class ModelsSettings(_Strict):
     )
     upscaler: ModelSource = ModelSource(repo="caidas/swin2SR-classical-sr-x4-64", licence="Apache-2.0")
     captioner: ModelSource = ModelSource(repo="Salesforce/blip-image-captioning-base", licence="BSD-3-Clause")
+    # ViTMatte (optional: only `background.matte: vitmatte` loads it). Licence: apache-2.0 on the
+    # model card (https://huggingface.co/hustvl/vitmatte-small-composition-1k); the upstream code
+    # (github.com/hustvl/ViTMatte) is MIT. Trained on Composition-1k.
+    matting: ModelSource = ModelSource(repo="hustvl/vitmatte-small-composition-1k", licence="Apache-2.0")
 
     def source(self, role: str) -> ModelSource:
         if role not in ROLES:
@@ -480,7 +485,14 @@ class BackgroundSettings(_Strict):
         "color", description="color: a flat colour; transparent: RGBA; blur: the original background blurred; "
         "image: a backdrop file; generate: SD inpainting of everything but the product")
     color: str = Field("#FFFFFF", description="mode color (and the colour under transparent pixels)")
-    edge: int = Field(1, ge=0, le=32, description="px of soft edge outside the product mask")
+    edge: int = Field(1, ge=0, le=32, description="px of soft edge outside the product mask (matte: ramp)")
+    matte: Literal["ramp", "vitmatte"] = Field(
+        "ramp", description="the soft edge outside the mask: ramp (a linear fall-off over `edge` px) or vitmatte "
+        "(the `matting` role's alpha from a trimap around the mask, in a `matte_band` px band outside it)")
+    matte_band: int = Field(8, ge=1, le=64, description="vitmatte: trimap half-width, px (unknown band = "
+                            "dilate(mask, b) & ~erode(mask, b)); the matte decides the pixels up to b px outside")
+    matte_resolution: int = Field(1024, ge=64, le=2048, multiple_of=32, description="vitmatte: long side of the "
+                                  "crop the model sees (the crop around the product is scaled down to it)")
     blur_radius: int = Field(25, ge=1, le=512, description="mode blur: Gaussian sigma, px")
     image: Path | None = Field(None, description="mode image: backdrop file (relative: against root), "
                                "scaled to cover the frame")

@@ -334,6 +334,21 @@ def make_captioner(out: Path) -> None:
     proc.save_pretrained(out)
 
 
+def make_matting(out: Path) -> None:
+    """transformers VitMatteForImageMatting (VitDet backbone) + VitMatteImageProcessor, the layout of
+    hustvl/vitmatte-small-composition-1k (config.json, model.safetensors, preprocessor_config.json)."""
+    from transformers import VitDetConfig, VitMatteConfig, VitMatteForImageMatting, VitMatteImageProcessor
+
+    _seeded(9)
+    backbone = VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64,
+                            pretrain_image_size=64, patch_size=16, num_channels=4, out_features=["stage2"],
+                            window_block_indices=[], residual_block_indices=[], use_relative_position_embeddings=False)
+    cfg = VitMatteConfig(backbone_config=backbone, hidden_size=32, convstream_hidden_sizes=[8, 16, 16],
+                         fusion_hidden_sizes=[16, 8, 8, 8])
+    VitMatteForImageMatting(cfg).save_pretrained(out, safe_serialization=True)
+    VitMatteImageProcessor().save_pretrained(out)
+
+
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "clip": ("clip", make_clip),
     "sam": ("sam/sam_tiny.safetensors", make_sam),
@@ -345,6 +360,7 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "novel_view": ("novel_view", make_novel_view),
     "upscaler": ("upscaler", make_upscaler),
     "captioner": ("captioner", make_captioner),
+    "matting": ("matting", make_matting),
 }
 
 

@@ -69,6 +69,9 @@ ROLE_INFO: dict[str, tuple[str, str]] = {
     "novel_view": ("diffusers", "Zero123-style novel-view model (rotate)"),
     "upscaler": ("transformers", "image super-resolution"),
     "captioner": ("transformers", "image captioning (LoRA dataset captions)"),
+    "lcm_lora": ("lora", "LCM-LoRA for SD 1.5 (sampler: lcm)"),
+    "tcd_lora": ("lora", "TCD-LoRA for SD 1.5 (sampler: tcd)"),
+    "hyper_lora": ("lora", "Hyper-SD 8-step LoRA for SD 1.5 (sampler: hyper)"),
 }
 
 _SKIP_WEIGHT_MARKERS = (".fp16.", "non_ema", ".ema.", "onnx", "flax", "openvino")
@@ -777,6 +780,32 @@ class ModelRegistry:
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
             module = torch.jit.load(str(loc), map_location="cpu")
         return module.to(device=self.runtime.device, dtype=torch.float32).eval()
+
+    def _load_accel_lora(self, role: str, loc: Path) -> Any:
+        """An acceleration LoRA role as a checked :class:`pipeline.lora_weights.LoraSpec` (weight 1;
+        :func:`pipeline.samplers.sampling` sets the configured one). The file is loaded into the
+        inpaint UNet by the registry's adapters when a sampler first uses it. A folder holds
+        ``pytorch_lora_weights.safetensors`` (the lcm-lora / TCD repos' layout) or one .safetensors."""
+        from pipeline.lora_weights import load_spec
+
+        if loc.is_dir():
+            cands = [loc / "pytorch_lora_weights.safetensors"]
+            if not cands[0].is_file():
+                cands = sorted(loc.glob("*.safetensors"))
+            if len(cands) != 1:
+                raise ModelLoadError(role, str(loc), f"expected one .safetensors LoRA file in the folder, "
+                                     f"found {len(cands)}")
+            loc = cands[0]
+        return load_spec(loc, 1.0)
+
+    def _load_lcm_lora(self, loc: Path) -> Any:
+        return self._load_accel_lora("lcm_lora", loc)
+
+    def _load_tcd_lora(self, loc: Path) -> Any:
+        return self._load_accel_lora("tcd_lora", loc)
+
+    def _load_hyper_lora(self, loc: Path) -> Any:
+        return self._load_accel_lora("hyper_lora", loc)
 
     def _load_controlnet_depth(self, loc: Path) -> Any:
         from diffusers import ControlNetModel

@@ -24,6 +24,7 @@ import functools
 import gc
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -858,6 +859,19 @@ class ModelRegistry:
     def verify(self, role: str) -> dict[str, Any]:
         """Load the role (if not yet) and report what was loaded. Raises ModelLoadError."""
         obj = self.get(role)
+        if ROLE_INFO[role][0] == "lora":  # a checked file, loaded into the inpaint UNet when used
+            from safetensors import safe_open
+
+            params, dtypes = 0, set()
+            with safe_open(str(obj.path), framework="pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    params += math.prod(sl.get_shape())
+                    dtypes.add(str(sl.get_dtype()).lower().replace("f32", "float32").replace("f16", "float16")
+                               .replace("bf16", "bfloat16"))
+            return {"role": role, "class": f"LoRA ({obj.format})", "parameters": params, "device": "cpu",
+                    "dtype": ",".join(sorted(dtypes)), "sha256": obj.sha256,
+                    "seconds": round(self.load_seconds.get(role, 0.0), 3)}
         params = 0
         for m in _modules_of(obj):
             params += sum(p.numel() for p in m.parameters())

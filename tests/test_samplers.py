@@ -171,3 +171,28 @@ def test_cli_run_bad_sampler_names_flag(tiny_dir, tmp_path):
                                  "--sampler", "euler", "--mask", str(tmp_path / "m.png"),
                                  "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 2 and "--sampler" in r.output
+
+
+@pytest.mark.parametrize("sampler", FEW)
+def test_generate_with_sampler_stacks_loras_and_restores_scheduler(registry, tiny_settings, tmp_path, sampler):
+    from lora.generate import generate_images
+
+    pipe = registry.get("base")
+    before = pipe.scheduler
+    style_file = make_diffusers_lora(pipe.unet, tmp_path / "gstyle.safetensors", seed=9)
+    style_spec = load_spec(style_file, 0.7)
+    kw = dict(n=1, seed=2, width=64, height=64)
+    fast = generate_images(registry, tiny_settings, "handbag", out_dir=tmp_path / "f", loras=[style_spec],
+                           sampler=sampler, **kw)[0]
+    rec = fast.record
+    assert rec["sampler"]["sampler"] == sampler and rec["sampler"]["scheduler"] == SCHEDULERS[sampler]
+    assert rec["sampler"]["acceleration"]["role"] == ACCEL_ROLES[sampler] and rec["steps"] == 2
+    assert rec["loras"][0]["sha256"] == style_spec.sha256
+    assert pipe.scheduler is before
+    no_style = generate_images(registry, tiny_settings, "handbag", out_dir=tmp_path / "n", sampler=sampler, **kw)[0]
+    plain = generate_images(registry, tiny_settings, "handbag", out_dir=tmp_path / "p", loras=[style_spec],
+                            steps=2, **kw)[0]
+    assert plain.record["sampler"]["acceleration"] is None
+    img = lambda g: np.asarray(Image.open(g.image_path))  # noqa: E731
+    a, b, c = img(fast), img(no_style), img(plain)
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)

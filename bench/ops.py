@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.detect import BenchError, synthetic_image
+from bench.detect import synthetic_image
 from bench.measure import PeakMemory
 from pipeline.models import ModelRegistry
 from pipeline.settings import Settings
@@ -315,11 +315,10 @@ def render(result: dict[str, Any], console: Any = None) -> None:
         t.add_column(col, justify="left" if col in ("operation", "sampler", "scheduler") else "right")
     for name, c in result["cases"].items():
         op, s = name.split(" ", 1)
-        if True:
-            est = c["estimate_s"]
-            t.add_row(op, s, c["scheduler"], str(c["denoise_steps"]), f"{c['guidance']:g}",
-                      f"{est:.1f}" + ("*" if c["scaled"] else ""), f"{3600 / est:.0f}" if est > 0 else "-",
-                      ", ".join(f"{x:.1f}" for x in c["measured_s"]), f"{c['peak_rss_mib']:.0f}")
+        est = c["estimate_s"]
+        t.add_row(op, s, c["scheduler"], str(c["denoise_steps"]), f"{c['guidance']:g}",
+                  f"{est:.1f}" + ("*" if c["scaled"] else ""), f"{3600 / est:.0f}" if est > 0 else "-",
+                  ", ".join(f"{x:.1f}" for x in c["measured_s"]), f"{c['peak_rss_mib']:.0f}")
     con.print(t)
     for name, v in result["ratios"].items():
         goal = "" if v["goal"] is None else f" (goal >= {v['goal']:g}: {'met' if v['met'] else 'NOT met'})"

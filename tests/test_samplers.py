@@ -3,7 +3,6 @@ fill with its own scheduler, steps and guidance; its acceleration LoRA (a regist
 `models make-tiny` in the published file layout) and the class's style LoRA are both active
 (removing either changes the output); nothing leaks into the next edit; records name it all."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

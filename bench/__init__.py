@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "dtype": "bench.dtype:run_from_options",
     "large": "bench.large:run_from_options",
     "fill": "bench.fill:run_from_options",
+    "ops": "bench.ops:run_from_options",
 }
 
 

@@ -276,7 +276,8 @@ def detect_cmd(
 
 
 OP_FLAGS = {"x": "--x", "y": "--y", "fill": "--fill", "loras": "--lora", "prompt": "--prompt", "tag": "--tag",
-            "seed": "--seed", "azimuth": "--azimuth", "polar": "--polar"}
+            "seed": "--seed", "azimuth": "--azimuth", "polar": "--polar", "sampler": "--sampler",
+            "fill_sampler": "--sampler"}
 
 
 @app.command("run")
@@ -296,6 +297,8 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (default: settings)"),
     azimuth: Optional[float] = typer.Option(None, "--azimuth", help="rotate: degrees, -180..180"),
     polar: Optional[float] = typer.Option(None, "--polar", help="rotate: degrees"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="enhance, background generate, and the sd fill of "
+                                          "displace/rotate: default | lcm | tcd | hyper (few-step LoRA samplers)"),
     param: Optional[List[str]] = typer.Option(None, "--param", help="any other parameter of --op as KEY=VALUE (repeatable), e.g. mode=blur, shadow=contact, aspect=4:5"),
     rules: Optional[Path] = typer.Option(None, "--rules", help="rule file (default: paths.rules from the settings)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="detect and plan only: masks, overlays and the actions that would run"),
@@ -323,7 +326,9 @@ def run_cmd(
     fill_spec = None if fill_backend is None else [f.strip() for f in fill_backend.split(",")] if "," in fill_backend \
         else fill_backend
     given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
-             "azimuth": azimuth, "polar": polar}
+             "azimuth": azimuth, "polar": polar,
+             # rotate's own steps are the novel view's; its sd fill's sampler is fill_sampler
+             ("fill_sampler" if op == "rotate" else "sampler"): sampler}
     given = {k: v for k, v in given.items() if v is not None}
     for kv in param or []:
         if "=" not in kv:

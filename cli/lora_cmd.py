@@ -297,6 +297,8 @@ def generate_cmd(
     width: Optional[int] = typer.Option(None, "--width", help="default: settings enhance.resolution"),
     height: Optional[int] = typer.Option(None, "--height", help="default: settings enhance.resolution"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (default: settings)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="default | lcm | tcd | hyper (few-step LoRA "
+                                          "samplers; default: settings enhance.sampler)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Product photoshoot visuals from text with the base model and LoRAs: writes CLASS-SEED.png and
@@ -325,7 +327,7 @@ def generate_cmd(
         try:
             results = generate_images(reg, s, class_name, out_dir=out_dir, loras=specs, prompt=prompt, tag=tag, n=n,
                                       seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                                      negative_prompt=negative)
+                                      negative_prompt=negative, sampler=sampler)
         except LoraError as e:
             raise fail(str(e), EXIT_INPUT) from None
         except ValueError as e:

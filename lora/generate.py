@@ -50,27 +50,27 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
                     loras: Sequence[LoraSpec] = (), prompt: str | None = None, tag: str | None = None,
                     n: int = 1, seed: int | None = None, steps: int | None = None,
                     guidance: float | None = None, width: int | None = None, height: int | None = None,
-                    negative_prompt: str | None = None) -> list[Generated]:
+                    negative_prompt: str | None = None, sampler: str | None = None) -> list[Generated]:
     """Render ``n`` images of a ``label`` product; see the module docstring.
 
     ``loras``: checked files (:func:`lora.apply.parse_lora`). ``tag`` defaults to the first LoRA's
     activation tag (from its manifest or kohya metadata).
     ``steps``, ``guidance``, ``negative_prompt`` and the size default to ``settings.enhance``
-    (size: ``resolution`` square). Returns one :class:`Generated` per image, in seed order.
+    (size: ``resolution`` square). ``sampler``: default ``settings.enhance.sampler``; a few-step
+    sampler (:mod:`pipeline.samplers`) adds its acceleration LoRA before ``loras`` and swaps the
+    scheduler for this call, with its own steps and guidance unless given. Returns one :class:`Generated` per image, in seed order.
     Raises LoraError for a LoRA that does not fit the base model, ValueError for other bad
     arguments, ModelLoadError if the base model cannot load."""
-    import torch
-
-    from pipeline import PIPELINE_VERSION
-    from pipeline.imageio import atomic_write_text, save_image
-    from pipeline.outputs import now_iso
-
     if n < 1:
         raise ValueError("-n must be at least 1")
     enh = settings.enhance
     seed = enh.seed if seed is None else seed
-    steps = steps or enh.steps
-    guidance = enh.guidance if guidance is None else guidance
+    from pipeline.samplers import plan_sampler
+
+    plan = plan_sampler(sampler or enh.sampler, steps or enh.steps, enh.guidance if guidance is None else guidance,
+                        settings.samplers)
+    steps = steps or plan.steps
+    guidance = plan.guidance if guidance is None else guidance
     width = width or enh.resolution
     height = height or enh.resolution
     for side, v in (("width", width), ("height", height)):
@@ -85,32 +85,68 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
     model = registry.provenance("base")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    with applied_loras(pipe, loras) as records_loras:
-        for k in range(n):
-            s = seed + k
-            t0 = time.perf_counter()
-            g = torch.Generator("cpu").manual_seed(s)
-            image = pipe(text, negative_prompt=negative or None, num_inference_steps=steps,
-                         guidance_scale=guidance, width=width, height=height, generator=g).images[0]
-            stem = f"{_slug(label)}-{s}"
-            img_path = save_image(image, out_dir / f"{stem}.png")
-            record = {
-                "status": "generated",
-                "class": label,
-                "prompt": text,
-                "negative_prompt": negative,
-                "tag": tag,
-                "seed": s,
-                "steps": steps,
-                "guidance": guidance,
-                "size": [width, height],
-                "model": model,
-                "loras": records_loras,
-                "outputs": {"image": img_path.name},
-                "seconds": round(time.perf_counter() - t0, 3),
-                "pipeline_version": PIPELINE_VERSION,
-                "created": now_iso(),
-            }
-            rec_path = atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=2, default=str) + "\n")
-            results.append(Generated(img_path, rec_path, record))
+    accel = None
+    if plan.role is not None:
+        import dataclasses
+
+        accel = dataclasses.replace(registry.get(plan.role), weight=plan.lora_weight)
+    with applied_loras(pipe, [accel, *loras] if accel is not None else list(loras)) as records_all:
+        records_loras = records_all[1:] if accel is not None else records_all
+        sampler_rec = {"sampler": plan.name, "eta": plan.eta,
+                       "acceleration": None if accel is None else {**records_all[0], "role": plan.role,
+                                                                  "provenance": registry.provenance(plan.role)}}
+        old_scheduler = pipe.scheduler
+        if plan.scheduler is not None:
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, plan.scheduler).from_config(old_scheduler.config,
+                                                                            **plan.scheduler_kwargs)
+        sampler_rec["scheduler"] = type(pipe.scheduler).__name__
+        try:
+            results = _render(pipe, n, seed, text, negative, steps, guidance, width, height, plan, label, tag,
+                              model, records_loras, sampler_rec, out_dir)
+        finally:
+            pipe.scheduler = old_scheduler
+    return results
+
+
+def _render(pipe: Any, n: int, seed: int, text: str, negative: str, steps: int, guidance: float, width: int,
+            height: int, plan: Any, label: str, tag: str | None, model: dict[str, Any],
+            records_loras: list[dict[str, Any]], sampler_rec: dict[str, Any], out_dir: Path) -> list[Generated]:
+    import torch
+
+    from pipeline import PIPELINE_VERSION
+    from pipeline.imageio import atomic_write_text, save_image
+    from pipeline.outputs import now_iso
+
+    results = []
+    for k in range(n):
+        s = seed + k
+        t0 = time.perf_counter()
+        g = torch.Generator("cpu").manual_seed(s)
+        image = pipe(text, negative_prompt=negative or None, num_inference_steps=steps,
+                     guidance_scale=guidance, width=width, height=height, generator=g,
+                     **({} if plan.eta is None else {"eta": plan.eta})).images[0]
+        stem = f"{_slug(label)}-{s}"
+        img_path = save_image(image, out_dir / f"{stem}.png")
+        record = {
+            "status": "generated",
+            "class": label,
+            "prompt": text,
+            "negative_prompt": negative,
+            "tag": tag,
+            "seed": s,
+            "steps": steps,
+            "guidance": guidance,
+            "sampler": sampler_rec,
+            "size": [width, height],
+            "model": model,
+            "loras": records_loras,
+            "outputs": {"image": img_path.name},
+            "seconds": round(time.perf_counter() - t0, 3),
+            "pipeline_version": PIPELINE_VERSION,
+            "created": now_iso(),
+        }
+        rec_path = atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=2, default=str) + "\n")
+        results.append(Generated(img_path, rec_path, record))
     return results

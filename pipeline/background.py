@@ -238,7 +238,7 @@ def _generate(image: Image.Image, m: np.ndarray, label: str, s: BackgroundSettin
     if registry is None:
         raise ValueError("background generate needs a model registry (roles inpaint, controlnet_depth, depth)")
     base = settings.enhance if settings is not None else EnhanceSettings()
-    params = base.model_copy(update=dict(steps=s.steps, guidance=s.guidance, strength=1.0, controlnet=s.controlnet,
+    params = base.model_copy(update=dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, strength=1.0, controlnet=s.controlnet,
                                          mode="whole", whole_max_side=s.resolution, mask_dilation=0, mask_feather=0,
                                          negative_prompt=s.negative_prompt, seed=s.seed, classes={}))
     bases = (None, getattr(settings, "base_dir", None))
@@ -248,7 +248,7 @@ def _generate(image: Image.Image, m: np.ndarray, label: str, s: BackgroundSettin
         raise EditError(f"background generate: {e}") from None
     edit = enhance(image, ~m, label, params, registry, loras=loras, prompt=s.prompt, seed=s.seed)
     gen = np.asarray(edit.image).copy()
-    rec = {k: edit.record[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "controlnet",
+    rec = {k: edit.record[k] for k in ("prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "controlnet",
                                        "pipeline", "crop", "loras", "models", "runtime", "timings")}
     return gen, rec
 

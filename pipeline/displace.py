@@ -176,6 +176,7 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         checker = ClipChecker(registry, classes)
     checker_name = None if checker is None else ("clip" if isinstance(checker, ClipChecker) else "custom")
     fill_kw = dict(registry=registry, steps=params.steps, guidance=params.guidance, strength=params.strength,
+                   sampler=params.sampler,
                    prompt=params.prompt, negative_prompt=params.negative_prompt, resolution=params.resolution,
                    crop_margin=params.crop_margin, radius=params.classical_radius,
                    method=params.classical_method, lama_resolution=params.lama_resolution)

@@ -47,6 +47,7 @@ from pipeline.settings import EnhanceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.detect import Detection
+    from pipeline.samplers import SamplerPlan
     from pipeline.models import ModelRegistry
 
 __all__ = ["EnhanceParams", "LoraError", "build_prompt", "class_loras", "controlnet_pipeline", "enhance",
@@ -128,8 +129,6 @@ def _check_args(image: Image.Image, mask: np.ndarray, params: EnhanceSettings, s
         raise ValueError(f"product mask shape {m.shape} does not match the image ({H}, {W})")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ValueError(f"seed must be a whole number, got {seed!r}")
-    if int(params.steps * params.strength) < 1:
-        raise ValueError(f"steps={params.steps} x strength={params.strength} leaves no denoising step")
     m = m.astype(bool, copy=False)
     if not m.any():
         raise EditError("enhance: the product mask is empty; nothing to enhance")
@@ -145,7 +144,7 @@ def _round(v: float) -> float:
 
 
 def _generate(pipe: Any, image: Image.Image, mask: Image.Image, control: Image.Image | None, *, prompt: str,
-              negative_prompt: str, seed: int, params: EnhanceSettings) -> Image.Image:
+              negative_prompt: str, seed: int, params: EnhanceSettings, plan: "SamplerPlan") -> Image.Image:
     """One diffusers call at the work size. ``image`` PIL RGB, ``mask`` PIL L (255 = regenerate),
     ``control`` PIL RGB depth (ControlNet pipeline) or None. Returns PIL RGB of the same size."""
     import torch
@@ -153,8 +152,10 @@ def _generate(pipe: Any, image: Image.Image, mask: Image.Image, control: Image.I
     w, h = image.size
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     kw: dict[str, Any] = dict(prompt=prompt, negative_prompt=negative_prompt or None, image=image, mask_image=mask,
-                              height=h, width=w, strength=params.strength, num_inference_steps=params.steps,
-                              guidance_scale=params.guidance, generator=gen, output_type="np")
+                              height=h, width=w, strength=params.strength, num_inference_steps=plan.steps,
+                              guidance_scale=plan.guidance, generator=gen, output_type="np")
+    if plan.eta is not None:
+        kw["eta"] = plan.eta
     if control is not None:
         kw.update(control_image=control, controlnet_conditioning_scale=params.controlnet_scale)
     out = pipe(**kw)
@@ -195,6 +196,12 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
     loras = check_unique(loras)
     if registry is None:
         raise ValueError("enhance needs a model registry (roles 'inpaint', 'controlnet_depth', 'depth')")
+    from pipeline.samplers import plan_sampler
+
+    plan = plan_sampler(params.sampler, params.steps, params.guidance, registry.settings.samplers)
+    if int(plan.steps * params.strength) < 1:
+        raise ValueError(f"sampler {plan.name}: steps={plan.steps} x strength={params.strength} leaves no "
+                         "denoising step")
     seed = params.seed if seed is None else int(seed)
     style = params.classes.get(label)
     if tag is None:
@@ -223,18 +230,18 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
     # Adapter state is global to the shared UNet: one generation at a time on the inpaint role.
     with registry.lock("inpaint"):
         pipe = controlnet_pipeline(registry) if params.controlnet else registry.get("inpaint")
-        adapters = registry.adapters("inpaint")
+        from pipeline.samplers import sampling
+
         t0 = time.perf_counter()
-        lora_records = adapters.activate(loras)
-        timings["lora"] = time.perf_counter() - t0
-        try:
+        # Adapters (acceleration + style LoRAs) and the scheduler are switched back on exit: other
+        # users of the shared UNet (displace's SD fill) never see them.
+        with sampling(registry, pipe, plan, loras) as sampler_rec:
+            timings["lora"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             work_out = _generate(pipe, work_img, work_mask, control, prompt=text, negative_prompt=negative,
-                                 seed=seed, params=params)
+                                 seed=seed, params=params, plan=plan)
             timings["generate"] = time.perf_counter() - t0
-        finally:
-            # Other users of the shared UNet (displace's SD fill) must never see these adapters.
-            adapters.deactivate()
+        lora_records = sampler_rec.pop("loras")
 
     # -- paste back inside the region only -----------------------------------------------------------
     t0 = time.perf_counter()
@@ -265,7 +272,8 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
         "op": "enhance", "label": label, "image_size": [W, H], "mode": params.mode,
         "prompt": text, "negative_prompt": negative, "tag": tag, "prompt_source": "given" if prompt is not None
         else ("class template" if style is not None and style.prompt_template is not None else "template"),
-        "seed": seed, "steps": params.steps, "guidance": params.guidance, "strength": params.strength,
+        "seed": seed, "steps": plan.steps, "guidance": plan.guidance, "strength": params.strength,
+        "sampler": sampler_rec,
         "controlnet": params.controlnet, "controlnet_scale": params.controlnet_scale if params.controlnet else None,
         "pipeline": type(pipe).__name__, "crop": crop.to_record(), "resolution": params.resolution,
         "mask_dilation": params.mask_dilation, "mask_feather": params.mask_feather,

@@ -172,10 +172,12 @@ def plan_crop(box: Sequence[float], image_size: tuple[int, int], *, margin: floa
 
 
 def sd_inpaint(pipe: Any, image: Image.Image, mask: Image.Image, *, seed: int, steps: int, guidance: float,
-               strength: float = 1.0, prompt: str = "", negative_prompt: str = "") -> Image.Image:
+               strength: float = 1.0, prompt: str = "", negative_prompt: str = "",
+               eta: float | None = None) -> Image.Image:
     """One diffusers inpainting call at the image's own size (must be multiples of 8).
 
-    ``image``: PIL RGB; ``mask``: PIL ``"L"`` (255 = regenerate). Returns PIL RGB of the same size.
+    ``image``: PIL RGB; ``mask``: PIL ``"L"`` (255 = regenerate). ``eta``: the scheduler's eta
+    (None: not passed). Returns PIL RGB of the same size.
     """
     import torch
 
@@ -185,7 +187,7 @@ def sd_inpaint(pipe: Any, image: Image.Image, mask: Image.Image, *, seed: int, s
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, image=image, mask_image=mask,
                height=h, width=w, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-               generator=gen, output_type="np")
+               generator=gen, output_type="np", **({} if eta is None else {"eta": eta}))
     arr = np.asarray(out.images[0], dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "RGB")
 
@@ -249,7 +251,7 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
          seed: int = 0, steps: int = 30, guidance: float = 2.0, strength: float = 1.0, prompt: str = "",
          negative_prompt: str = "", resolution: int = 512, dilation: int = 0, crop_margin: float = 0.5,
          radius: int = 5, method: str = "ns", blend: int = 0,
-         lama_resolution: int = 1024) -> tuple[Image.Image, dict[str, Any]]:
+         lama_resolution: int = 1024, sampler: str = "default") -> tuple[Image.Image, dict[str, Any]]:
     """Fill ``dilate(mask, dilation)`` with plausible background.
 
     ``image``: PIL ``"RGB"`` (callers convert RGBA etc. first). ``mask``: HxW bool, the region
@@ -257,7 +259,8 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
     at the photo's scale up to ``lama_resolution`` long side), ``"sd"`` (needs ``registry``) or
     ``"classical"`` (``method`` ``"ns"`` or ``"telea"``, neighbourhood ``radius`` px).
     ``blend``: inner feather in pixels, clamped to ``dilation``, over which generated pixels fade
-    into the original ones at the edge of the dilated mask.
+    into the original ones at the edge of the dilated mask. ``sampler`` (sd): ``default`` runs
+    ``steps`` and ``guidance``; ``lcm``/``tcd``/``hyper`` their own (:mod:`pipeline.samplers`).
 
     Returns ``(filled PIL RGB image, record)``. Pixels outside ``dilate(mask, dilation)`` are
     bit-identical to ``image``; pixels in ``mask`` come wholly from the backend. The record holds
@@ -302,13 +305,20 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
         crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=resolution)
         # The inpaint role's UNet is shared with enhance, which switches LoRA adapters on it for
         # one generation: its lock keeps this fill from ever running with them on.
+        from pipeline.samplers import plan_sampler, sampling
+
+        plan = plan_sampler(sampler, steps, guidance, registry.settings.samplers)
         with registry.lock("inpaint"):
-            work = sd_inpaint(registry.get("inpaint"), crop.to_work(image), crop.mask_to_work(hole), seed=seed,
-                              steps=steps, guidance=guidance, strength=strength, prompt=prompt,
-                              negative_prompt=negative_prompt)
+            pipe = registry.get("inpaint")
+            with sampling(registry, pipe, plan) as srec:
+                work = sd_inpaint(pipe, crop.to_work(image), crop.mask_to_work(hole), seed=seed,
+                                  steps=plan.steps, guidance=plan.guidance, strength=strength, prompt=prompt,
+                                  negative_prompt=negative_prompt, eta=plan.eta)
         generated = rgb.copy()
         crop.crop_array(generated)[...] = np.asarray(crop.from_work(work))
-        rec.update(seed=int(seed), steps=int(steps), guidance=float(guidance), strength=float(strength),
+        srec.pop("loras", None)
+        rec.update(seed=int(seed), steps=int(plan.steps), guidance=float(plan.guidance), strength=float(strength),
+                   sampler=srec,
                    prompt=prompt, negative_prompt=negative_prompt, resolution=int(resolution),
                    crop_margin=float(crop_margin), crop=crop.to_record())
     blend = max(0, min(int(blend), int(dilation)))

@@ -24,6 +24,7 @@ import functools
 import gc
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -70,6 +71,9 @@ ROLE_INFO: dict[str, tuple[str, str]] = {
     "upscaler": ("transformers", "image super-resolution"),
     "captioner": ("transformers", "image captioning (LoRA dataset captions)"),
     "matting": ("transformers", "ViTMatte image matting from a trimap (background matte: vitmatte)"),
+    "lcm_lora": ("lora", "LCM-LoRA for SD 1.5 (sampler: lcm)"),
+    "tcd_lora": ("lora", "TCD-LoRA for SD 1.5 (sampler: tcd)"),
+    "hyper_lora": ("lora", "Hyper-SD 8-step LoRA for SD 1.5 (sampler: hyper)"),
 }
 
 _SKIP_WEIGHT_MARKERS = (".fp16.", "non_ema", ".ema.", "onnx", "flax", "openvino")
@@ -779,6 +783,32 @@ class ModelRegistry:
             module = torch.jit.load(str(loc), map_location="cpu")
         return module.to(device=self.runtime.device, dtype=torch.float32).eval()
 
+    def _load_accel_lora(self, role: str, loc: Path) -> Any:
+        """An acceleration LoRA role as a checked :class:`pipeline.lora_weights.LoraSpec` (weight 1;
+        :func:`pipeline.samplers.sampling` sets the configured one). The file is loaded into the
+        inpaint UNet by the registry's adapters when a sampler first uses it. A folder holds
+        ``pytorch_lora_weights.safetensors`` (the lcm-lora / TCD repos' layout) or one .safetensors."""
+        from pipeline.lora_weights import load_spec
+
+        if loc.is_dir():
+            cands = [loc / "pytorch_lora_weights.safetensors"]
+            if not cands[0].is_file():
+                cands = sorted(loc.glob("*.safetensors"))
+            if len(cands) != 1:
+                raise ModelLoadError(role, str(loc), f"expected one .safetensors LoRA file in the folder, "
+                                     f"found {len(cands)}")
+            loc = cands[0]
+        return load_spec(loc, 1.0)
+
+    def _load_lcm_lora(self, loc: Path) -> Any:
+        return self._load_accel_lora("lcm_lora", loc)
+
+    def _load_tcd_lora(self, loc: Path) -> Any:
+        return self._load_accel_lora("tcd_lora", loc)
+
+    def _load_hyper_lora(self, loc: Path) -> Any:
+        return self._load_accel_lora("hyper_lora", loc)
+
     def _load_controlnet_depth(self, loc: Path) -> Any:
         from diffusers import ControlNetModel
 
@@ -836,6 +866,19 @@ class ModelRegistry:
     def verify(self, role: str) -> dict[str, Any]:
         """Load the role (if not yet) and report what was loaded. Raises ModelLoadError."""
         obj = self.get(role)
+        if ROLE_INFO[role][0] == "lora":  # a checked file, loaded into the inpaint UNet when used
+            from safetensors import safe_open
+
+            params, dtypes = 0, set()
+            with safe_open(str(obj.path), framework="pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    params += math.prod(sl.get_shape())
+                    dtypes.add(str(sl.get_dtype()).lower().replace("f32", "float32").replace("f16", "float16")
+                               .replace("bf16", "bfloat16"))
+            return {"role": role, "class": f"LoRA ({obj.format})", "parameters": params, "device": "cpu",
+                    "dtype": ",".join(sorted(dtypes)), "sha256": obj.sha256,
+                    "seconds": round(self.load_seconds.get(role, 0.0), 3)}
         params = 0
         for m in _modules_of(obj):
             params += sum(p.numel() for p in m.parameters())

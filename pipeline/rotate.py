@@ -374,6 +374,7 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
         checker = ClipChecker(registry)
     got = fill_in_order(image, m, spec, label=label, checker=checker, threshold=params.recheck_threshold,
                         retries=params.fill_retries, seed=seed, registry=registry, steps=params.fill_steps,
+                        sampler=params.fill_sampler,
                         guidance=params.fill_guidance, strength=params.fill_strength, prompt=params.fill_prompt,
                         negative_prompt=params.fill_negative_prompt, resolution=params.fill_resolution,
                         dilation=params.mask_dilation, crop_margin=params.fill_crop_margin,

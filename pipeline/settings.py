@@ -35,6 +35,9 @@ ROLES: tuple[str, ...] = (
     "upscaler",
     "captioner",
     "matting",
+    "lcm_lora",
+    "tcd_lora",
+    "hyper_lora",
 )
 
 
@@ -165,6 +168,13 @@ class ModelsSettings(_Strict):
     # model card (https://huggingface.co/hustvl/vitmatte-small-composition-1k); the upstream code
     # (github.com/hustvl/ViTMatte) is MIT. Trained on Composition-1k.
     matting: ModelSource = ModelSource(repo="hustvl/vitmatte-small-composition-1k", licence="Apache-2.0")
+    # Few-step acceleration LoRAs for SD 1.5 (pipeline.samplers); licences from their model cards.
+    lcm_lora: ModelSource = ModelSource(repo="latent-consistency/lcm-lora-sdv1-5",
+                                        filename="pytorch_lora_weights.safetensors", licence="openrail++")
+    tcd_lora: ModelSource = ModelSource(repo="h1t/TCD-SD15-LoRA", filename="pytorch_lora_weights.safetensors",
+                                        licence="MIT")
+    hyper_lora: ModelSource = ModelSource(repo="ByteDance/Hyper-SD", filename="Hyper-SD15-8steps-lora.safetensors",
+                                          licence="openrail++")
 
     def source(self, role: str) -> ModelSource:
         if role not in ROLES:
@@ -182,6 +192,30 @@ class PathsSettings(_Strict):
     # What `models pull` fetched (role, repo, resolved commit, files with size and SHA-256); later
     # pulls and loads use it, so every machine with this file runs the same bytes.
     models_lock: Path = Path("conf/models.lock")
+
+
+SamplerName = Literal["default", "lcm", "tcd", "hyper"]
+SAMPLER_HELP = ("default: the section's steps and guidance; lcm, tcd, hyper: a few-step acceleration LoRA and "
+                "its scheduler, steps and guidance from the `samplers` section")
+
+
+class FewStepSampler(_Strict):
+    """One few-step sampler's settings (:mod:`pipeline.samplers`)."""
+
+    steps: int = Field(4, ge=1, le=100)
+    guidance: float = Field(1.0, ge=0.0, le=50.0, description="<= 1 runs one UNet pass per step (no CFG)")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="scheduler eta (TCD's gamma); None: not passed")
+    lora_weight: float = Field(1.0, ge=-10.0, le=10.0, description="adapter weight of the acceleration LoRA")
+
+
+class SamplersSettings(_Strict):
+    """Steps, guidance, eta and LoRA weight of each few-step sampler, from the model cards:
+    LCM-LoRA 4 steps at guidance 1 (card: 2-8 steps, guidance 0-2); TCD 4 steps at guidance 0,
+    eta 0.3; Hyper-SD15 8-step LoRA 8 steps at guidance 0 (DDIM, trailing timesteps)."""
+
+    lcm: FewStepSampler = FewStepSampler(steps=4, guidance=1.0)
+    tcd: FewStepSampler = FewStepSampler(steps=4, guidance=0.0, eta=0.3)
+    hyper: FewStepSampler = FewStepSampler(steps=8, guidance=0.0)
 
 
 class RuntimeSettings(_Strict):
@@ -285,6 +319,7 @@ class EnhanceSettings(_Strict):
                                  description="placeholders {tag} and {label}; empty comma items are dropped")
     negative_prompt: str = "blurry, deformed, lowres, watermark, text"
     tag: str = Field("", description="default LoRA activation tag (classes.NAME.tag overrides)")
+    sampler: SamplerName = Field("default", description=SAMPLER_HELP)
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(7.0, ge=0.0, le=50.0)
     strength: float = Field(0.75, gt=0.0, le=1.0, description="share of the schedule re-noised; steps x strength "
@@ -370,6 +405,7 @@ class DisplaceSettings(_Strict):
     fill: FillSpec = Field("sd", description="hole fill: lama (LaMa, one forward pass), sd (SD inpainting) or "
                            "classical (OpenCV, no weights), or a fallback order such as [lama, sd, classical]; a single "
                            "name is followed by classical")
+    sampler: SamplerName = Field("default", description="sd fill: " + SAMPLER_HELP)
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(2.0, ge=0.0, le=50.0)
     strength: float = Field(1.0, ge=0.0, le=1.0)
@@ -434,6 +470,7 @@ class RotateSettings(_Strict):
     # -- removing the old product (pipeline.inpaint.fill) --
     fill: FillSpec = Field("sd", description="hole fill: lama, sd or classical, or a fallback order such as "
                            "[lama, sd, classical]; a single name is followed by classical")
+    fill_sampler: SamplerName = Field("default", description="sd fill: " + SAMPLER_HELP)
     fill_steps: int = Field(30, ge=1, le=500)
     fill_guidance: float = Field(2.0, ge=0.0, le=50.0)
     fill_strength: float = Field(1.0, ge=0.0, le=1.0)
@@ -508,6 +545,7 @@ class BackgroundSettings(_Strict):
     prompt: str = Field("{label}, product photography, on a clean studio table, soft light",
                         description="generate: prompt ({label} and {tag} filled)")
     negative_prompt: str = "blurry, deformed, lowres, watermark, text"
+    sampler: SamplerName = Field("default", description="generate: " + SAMPLER_HELP)
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(7.0, ge=0.0, le=50.0)
     controlnet: bool = Field(True, description="generate: ControlNet depth keeps the scene's layout")
@@ -626,6 +664,8 @@ class Settings(_Strict):
     runtime: RuntimeSettings = RuntimeSettings()
     limits: LimitsSettings = LimitsSettings()
     models: ModelsSettings = ModelsSettings()
+    samplers: SamplersSettings = Field(SamplersSettings(), description="few-step samplers' steps, guidance, eta "
+                                       "and LoRA weight")
     detect: DetectSettings = DetectSettings()
     enhance: EnhanceSettings = EnhanceSettings()
     displace: DisplaceSettings = DisplaceSettings()

@@ -180,6 +180,32 @@ def make_inpaint(out: Path) -> None:
     _save_sd(out, StableDiffusionInpaintPipeline, 9, DDIMScheduler)
 
 
+def _accel_lora_builder(seed: int) -> Callable[[Path], None]:
+    def make(out_file: Path) -> None:
+        """A few-step acceleration LoRA for the tiny inpaint UNet in the published files' layout
+        (``pytorch_lora_weights.safetensors``; kohya-style ``lora_unet_*.lora_down.weight`` /
+        ``.lora_up.weight`` / ``.alpha`` keys), seeded random weights on every attention projection."""
+        import re as _re
+
+        import torch
+        from safetensors.torch import save_file
+
+        unet, _ = _sd_components(9)
+        gen = torch.Generator().manual_seed(seed)
+        rank, state = 4, {}
+        pat = _re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+        for name, module in unet.named_modules():
+            if pat.search(name):
+                prefix = "lora_unet_" + name.replace(".", "_")
+                state[f"{prefix}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.3
+                state[f"{prefix}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.3
+                state[f"{prefix}.alpha"] = torch.tensor(float(rank))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+
+    return make
+
+
 @functools.cache
 def _tiny_lama_class() -> type:
     import torch
@@ -361,6 +387,9 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "upscaler": ("upscaler", make_upscaler),
     "captioner": ("captioner", make_captioner),
     "matting": ("matting", make_matting),
+    "lcm_lora": ("lcm_lora/pytorch_lora_weights.safetensors", _accel_lora_builder(11)),
+    "tcd_lora": ("tcd_lora/pytorch_lora_weights.safetensors", _accel_lora_builder(12)),
+    "hyper_lora": ("hyper_lora/Hyper-SD15-8steps-lora.safetensors", _accel_lora_builder(13)),
 }
 
 
@@ -388,6 +417,8 @@ def tiny_settings_dict(out: Path) -> dict:
             "margin": 0.0, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
             "min_mask_area": 0.0, "prefilter_threshold": 0.0,
         },
+        "samplers": {"lcm": {"steps": 2, "guidance": 1.0}, "tcd": {"steps": 2, "guidance": 0.0, "eta": 0.3},
+                     "hyper": {"steps": 2, "guidance": 0.0}},
         "enhance": {"steps": 2, "resolution": 64},
         "displace": {"steps": 2, "resolution": 64},
         "rotate": {"steps": 2, "view_size": 64, "fill_resolution": 64},

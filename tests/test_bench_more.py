@@ -115,7 +115,7 @@ def test_dtype_bench_clip(monkeypatch):
 def test_benchmarks_registered():
     from bench import BENCHMARKS
 
-    assert set(BENCHMARKS) == {"detect", "enhance", "warm", "daemon", "dtype", "large", "fill"}
+    assert set(BENCHMARKS) == {"detect", "enhance", "warm", "daemon", "dtype", "large", "fill", "ops"}
     for target in BENCHMARKS.values():
         module, func = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[func]), func))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline.imageio import atomic_write_text
-from pipeline.models import file_sha256
+from pipeline.hashing import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

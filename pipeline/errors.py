@@ -65,6 +65,19 @@ class ModelUnavailable(ProductStudioError):
     """A model role cannot be loaded or used; not the input's fault, not retried per image."""
 
 
+class ModelLoadError(ModelUnavailable):
+    """A role could not be located or loaded. ``str()`` names role, source and reason."""
+
+    def __init__(self, role: str, source: str, reason: str, hint: str = ""):
+        self.role, self.source, self.reason, self.hint = role, source, reason, hint
+        msg = f"model role '{role}' ({source}): {reason}"
+        super().__init__(msg + (f"\n  hint: {hint}" if hint else ""))
+
+    def __reduce__(self) -> tuple:
+        # Picklable with its own arguments: it crosses process boundaries (a Ray actor's warm-up).
+        return (type(self), (self.role, self.source, self.reason, self.hint))
+
+
 def is_bad_input(exc: BaseException) -> bool:
     """True for errors that are the input's fault (permanent): a ``failed`` record, no retry."""
     return isinstance(exc, BadInput) or bool(getattr(exc, "permanent", False))

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # pipeline.models imports this module only inside functions: no import cycle.
-from pipeline.models import ModelLoadError, file_sha256
+from pipeline.errors import ModelLoadError
+from pipeline.hashing import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.settings import ModelSource

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
-from pipeline.errors import ModelUnavailable
+from pipeline.errors import ModelLoadError  # noqa: F401 - re-exported (pipeline.models.ModelLoadError)
+from pipeline.hashing import file_sha256  # noqa: F401 - re-exported
 from pipeline.settings import ROLES, ModelSource, Settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,19 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipeline.hub import LockEntry
 
     from pipeline.lora_weights import LoraAdapters
-
-
-class ModelLoadError(ModelUnavailable):
-    """A role could not be located or loaded. ``str()`` names role, source and reason."""
-
-    def __init__(self, role: str, source: str, reason: str, hint: str = ""):
-        self.role, self.source, self.reason, self.hint = role, source, reason, hint
-        msg = f"model role '{role}' ({source}): {reason}"
-        super().__init__(msg + (f"\n  hint: {hint}" if hint else ""))
-
-    def __reduce__(self) -> tuple:
-        # Picklable with its own arguments: it crosses process boundaries (a Ray actor's warm-up).
-        return (type(self), (self.role, self.source, self.reason, self.hint))
 
 
 # What each role is, for locating files (layout) and for humans (`models list`).
@@ -278,14 +265,6 @@ def resolve_runtime(settings: Settings) -> Runtime:
 
         keep_freed_memory()  # process-wide, like the thread count: set before the first forward
     return Runtime(device=device, dtype=dtype, offload=offload)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass

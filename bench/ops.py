@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -59,23 +58,12 @@ ACCEL_RANK = 64
 
 
 def _write_accel_lora(unet: Any, out_file: Path, seed: int, rank: int = ACCEL_RANK) -> Path:
-    """A random kohya-layout LoRA (``lora_unet_*.lora_down/.lora_up/.alpha``) of ``rank`` on every
-    attention projection and feed-forward linear of ``unet`` (the layers LCM-LoRA adapts)."""
-    import torch
-    from safetensors.torch import save_file
+    """A random kohya-layout LoRA of ``rank`` on every attention projection and feed-forward linear
+    of ``unet`` (the layers LCM-LoRA adapts)."""
+    from pipeline.tiny import write_kohya_lora
 
-    pat = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)$")
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, Any] = {}
-    for name, module in unet.named_modules():
-        if pat.search(name) and isinstance(module, torch.nn.Linear):
-            p = "lora_unet_" + name.replace(".", "_")
-            state[f"{p}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.01
-            state[f"{p}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.01
-            state[f"{p}.alpha"] = torch.tensor(float(rank))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
-    return out_file
+    return write_kohya_lora(unet, out_file, seed, rank=rank, scale=0.01,
+                            layers=r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)$")
 
 
 def _full_novel_view(registry: ModelRegistry, seed: int = 3) -> None:

@@ -180,28 +180,39 @@ def make_inpaint(out: Path) -> None:
     _save_sd(out, StableDiffusionInpaintPipeline, 9, DDIMScheduler)
 
 
+ATTENTION_LAYERS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+
+
+def write_kohya_lora(unet: Any, out_file: Path, seed: int, *, rank: int = 4, scale: float = 0.3,
+                     layers: str = ATTENTION_LAYERS) -> Path:
+    """Seeded random LoRA weights for every ``torch.nn.Linear`` of ``unet`` whose name matches the
+    regex ``layers``, saved in the kohya layout the published acceleration LoRAs use
+    (``lora_unet_*.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; float32 safetensors)."""
+    import re as _re
+
+    import torch
+    from safetensors.torch import save_file
+
+    pat = _re.compile(layers)
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, Any] = {}
+    for name, module in unet.named_modules():
+        if pat.search(name) and isinstance(module, torch.nn.Linear):
+            prefix = "lora_unet_" + name.replace(".", "_")
+            state[f"{prefix}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * scale
+            state[f"{prefix}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * scale
+            state[f"{prefix}.alpha"] = torch.tensor(float(rank))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
 def _accel_lora_builder(seed: int) -> Callable[[Path], None]:
     def make(out_file: Path) -> None:
         """A few-step acceleration LoRA for the tiny inpaint UNet in the published files' layout
-        (``pytorch_lora_weights.safetensors``; kohya-style ``lora_unet_*.lora_down.weight`` /
-        ``.lora_up.weight`` / ``.alpha`` keys), seeded random weights on every attention projection."""
-        import re as _re
-
-        import torch
-        from safetensors.torch import save_file
-
+        (``pytorch_lora_weights.safetensors``), seeded random weights on every attention projection."""
         unet, _ = _sd_components(9)
-        gen = torch.Generator().manual_seed(seed)
-        rank, state = 4, {}
-        pat = _re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-        for name, module in unet.named_modules():
-            if pat.search(name):
-                prefix = "lora_unet_" + name.replace(".", "_")
-                state[f"{prefix}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.3
-                state[f"{prefix}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.3
-                state[f"{prefix}.alpha"] = torch.tensor(float(rank))
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+        write_kohya_lora(unet, out_file, seed)
 
     return make
 

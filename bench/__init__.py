@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline.allocator import ENV as _MALLOC_ENV
-from pipeline.allocator import keep_freed_memory, mode
+from pipeline.models.allocator import ENV as _MALLOC_ENV
+from pipeline.models.allocator import keep_freed_memory, mode
 
 # name -> "module:function"; each function takes the parsed CLI options and returns a result dict.
 BENCHMARKS: dict[str, str] = {
@@ -28,7 +28,7 @@ BENCHMARKS: dict[str, str] = {
 
 
 def steady_malloc(enabled: bool = True) -> bool:
-    """The product's allocator setting (:mod:`pipeline.allocator`: freed heap memory kept in the
+    """The product's allocator setting (:mod:`pipeline.models.allocator`: freed heap memory kept in the
     process), applied to the benchmark process before anything is timed, or, with ``enabled``
     False (``--stock-malloc``), refused for this process and its children. Every case runs under
     the same setting either way; the product's registry applies it by default."""

@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
                     help="tiny random-weight models instead of full size (a fast smoke run; ratios mean nothing)")
     ap.add_argument("--stock-malloc", action="store_true",
                     help="glibc's default allocator instead of the product's setting (runtime.keep_freed_memory; "
-                         "slower and noisier on VMs, see pipeline/allocator.py)")
+                         "slower and noisier on VMs, see pipeline/models/allocator.py)")
     return ap
 
 

@@ -70,8 +70,8 @@ class PassThrough:
         return self.rules_hash
 
     def process(self, path: Path, outbox: Path, *, sha256: str, stem: str) -> dict:
-        from pipeline.imageio import ImageLoadError, atomic_write_bytes, load_image
-        from pipeline.outputs import now_iso, write_failure, write_record
+        from pipeline.io.imageio import ImageLoadError, atomic_write_bytes, load_image
+        from pipeline.io.outputs import now_iso, write_failure, write_record
 
         t0 = time.perf_counter()
         try:

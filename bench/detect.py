@@ -1,7 +1,7 @@
 """Detection cost: our skip and product paths against the seed-style SAM-everything + CLIP baseline.
 
 Models are full-size **random-weight** SAM ViT-B and CLIP ViT-B/32 (seeded), built in-process and
-installed into a :class:`~pipeline.models.ModelRegistry`, so the product's own :class:`Detector`
+installed into a :class:`~pipeline.models.registry.ModelRegistry`, so the product's own :class:`Detector`
 runs on them unchanged. Random weights make detections meaningless, so settings force each path;
 what is measured is cost, which for dense models does not depend on the weights' values.
 
@@ -47,8 +47,8 @@ from PIL import Image
 
 from bench import malloc_mode
 from bench.measure import PeakMemory, Rounds, process_peak_rss_mib, run_with_models, stats
-from pipeline.detect import ClipScorer, Detector, softmax_probs
-from pipeline.models import ClipBundle, ModelRegistry, SamBundle
+from pipeline.detect.detector import ClipScorer, Detector, softmax_probs
+from pipeline.models.registry import ClipBundle, ModelRegistry, SamBundle
 from pipeline.settings import DetectSettings, Settings
 
 CASES = ("ours_skip", "ours_product", "baseline", "floor")
@@ -135,7 +135,7 @@ def full_clip(seed: int = SEED) -> ClipBundle:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from pipeline.tiny import _clip_tokenizer
+    from pipeline.models.tiny import _clip_tokenizer
 
     tok = _clip_tokenizer()
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1))
@@ -164,7 +164,7 @@ def build_full_registry(device: str = "auto", seed: int = SEED) -> ModelRegistry
 
 
 def build_tiny_registry(tiny_dir: str | Path, device: str = "auto") -> ModelRegistry:
-    """Registry over a tiny set written by :func:`pipeline.tiny.make_tiny_set` (smoke runs, tests)."""
+    """Registry over a tiny set written by :func:`pipeline.models.tiny.make_tiny_set` (smoke runs, tests)."""
     from pipeline.settings import load_settings
 
     settings = load_settings(Path(tiny_dir) / "settings.yaml")

@@ -3,7 +3,7 @@
 ``python -m bench dtype``. Full-size **random-weight** networks (real FLOPs; outputs are noise):
 
 ``clip``
-    CLIP ViT-B/32 through the product's :class:`~pipeline.detect.ClipScorer` on one batch of
+    CLIP ViT-B/32 through the product's :class:`~pipeline.detect.detector.ClipScorer` on one batch of
     ``CLIP_CROPS`` crops (detection's classify batch), with the model in fp32, then in bf16.
 ``sam``
     The SAM ViT-B image encoder on one 1024x1024 input (detection's most expensive step), in fp32
@@ -67,8 +67,8 @@ def _builders(device: Any) -> dict[str, Callable[[Any], Callable[[], Any]]]:
 
     def clip(dtype: Any) -> Callable[[], Any]:
         from bench.detect import full_clip
-        from pipeline.detect import ClipScorer
-        from pipeline.models import ClipBundle
+        from pipeline.detect.detector import ClipScorer
+        from pipeline.models.registry import ClipBundle
 
         if "clip" not in made:
             made["clip"] = full_clip(SEED + 1)
@@ -125,7 +125,7 @@ def run_dtype(*, repeats: int = 3, device: str = "auto", networks: tuple[str, ..
 
     import torch
 
-    from pipeline.models import resolve_runtime
+    from pipeline.models.registry import resolve_runtime
     from pipeline.settings import Settings
 
     say = log or (lambda _m: None)

@@ -3,7 +3,7 @@
 Models are full-size **random-weight** SD 1.5 shapes (seeded): the inpainting UNet (9 input
 channels, ~860 M parameters), the VAE, the CLIP ViT-L/14 text encoder, the ControlNet (depth) and a
 Depth Anything V2 Small depth model, built in-process and installed into a
-:class:`~pipeline.models.ModelRegistry`, so :func:`pipeline.enhance.enhance` runs on them unchanged.
+:class:`~pipeline.models.registry.ModelRegistry`, so :func:`pipeline.enhance.enhance` runs on them unchanged.
 What is measured is cost, which for dense models does not depend on the weights' values.
 
 Cases (one product, same prompt, seed, sampler settings: ``STEPS`` steps at strength 1.0, guidance
@@ -39,7 +39,7 @@ from PIL import Image
 from bench import malloc_mode
 from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
 from bench.measure import PeakMemory, Rounds, run_with_models, stats
-from pipeline.models import HFBundle, ModelRegistry
+from pipeline.models.registry import HFBundle, ModelRegistry
 from pipeline.settings import EnhanceSettings, Settings
 
 CASES = ("crop", "whole")
@@ -104,7 +104,7 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
         DPTImageProcessor,
     )
 
-    from pipeline.tiny import SD15_SCHEDULER, _clip_tokenizer
+    from pipeline.models.tiny import SD15_SCHEDULER, _clip_tokenizer
 
     settings = Settings()
     settings.runtime.device = device
@@ -154,7 +154,7 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
 
 
 def build_tiny_registry(tiny_dir: str | Path, device: str = "auto") -> ModelRegistry:
-    """Registry over a tiny set written by :func:`pipeline.tiny.make_tiny_set` (smoke runs, tests)."""
+    """Registry over a tiny set written by :func:`pipeline.models.tiny.make_tiny_set` (smoke runs, tests)."""
     from pipeline.settings import load_settings
 
     settings = load_settings(Path(tiny_dir) / "settings.yaml")
@@ -187,7 +187,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     """
     import torch
 
-    from pipeline.enhance import enhance
+    from pipeline.ops.enhance import enhance
 
     if repeats < 1:
         raise ValueError("repeats must be at least 1")

@@ -1,13 +1,13 @@
 """Fill cost per backend: LaMa, SD inpainting and OpenCV filling the same product-sized hole.
 
-Each case is :func:`pipeline.inpaint.fill` on a 1024 x 768 photo (default) with the hole a
+Each case is :func:`pipeline.ops.inpaint.fill` on a 1024 x 768 photo (default) with the hole a
 product leaves (a rounded box 30 % of the width and 45 % of the height, dilated by the shipped
 ``displace.mask_dilation``), at the shipped ``displace`` settings: crop margin 0.5, blend 4, SD at
 512 px with 30 DDIM steps, guidance 2 (classifier-free guidance, batch 2), strength 1.0; LaMa on the
 crop at the photo's own scale (up to ``lama_resolution`` 1024), padded to a multiple of 8.
 
 Models are full-size **random weights** (seeded), installed into a
-:class:`~pipeline.models.ModelRegistry`, so ``fill`` runs on them unchanged; cost does not depend
+:class:`~pipeline.models.registry.ModelRegistry`, so ``fill`` runs on them unchanged; cost does not depend
 on the weights' values:
 
 ``lama``
@@ -43,7 +43,7 @@ from PIL import Image
 from bench import malloc_mode
 from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
 from bench.measure import PeakMemory, Rounds, run_with_models, stats
-from pipeline.models import ModelRegistry
+from pipeline.models.registry import ModelRegistry
 from pipeline.settings import DisplaceSettings
 
 CASES = ("lama", "sd", "classical")
@@ -124,8 +124,8 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
     """
     import torch
 
-    from pipeline.composite import dilate
-    from pipeline.inpaint import fill
+    from pipeline.ops.composite import dilate
+    from pipeline.ops.inpaint import fill
 
     if repeats < 1:
         raise ValueError("repeats must be at least 1")

@@ -1,8 +1,8 @@
 """Large photos: detection of a 48 MP photo against a 1 MP photo, side by side in one run.
 
 ``python -m bench large``. Both photos are JPEGs decoded by the product's loader
-(:func:`pipeline.imageio.load_image`, default ``limits.max_pixels``), then detected by the
-product's :class:`~pipeline.detect.Detector` on the product path (``guided``, every gate open as
+(:func:`pipeline.io.imageio.load_image`, default ``limits.max_pixels``), then detected by the
+product's :class:`~pipeline.detect.detector.Detector` on the product path (``guided``, every gate open as
 in ``bench detect``'s ``ours_product``): prefilter CLIP views, SAM embedding, guided prompts, one
 CLIP batch over the proposals' crops, post-processing and full-resolution masks.
 
@@ -70,8 +70,8 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     from bench import malloc_mode, steady_malloc
     from bench.detect import build_full_registry, build_tiny_registry, product_settings
     from bench.measure import PeakMemory, current_rss_mib, stats
-    from pipeline.detect import Detector
-    from pipeline.imageio import load_image
+    from pipeline.detect.detector import Detector
+    from pipeline.io.imageio import load_image
     from pipeline.settings import Settings
 
     steady_malloc(not args["stock_malloc"])
@@ -163,7 +163,7 @@ def run_large(*, repeats: int = 3, size: tuple[int, int] = LARGE_SIZE, device: s
         photos = {k: str(write_photo(d / f"{k}.jpg", s)) for k, s in sizes.items()}
         tiny_dir = None
         if tiny:
-            from pipeline.tiny import make_tiny_set
+            from pipeline.models.tiny import make_tiny_set
 
             make_tiny_set(d / "tiny", roles=["clip", "sam"])
             tiny_dir = str(d / "tiny")

@@ -170,7 +170,7 @@ def run_with_models(tiny: bool, roles: list[str], fn: Any, **kwargs: Any) -> Any
         return fn(**kwargs)
     import tempfile
 
-    from pipeline.tiny import make_tiny_set
+    from pipeline.models.tiny import make_tiny_set
 
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
         if kwargs.get("log") is not None:

@@ -3,7 +3,7 @@
 For each operation the real code runs (:func:`pipeline.enhance.enhance`,
 :func:`pipeline.displace.displace` with the SD fill, :func:`pipeline.rotate.rotate` with the SD
 fill) on a 1024x768 photo, at the shipped settings (``Settings()``), on full-size **random-weight**
-models installed into a :class:`~pipeline.models.ModelRegistry` (SD 1.5 inpainting, ControlNet
+models installed into a :class:`~pipeline.models.registry.ModelRegistry` (SD 1.5 inpainting, ControlNet
 depth, Depth Anything V2 Small as in :mod:`bench.enhance`; Zero123 with a CLIP ViT-L/14 image
 encoder; one rank-64 acceleration LoRA per few-step sampler on the UNet's attention and
 feed-forward layers, loaded unfused through the registry's adapters as the product runs it).
@@ -39,7 +39,7 @@ from PIL import Image
 from bench import malloc_mode
 from bench.detect import synthetic_image
 from bench.measure import PeakMemory
-from pipeline.models import ModelRegistry
+from pipeline.models.registry import ModelRegistry
 from pipeline.settings import Settings
 
 OPS = ("enhance", "displace", "rotate")
@@ -60,7 +60,7 @@ ACCEL_RANK = 64
 def _write_accel_lora(unet: Any, out_file: Path, seed: int, rank: int = ACCEL_RANK) -> Path:
     """A random kohya-layout LoRA of ``rank`` on every attention projection and feed-forward linear
     of ``unet`` (the layers LCM-LoRA adapts)."""
-    from pipeline.tiny import write_kohya_lora
+    from pipeline.models.tiny import write_kohya_lora
 
     return write_kohya_lora(unet, out_file, seed, rank=rank, scale=0.01,
                             layers=r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)$")
@@ -71,9 +71,9 @@ def _full_novel_view(registry: ModelRegistry, seed: int = 3) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from pipeline.models import NovelViewComponents
-    from pipeline.novel_view_layout import CCProjection
-    from pipeline.tiny import SD15_SCHEDULER
+    from pipeline.models.registry import NovelViewComponents
+    from pipeline.models.novel_view_layout import CCProjection
+    from pipeline.models.tiny import SD15_SCHEDULER
 
     rt = registry.runtime
     torch.manual_seed(seed)
@@ -94,8 +94,8 @@ def _full_novel_view(registry: ModelRegistry, seed: int = 3) -> None:
 
 def build_registry(device: str, work: Path, samplers: tuple[str, ...], tiny_dir: Path | None) -> ModelRegistry:
     """Full-size random weights (or the tiny set in ``tiny_dir``) for every role the cases use."""
-    from pipeline.lora_weights import load_spec
-    from pipeline.samplers import ACCEL_ROLES
+    from pipeline.models.lora_weights import load_spec
+    from pipeline.models.samplers import ACCEL_ROLES
 
     if tiny_dir is not None:
         from pipeline.settings import load_settings
@@ -179,14 +179,14 @@ def product_mask(width: int, height: int) -> np.ndarray:
 
 def _run_op(op: str, params: Any, image: Image.Image, mask: np.ndarray, registry: ModelRegistry) -> Any:
     if op == "enhance":
-        from pipeline.enhance import enhance
+        from pipeline.ops.enhance import enhance
 
         return enhance(image, mask, LABEL, params, registry)
     if op == "displace":
-        from pipeline.displace import displace
+        from pipeline.ops.displace import displace
 
         return displace(image, mask, LABEL, image.size[0] // 10, 0, params, registry)
-    from pipeline.rotate import rotate
+    from pipeline.ops.rotate import rotate
 
     return rotate(image, mask, LABEL, 30.0, 0.0, params, registry)
 
@@ -326,7 +326,7 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     size = opts.size or (TINY_SIZE if opts.tiny else DEFAULT_SIZE)
     common = dict(size=size, device=opts.device, samplers=samplers, log=lambda m: err.print(m, highlight=False))
     if opts.tiny:
-        from pipeline.tiny import make_tiny_set
+        from pipeline.models.tiny import make_tiny_set
 
         with tempfile.TemporaryDirectory(prefix="bench-tiny-") as d:
             err.print("building the tiny model set ...")

@@ -161,7 +161,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """``OUT/results.json`` and ``OUT/results.md`` (atomic writes)."""
-    from pipeline.imageio import atomic_write_text
+    from pipeline.io.imageio import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def update_docs(report: dict[str, Any], doc: Path, heading: str | None = None) -
     """Replace the generated block of ``doc`` (between :data:`DOCS_BEGIN` and :data:`DOCS_END`, or
     the block under ``heading`` when one is given, e.g. a GPU section) with this report's markdown.
     The prose around it is kept. Raises ValueError when the markers are missing."""
-    from pipeline.imageio import atomic_write_text
+    from pipeline.io.imageio import atomic_write_text
 
     text = doc.read_text(encoding="utf-8")
     begin = DOCS_BEGIN if heading is None else DOCS_BEGIN.replace("-->", f"[{heading}] -->")

@@ -104,9 +104,9 @@ def write_full_set(out: Path, seed: int = SEED, device: str = "cpu") -> dict[str
     from segment_anything import sam_model_registry
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from pipeline.models import quiet_libraries
+    from pipeline.models.registry import quiet_libraries
     from pipeline.settings import DetectSettings
-    from pipeline.tiny import _clip_tokenizer, tiny_settings_dict
+    from pipeline.models.tiny import _clip_tokenizer, tiny_settings_dict
 
     quiet_libraries()
     out = Path(out).resolve()
@@ -137,7 +137,7 @@ def write_full_set(out: Path, seed: int = SEED, device: str = "cpu") -> dict[str
 def write_tiny_set(out: Path, device: str = "cpu") -> dict[str, Path]:
     import yaml
 
-    from pipeline.tiny import make_tiny_set
+    from pipeline.models.tiny import make_tiny_set
 
     data = yaml.safe_load(make_tiny_set(out, roles=["clip", "sam"]).read_text())
     data["runtime"]["device"] = device
@@ -211,7 +211,7 @@ def _detect_cmd(images: list[Path], out: Path, settings: Path) -> list[str]:
 def _records(out: Path, images: list[Path], kind: str) -> list[dict[str, Any]]:
     from bench.detect import BenchError
 
-    from pipeline.outputs import record_folder, stem_for
+    from pipeline.io.outputs import record_folder, stem_for
 
     recs = []
     for img in images:

@@ -71,7 +71,7 @@ def models_list(config: Optional[Path] = ConfigOption) -> None:
     """Roles, their sources, whether they are available locally, and licence notes."""
     from rich.table import Table
 
-    from pipeline.models import ROLE_INFO, ModelRegistry
+    from pipeline.models.registry import ROLE_INFO, ModelRegistry
 
     s = load_settings_or_exit(config)
     reg = ModelRegistry(s)
@@ -99,8 +99,8 @@ def models_pull(config: Optional[Path] = ConfigOption, role: Optional[List[str]]
                                TransferSpeedColumn)
     from rich.table import Table
 
-    from pipeline.hub import human_bytes
-    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.models.hub import human_bytes
+    from pipeline.models.registry import ModelLoadError, ModelRegistry
 
     s = load_settings_or_exit(config)
     reg = ModelRegistry(s, quiet=False)  # nothing is loaded here
@@ -158,7 +158,7 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
     check the files' SHA-256 against the models lock."""
     from rich.table import Table
 
-    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.models.registry import ModelLoadError, ModelRegistry
 
     s = load_settings_or_exit(config)
     reg = ModelRegistry(s)
@@ -196,7 +196,7 @@ def models_make_tiny(
 
     The set runs the whole product offline in seconds; its outputs are noise, not quality.
     """
-    from pipeline.tiny import make_tiny_set
+    from pipeline.models.tiny import make_tiny_set
 
     path = make_tiny_set(directory, _roles(role))
     console.print(f"[green]tiny model set written[/]: {directory}")
@@ -227,9 +227,9 @@ def _detect_table(outcomes) -> "Any":
 def run_detection(settings, inputs: list[Path], out: Path, classes: Optional[str], proposals: Optional[str],
                   prefilter: Optional[bool]) -> list:
     """Detect over ``inputs`` writing to ``out``; prints progress and the table. Returns outcomes."""
-    from pipeline.detect_run import detect_paths, expand_inputs, resolve_classes
-    from pipeline.process import Processor
-    from pipeline.rules import rules_from_dict
+    from pipeline.run.detect_run import detect_paths, expand_inputs, resolve_classes
+    from pipeline.run.process import Processor
+    from pipeline.run.rules import rules_from_dict
 
     files = expand_inputs(inputs)
     if not files:
@@ -333,7 +333,7 @@ def run_cmd(
     for kv in param or []:
         if "=" not in kv:
             raise fail(f"--param {kv!r} is not KEY=VALUE", EXIT_CONFIG)
-        from pipeline.actions import _value
+        from pipeline.ops.actions import _value
 
         k, v = kv.split("=", 1)
         given[k.strip()] = _value(v.strip())
@@ -346,7 +346,7 @@ def run_cmd(
     s = load_settings_or_exit(config)
     actions = None
     if op is not None:
-        from pipeline.actions import parse_action
+        from pipeline.ops.actions import parse_action
         from pipeline.errors import ParamsError
 
         try:
@@ -364,10 +364,10 @@ def _make_processor(s: Any, ruleset: Any, pool: Any) -> tuple[Any, int]:
     a Ray pool (its in-flight bound). Exits 2 when Ray is missing or cannot start, 3 when a model
     cannot be loaded (on an actor's warm-up too)."""
     if pool is None:
-        from pipeline.process import Processor
+        from pipeline.run.process import Processor
 
         return Processor(s, ruleset), 1
-    from pipeline.ray_engine import EngineError, RayProcessor
+    from pipeline.engine.ray_engine import EngineError, RayProcessor
 
     try:
         with model_errors(), console.status("starting the Ray pool (actors load their models)..."):
@@ -389,10 +389,10 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.catalog import CatalogJob, Manifest, collect_items, manifest_entry, plan_jobs, process_jobs, write_report
+    from pipeline.run.catalog import CatalogJob, Manifest, collect_items, manifest_entry, plan_jobs, process_jobs, write_report
     from pipeline.errors import BadInput
-    from pipeline.outputs import OutputFolder
-    from pipeline.rules import load_rules, rules_from_dict
+    from pipeline.io.outputs import OutputFolder
+    from pipeline.run.rules import load_rules, rules_from_dict
     from pipeline.settings import SettingsError
 
     if on_conflict not in ("suffix", "skip", "overwrite"):
@@ -414,7 +414,7 @@ def _run_jobs(s: Any, paths: List[Path], rules: Optional[Path], dry_run: bool, o
                            EXIT_CONFIG)
         items = collect_items(paths, s, recursive)
         if profiles:
-            from pipeline.profiles import get_profile
+            from pipeline.ops.profiles import get_profile
 
             for n in profiles:
                 get_profile(n, s)
@@ -530,10 +530,10 @@ def check_cmd(
     exit 1 when any image fails any profile, 4 when an image cannot be read."""
     from rich.table import Table
 
-    from pipeline.compliance import measure, summary
+    from pipeline.ops.compliance import measure, summary
     from pipeline.errors import BadInput
-    from pipeline.imageio import find_mask, is_image_name, load_image, load_mask
-    from pipeline.profiles import get_profile
+    from pipeline.io.imageio import find_mask, is_image_name, load_image, load_mask
+    from pipeline.ops.profiles import get_profile
 
     s = load_settings_or_exit(config)
     try:
@@ -553,8 +553,8 @@ def check_cmd(
                 m = load_mask(find_mask(mask, f.name), loaded.size, s.limits.max_pixels)
             else:
                 if detector is None:
-                    from pipeline.detect import Detector
-                    from pipeline.models import ModelRegistry
+                    from pipeline.detect.detector import Detector
+                    from pipeline.models.registry import ModelRegistry
 
                     with model_errors():
                         detector = Detector(ModelRegistry(s), s.detect)
@@ -593,7 +593,7 @@ def rules_check(
 ) -> None:
     """Validate a rule file and print what each class will get. Exit 2 (with file, line, field
     and reason) when it is invalid."""
-    from pipeline.rules import load_rules
+    from pipeline.run.rules import load_rules
     from pipeline.settings import SettingsError
 
     s = load_settings_or_exit(config)
@@ -621,8 +621,8 @@ def demo_cmd(
     into an inbox and runs the pipeline over them. Tiny random models make noise, not quality."""
     import tempfile
 
-    from pipeline.samples import write_samples
-    from pipeline.tiny import make_tiny_set
+    from pipeline.io.samples import write_samples
+    from pipeline.models.tiny import make_tiny_set
 
     root = directory or Path(tempfile.mkdtemp(prefix="product-studio-demo-"))
     console.print(f"[bold]demo folder[/] {root}")
@@ -633,9 +633,9 @@ def demo_cmd(
     write_samples(inbox)
     console.print("3. shop outputs for two sample photos with known masks (no model needed): background white, "
                   "amazon-main profile...")
-    from pipeline.actions import parse_action
-    from pipeline.catalog import CatalogItem
-    from pipeline.samples import write_shop_samples
+    from pipeline.ops.actions import parse_action
+    from pipeline.run.catalog import CatalogItem
+    from pipeline.io.samples import write_shop_samples
 
     settings = load_settings_or_exit(cfg)
     shots, masks = write_shop_samples(root / "shop")

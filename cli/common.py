@@ -51,7 +51,7 @@ def pool_options(engine: str, address, actors, max_in_flight, cpus_per_actor, gp
         if stray:
             raise fail(f"{', '.join(stray)} go with --engine ray", EXIT_CONFIG)
         return None
-    from pipeline.ray_engine import EngineError, PoolOptions
+    from pipeline.engine.ray_engine import EngineError, PoolOptions
 
     try:
         return PoolOptions(address=address, actors=actors, max_in_flight=max_in_flight, cpus_per_actor=cpus_per_actor,
@@ -80,7 +80,7 @@ def load_settings_or_exit(path: Path | None):
 @contextmanager
 def model_errors() -> Iterator[None]:
     """Turn a ModelLoadError into a clear message and exit code 3."""
-    from pipeline.models import ModelLoadError
+    from pipeline.models.registry import ModelLoadError
 
     try:
         yield

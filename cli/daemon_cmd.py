@@ -127,13 +127,13 @@ def watch_cmd(
     factory_rules = rules_path if (explicit or rules_path.exists()) else None
     child_factory = None
     if pool is not None:
-        from pipeline.ray_engine import RayProcessor
+        from pipeline.engine.ray_engine import RayProcessor
 
         def make() -> Any:
             # The coordinator validates and ships the rules; the actors load the models.
             return RayProcessor(s, factory_rules, pool)
     else:
-        from pipeline.process import make_processor as factory
+        from pipeline.run.process import make_processor as factory
 
         def make() -> Any:
             return factory(s, factory_rules)
@@ -145,7 +145,7 @@ def watch_cmd(
     configure_logging(ds.log_format, ds.log_level)
     daemon = Daemon(s, make, ds, rules_path=rules_path, child_factory=child_factory)
     from cli.common import model_errors
-    from pipeline.ray_engine import EngineError
+    from pipeline.engine.ray_engine import EngineError
 
     try:
         with model_errors():

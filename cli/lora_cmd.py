@@ -194,7 +194,7 @@ def train_lora_cmd(
     from lora.dataset import DatasetError
     from lora.export import rule_snippet
     from lora.train import MaskedLossError, TrainDiverged, TrainError, Trainer
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     reg = ModelRegistry(s)
     obs = _progress_observer()
@@ -246,7 +246,7 @@ def caption_cmd(
 
     from lora.caption import caption_dataset
     from lora.dataset import DatasetError
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     if not re.fullmatch(r"\.\w+", caption_ext):
         raise fail(f"--caption-ext {caption_ext!r} is not a file extension (e.g. .txt)", EXIT_CONFIG)
@@ -307,7 +307,7 @@ def generate_cmd(
     Exit 2 bad options, 3 model cannot load, 4 a LoRA file is missing or unusable."""
     from lora.apply import LoraError, parse_lora
     from lora.generate import generate_images
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
     from pipeline.settings import ProductClass
 
     try:

@@ -15,7 +15,7 @@ names, and for hidden and partial names (normally an upload in progress) only on
 there for the stall grace period.
 
 A stalled upload: a file that stopped changing for ``settle`` seconds but whose bytes end before
-the image does (:func:`~pipeline.imageio.looks_incomplete`) waits while it was modified within
+the image does (:func:`~pipeline.io.imageio.looks_incomplete`) waits while it was modified within
 ``stall_grace`` seconds; it is taken (and fails as truncated) only if it stays so, unchanged, past
 that. Any change puts it back to settling.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from daemon.logs import log_event
-from pipeline.imageio import is_image_name, looks_incomplete
+from pipeline.io.imageio import is_image_name, looks_incomplete
 
 _JUNK_NAMES = {"thumbs.db", "desktop.ini", "icon\r", "ehthumbs.db"}
 _JUNK_DIRS = {"@eadir", "#recycle", "$recycle.bin", "#snapshot", "lost+found"}

@@ -4,7 +4,7 @@ The daemon runs an image here when an earlier attempt on it was interrupted (the
 ``interruptions``): the daemon died or was killed while it held that image, and nobody can tell
 whether the image did it (a segfault in a decoder, memory blown by one photo) or the operator,
 the host's OOM killer or a power cut did. In a child of its own, the question has an answer:
-only a death of the child counts against the image (:mod:`pipeline.deaths`); a stop or kill of
+only a death of the child counts against the image (:mod:`pipeline.run.deaths`); a stop or kill of
 the daemon never does (the ledger row stays ``running`` and is resumed, uncounted, at the next
 start).
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.deaths import describe_exit
+from pipeline.run.deaths import describe_exit
 
 __all__ = ["ChildDied", "ChildError", "ChildJob", "ChildRun", "RulesChanged"]
 

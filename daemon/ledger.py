@@ -6,7 +6,7 @@ finishes it. Because every transition is a committed transaction, a crash loses 
 :meth:`Ledger.recover` turns rows left ``running`` back into ``pending`` at the next start. The
 interrupted attempt does not count (the daemon was stopped or killed: not the image's fault); it
 is counted in ``interruptions``, and such an image then runs in an isolated child process, whose
-own deaths (``deaths``, ``last_death``) are what count against it (:mod:`pipeline.deaths`).
+own deaths (``deaths``, ``last_death``) are what count against it (:mod:`pipeline.run.deaths`).
 
 ``disposition`` stays NULL until the input has been archived / deleted / left; a terminal row with
 a NULL disposition after a crash is completed at start without processing the image again.

@@ -50,7 +50,7 @@ from daemon.metrics import make_metrics
 from daemon.status import StatusBoard
 from daemon.worker import Worker, dispose_input
 from pipeline import PIPELINE_VERSION
-from pipeline.outputs import stem_for
+from pipeline.io.outputs import stem_for
 from pipeline.settings import Settings
 
 __all__ = ["Daemon", "DaemonConfigError", "DaemonLockedError", "Processor", "make_stem_base"]
@@ -69,7 +69,7 @@ class Processor(Protocol):
 
 
 def make_stem_base(name: str) -> str:
-    """Output stem for an inbox-relative name: the one stem rule, :func:`pipeline.outputs.stem_for`."""
+    """Output stem for an inbox-relative name: the one stem rule, :func:`pipeline.io.outputs.stem_for`."""
     return stem_for(name)
 
 

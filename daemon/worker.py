@@ -12,19 +12,19 @@ Per image, whatever happens, the row ends terminal or is rescheduled, and the wo
 
 - the processor returns a record: ``edited -> done``, ``skipped``, ``failed`` (bad input or
   parameters: the processor wrote ``outbox/failed/STEM.json``);
-- it raises: *permanent* errors (:class:`~pipeline.imageio.ImageLoadError`,
+- it raises: *permanent* errors (:class:`~pipeline.io.imageio.ImageLoadError`,
   :class:`~pipeline.settings.SettingsError`, anything with ``permanent = True``) fail the image at
   once; anything else is *transient* (bugs, CUDA OOM, a busy disk): retried with capped exponential
   backoff up to ``max_attempts``, then failed. Either way the daemon writes
   ``outbox/failed/STEM.json`` itself, record last, atomically. GPU memory is released after every
   failure;
-- a model that cannot be loaded (:class:`~pipeline.models.ModelLoadError`) is *fatal*: the image
+- a model that cannot be loaded (:class:`~pipeline.models.registry.ModelLoadError`) is *fatal*: the image
   is requeued and the daemon stops (exit 3), since every later image would fail the same way;
 - the worker *process* died holding the image alone (a Ray actor, or the isolated child of
   :mod:`daemon.isolate`; an exception with ``worker_died``): a *death* is counted (ledger
   ``deaths``), not an attempt, and the image is retried after the backoff; after ``max_deaths``
   it fails with "worker process died N times on this image (last: killed by SIGSEGV)" and the
-  exit signal in the record (:mod:`pipeline.deaths`, one policy for both engines). A death seen
+  exit signal in the record (:mod:`pipeline.run.deaths`, one policy for both engines). A death seen
   while the daemon is stopping is not counted (systemd signals every process of the service).
 
 An image whose earlier attempt was interrupted by the daemon stopping or dying (ledger
@@ -52,7 +52,7 @@ from daemon.intake import hash_file
 from daemon.ledger import Row
 from daemon.logs import log_event
 from pipeline.errors import internal_error_message, is_bad_input
-from pipeline.outputs import write_failure
+from pipeline.io.outputs import write_failure
 
 if TYPE_CHECKING:
     from daemon.service import Daemon
@@ -73,14 +73,14 @@ def is_permanent(exc: BaseException) -> bool:
 def is_fatal(exc: BaseException) -> bool:
     if getattr(exc, "fatal", False) is True:  # e.g. daemon.isolate.ChildError for a ModelLoadError
         return True
-    models = sys.modules.get("pipeline.models")
+    models = sys.modules.get("pipeline.models.registry")
     err = getattr(models, "ModelLoadError", None)
     return bool(err and isinstance(exc, err))
 
 
 def free_gpu() -> None:
     """Release cached GPU memory after a failure (only if torch is already loaded: never import it)."""
-    from pipeline.models import free_memory
+    from pipeline.models.registry import free_memory
 
     try:
         free_memory()
@@ -170,7 +170,7 @@ def annotate_failure(record: Path, sha256: str, source: str, disposition: str | 
     is gone), plus ``input.disposition``. Atomic rewrite; a missing or unreadable record is left."""
     import json
 
-    from pipeline.imageio import atomic_write_text
+    from pipeline.io.imageio import atomic_write_text
 
     try:
         rec = json.loads(record.read_text(encoding="utf-8"))
@@ -456,7 +456,7 @@ class Worker:
         """The process holding the image alone died: count a death (not an attempt); fail the image
         after ``max_deaths`` with the reason and exit signal; else retry it after the backoff."""
         from daemon.isolate import ChildDied
-        from pipeline.deaths import death_message, exhausted
+        from pipeline.run.deaths import death_message, exhausted
 
         d = self.d
         if self.stop_requested.is_set():

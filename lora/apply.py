@@ -1,7 +1,7 @@
 """Using trained LoRAs on the registry's shared pipelines, without leaving them changed.
 
 The registry keeps one warm pipeline per role for the whole process, so a LoRA is active for one
-call only. The adapter mechanics are enhance's (:class:`pipeline.lora_weights.LoraAdapters`:
+call only. The adapter mechanics are enhance's (:class:`pipeline.models.lora_weights.LoraAdapters`:
 files checked and hashed before any model runs, adapters named by content and kept loaded, exactly
 the asked-for ones active, every LoRA layer disabled afterwards); this module adds one adapter
 manager and lock per pipeline for the commands outside enhance (``generate``), and reads the
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pipeline.lora_weights import LoraAdapters, LoraError, LoraSpec, parse_lora
+from pipeline.models.lora_weights import LoraAdapters, LoraError, LoraSpec, parse_lora
 
 __all__ = ["LoraError", "LoraSpec", "applied_loras", "lora_tag", "manifest_for", "parse_lora"]
 

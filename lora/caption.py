@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lora.dataset import DatasetError, flatten_on_white, scan_dataset
-from pipeline.imageio import ImageLoadError, atomic_write_text, load_image
+from pipeline.io.imageio import ImageLoadError, atomic_write_text, load_image
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
 
 @dataclass

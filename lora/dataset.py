@@ -8,7 +8,7 @@ Layouts (the two LoRA users bring):
 - **metadata.jsonl** (diffusers ``imagefolder``): one JSON object per line with ``file_name``
   (relative to the dataset folder) and ``text`` (or ``caption``), optionally ``repeats``.
 
-Every image goes through :func:`pipeline.imageio.load_image` (formats, pixel limit, EXIF
+Every image goes through :func:`pipeline.io.imageio.load_image` (formats, pixel limit, EXIF
 orientation). RGBA images are flattened on white, as product cut-outs are shot on white. Each
 image is resized once to *cover* its bucket (the training square, or the aspect-ratio bucket
 nearest its shape) and kept in memory as uint8; each step crops the bucket out of it (centre or
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import BadInput
-from pipeline.imageio import ImageLoadError, is_image_name, load_image
+from pipeline.io.imageio import ImageLoadError, is_image_name, load_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

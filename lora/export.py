@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.imageio import atomic_write_text
-from pipeline.hashing import file_sha256
+from pipeline.io.imageio import atomic_write_text
+from pipeline.io.hashing import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

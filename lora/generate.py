@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora.apply import LoraSpec, applied_loras, lora_tag
+from pipeline.models.samplers import plan_sampler
+from pipeline import PIPELINE_VERSION
+from pipeline.io.imageio import atomic_write_text, save_image
+from pipeline.io.outputs import now_iso
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
     from pipeline.settings import Settings
 
 
@@ -57,7 +61,7 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
     activation tag (from its manifest or kohya metadata).
     ``steps``, ``guidance``, ``negative_prompt`` and the size default to ``settings.enhance``
     (size: ``resolution`` square). ``sampler``: default ``settings.enhance.sampler``; a few-step
-    sampler (:mod:`pipeline.samplers`) adds its acceleration LoRA before ``loras`` and swaps the
+    sampler (:mod:`pipeline.models.samplers`) adds its acceleration LoRA before ``loras`` and swaps the
     scheduler for this call, with its own steps and guidance unless given. Returns one :class:`Generated` per image, in seed order.
     Raises LoraError for a LoRA that does not fit the base model, ValueError for other bad
     arguments, ModelLoadError if the base model cannot load."""
@@ -65,8 +69,6 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
         raise ValueError("-n must be at least 1")
     enh = settings.enhance
     seed = enh.seed if seed is None else seed
-    from pipeline.samplers import plan_sampler
-
     plan = plan_sampler(sampler or enh.sampler, steps or enh.steps, enh.guidance if guidance is None else guidance,
                         settings.samplers)
     steps = steps or plan.steps
@@ -114,10 +116,6 @@ def _render(pipe: Any, n: int, seed: int, text: str, negative: str, steps: int, 
             height: int, plan: Any, label: str, tag: str | None, model: dict[str, Any],
             records_loras: list[dict[str, Any]], sampler_rec: dict[str, Any], out_dir: Path) -> list[Generated]:
     import torch
-
-    from pipeline import PIPELINE_VERSION
-    from pipeline.imageio import atomic_write_text, save_image
-    from pipeline.outputs import now_iso
 
     results = []
     for k in range(n):

@@ -37,11 +37,18 @@ import numpy as np
 
 from lora.config import TARGETS, TEXT_ENCODER_TARGETS, TrainConfig
 from lora.dataset import TrainDataset, load_dataset
+from pipeline.detect.detector import Detector
+from pipeline.run.detect_run import resolve_classes
+from pipeline.io.imageio import atomic_write_text, save_image
+from lora.export import (kohya_metadata, lora_files_record, lora_state_dict, save_diffusers_lora,
+    save_kohya_lora, write_manifest)
+from pipeline import PIPELINE_VERSION
+from pipeline.io.outputs import now_iso
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
     from pipeline.settings import Settings
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
@@ -147,12 +154,8 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 def auto_mask_fn(registry: "ModelRegistry", settings: "Settings", class_name: str,
                  save_dir: Path | None = None) -> Callable[[str, Any], np.ndarray | None]:
     """``mask_fn`` for :func:`lora.dataset.load_dataset`: the union of ``class_name`` detections
-    (SAM + CLIP through :class:`pipeline.detect.Detector`), saved as PNG under ``save_dir`` so the
+    (SAM + CLIP through :class:`pipeline.detect.detector.Detector`), saved as PNG under ``save_dir`` so the
     user can see what the loss focused on. None when the class is not found in an image."""
-    from pipeline.detect import Detector
-    from pipeline.detect_run import resolve_classes
-    from pipeline.imageio import save_image
-
     detector = Detector(registry, settings.detect)
     classes = resolve_classes(settings, [class_name])
 
@@ -500,9 +503,6 @@ class Trainer:
         import torch
         from safetensors.torch import save_file
 
-        from lora.export import save_diffusers_lora
-        from pipeline.imageio import atomic_write_text
-
         cfg = self.cfg
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.global_step:06d}"
@@ -578,8 +578,6 @@ class Trainer:
         ``validation/LABEL-N.png``. Uses fixed seeds and leaves the training RNG untouched."""
         import torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        from pipeline.imageio import save_image
 
         cfg = self.cfg
         if not cfg.validation_prompt:
@@ -708,17 +706,12 @@ class Trainer:
     def lora_state(self) -> tuple[dict, dict, dict | None, dict | None]:
         """(UNet LoRA weights, its LoraConfig dict, text-encoder weights or None, its config or None);
         weights peft-keyed (``<module>.lora_A.weight``)."""
-        from lora.export import lora_state_dict
-
         te_sd = te_conf = None
         if self.cfg.train_text_encoder:
             te_sd, te_conf = lora_state_dict(self.text_encoder), self.te_lora_config.to_dict()
         return lora_state_dict(self.unet), self.unet.peft_config["default"].to_dict(), te_sd, te_conf
 
     def manifest(self, seconds: float | None = None) -> dict[str, Any]:
-        from pipeline import PIPELINE_VERSION
-        from pipeline.outputs import now_iso
-
         cfg = self.cfg
         base = self.registry.provenance("base")
         base["path"] = str(self.base_dir)
@@ -772,9 +765,6 @@ class Trainer:
     def export(self, seconds: float | None = None) -> TrainResult:
         """Write ``NAME.safetensors`` (diffusers), optionally ``NAME.kohya.safetensors``, then
         ``NAME.json`` (the manifest, last, with the files' SHA-256)."""
-        from lora.export import (kohya_metadata, lora_files_record, save_diffusers_lora, save_kohya_lora,
-                                 write_manifest)
-
         cfg = self.cfg
         unet_sd, unet_conf, te_sd, te_conf = self.lora_state()
         save_diffusers_lora(cfg.lora_file, unet_sd, unet_conf, te_sd, te_conf)

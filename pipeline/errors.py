@@ -33,6 +33,10 @@ class BadInput(ProductStudioError):
     permanent = True
 
 
+class LoraError(BadInput):
+    """A LoRA file or spec that cannot be used; ``str()`` names the file and the reason."""
+
+
 class ParamsError(BadInput):
     """Action parameters that do not validate. ``problems``: ``[(field, reason)]``, ``field`` dotted
     (``"x"``, ``"loras.0.path"``) within the action; ``op`` the operation's name."""

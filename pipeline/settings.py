@@ -10,6 +10,7 @@ be found) and the reason. Library code raises; only the CLI turns that into an e
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,56 @@ from typing import Annotated, Any, Literal, Sequence, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, LoraError
+
+# LoRA weights beyond this are mistakes (a typo such as 08 for 0.8), not styles.
+MAX_LORA_WEIGHT = 10.0
+# A weight is the text after the last ':' only when it is a plain decimal number, so Windows drive
+# letters ("C:\\loras\\x.safetensors") and other colons stay part of the path.
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def split_spec(text: str) -> tuple[str, float]:
+    """``"FILE[:WEIGHT]"`` -> ``(FILE, WEIGHT)``; the weight defaults to 1.0.
+
+    The weight is the part after the **last** colon, and only when it parses as a decimal number
+    (``0.8``, ``-1``, ``1e-1``); otherwise the whole text is the file name. Raises
+    :class:`LoraError` for an empty spec or a weight outside ``[-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT]``.
+    """
+    if not isinstance(text, (str, os.PathLike)):
+        raise LoraError(f"a LoRA is given as 'FILE' or 'FILE:WEIGHT', got {text!r}")
+    s = os.fspath(text).strip()
+    head, sep, tail = s.rpartition(":")
+    if sep and _NUMBER.fullmatch(tail.strip()):
+        path, weight = head.strip(), float(tail)
+    else:
+        path, weight = s, 1.0
+    if not path:
+        raise LoraError(f"LoRA spec {text!r} names no file (expected FILE or FILE:WEIGHT)")
+    if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
+        raise LoraError(f"LoRA {path}: weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}")
+    return path, weight
+
+
+def split_entry(item: Any) -> tuple[str, float]:
+    """A LoRA entry as settings, rules or options give it -> ``(FILE, WEIGHT)``: the text
+    ``"FILE[:WEIGHT]"`` (see :func:`split_spec`) or a mapping ``{path: FILE, weight: NUMBER}``
+    (weight optional, default 1.0). Raises :class:`LoraError`."""
+    if isinstance(item, dict):
+        extra = set(item) - {"path", "weight"}
+        if "path" not in item or extra:
+            raise LoraError(f"a LoRA mapping holds 'path' and optionally 'weight', got {item!r}")
+        w = item.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise LoraError(f"LoRA {item['path']}: weight must be a number, got {w!r}")
+        path = os.fspath(item["path"]).strip()
+        if not path:
+            raise LoraError(f"LoRA mapping {item!r} names no file")
+        if not math.isfinite(w) or abs(w) > MAX_LORA_WEIGHT:
+            raise LoraError(f"LoRA {path}: weight {w:g} is outside -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}")
+        return path, float(w)
+    return split_spec(item)
+
 
 ENV_CONFIG = "PRODUCT_STUDIO_CONFIG"
 DEFAULT_CONFIG = Path("conf") / "settings.yaml"
@@ -120,7 +170,7 @@ class ModelSource(_Strict):
 
 
 # Pinned commits of the default Hub sources whose bytes are known (the SAM checkpoint's SHA-256 is
-# checked by `models verify`, see pipeline.hub.KNOWN_SHA256). zero123-xl's main holds pickled .bin
+# checked by `models verify`, see pipeline.models.hub.KNOWN_SHA256). zero123-xl's main holds pickled .bin
 # weights only (loaded weights-only); its refs/pr/1 is a safetensors copy.
 SAM_REVISION = "7790786db131bcdc639f24a915d9f2c331d843ee"
 ZERO123_XL_REVISION = "7d8aec2223b93e84eb26893d1e732e013523474b"
@@ -168,7 +218,7 @@ class ModelsSettings(_Strict):
     # model card (https://huggingface.co/hustvl/vitmatte-small-composition-1k); the upstream code
     # (github.com/hustvl/ViTMatte) is MIT. Trained on Composition-1k.
     matting: ModelSource = ModelSource(repo="hustvl/vitmatte-small-composition-1k", licence="Apache-2.0")
-    # Few-step acceleration LoRAs for SD 1.5 (pipeline.samplers); licences from their model cards.
+    # Few-step acceleration LoRAs for SD 1.5 (pipeline.models.samplers); licences from their model cards.
     lcm_lora: ModelSource = ModelSource(repo="latent-consistency/lcm-lora-sdv1-5",
                                         filename="pytorch_lora_weights.safetensors", licence="openrail++")
     tcd_lora: ModelSource = ModelSource(repo="h1t/TCD-SD15-LoRA", filename="pytorch_lora_weights.safetensors",
@@ -200,7 +250,7 @@ SAMPLER_HELP = ("default: the section's steps and guidance; lcm, tcd, hyper: a f
 
 
 class FewStepSampler(_Strict):
-    """One few-step sampler's settings (:mod:`pipeline.samplers`)."""
+    """One few-step sampler's settings (:mod:`pipeline.models.samplers`)."""
 
     steps: int = Field(4, ge=1, le=100)
     guidance: float = Field(1.0, ge=0.0, le=50.0, description="<= 1 runs one UNet pass per step (no CFG)")
@@ -226,7 +276,7 @@ class RuntimeSettings(_Strict):
     offline: bool | None = Field(None, description="force offline model loading; None follows HF_HUB_OFFLINE")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
     keep_freed_memory: bool = Field(True, description="keep freed heap memory in the process (glibc): ~1.6x faster "
-                                                      "CPU inference on VMs, ~20% more peak RSS; see pipeline/allocator.py")
+                                                      "CPU inference on VMs, ~20% more peak RSS; see pipeline/models/allocator.py")
 
     @field_validator("device")
     @classmethod
@@ -285,7 +335,7 @@ class DetectSettings(_Strict):
 
 
 class EnhanceSettings(_Strict):
-    """Restyle or clean up a detected product in place (:mod:`pipeline.enhance`): SD inpainting with
+    """Restyle or clean up a detected product in place (:mod:`pipeline.ops.enhance`): SD inpainting with
     ControlNet depth on a crop around the product; only the dilated product mask is written back."""
 
     class ClassStyle(_Strict):
@@ -306,8 +356,6 @@ class EnhanceSettings(_Strict):
         @field_validator("loras")
         @classmethod
         def _loras(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
-            from pipeline.lora_weights import LoraError, split_entry
-
             for item in v:
                 try:
                     split_entry(item)  # syntax and weight range only; the file is checked when used
@@ -399,7 +447,7 @@ FillSpec = Annotated[Union[str, list[str]], BeforeValidator(check_fill)]
 
 
 class DisplaceSettings(_Strict):
-    """Move a detected product (:mod:`pipeline.displace`). Removal defaults from the seed projects:
+    """Move a detected product (:mod:`pipeline.ops.displace`). Removal defaults from the seed projects:
     empty prompt, guidance ~2, strength 1.0, mask dilated by ~20 px."""
 
     fill: FillSpec = Field("sd", description="hole fill: lama (LaMa, one forward pass), sd (SD inpainting) or "
@@ -433,7 +481,7 @@ class DisplaceSettings(_Strict):
 
 
 class RotateSettings(_Strict):
-    """Show a detected product from another viewpoint (:mod:`pipeline.rotate`). Novel-view defaults
+    """Show a detected product from another viewpoint (:mod:`pipeline.ops.rotate`). Novel-view defaults
     from the Zero123 reference demo (guidance 3, 75 DDIM steps, eta 1, 256 px views); removal
     defaults as for displace (SD fill, empty prompt, guidance ~2, strength 1.0, ~20 px dilation)."""
 
@@ -467,7 +515,7 @@ class RotateSettings(_Strict):
                                                  "(keep-box ignores this)")
     feather: int = Field(3, ge=0, le=256, description="px of soft edge outside the pasted product")
     poisson: bool = Field(False, description="Poisson-blend the new product into the background (cv2.seamlessClone)")
-    # -- removing the old product (pipeline.inpaint.fill) --
+    # -- removing the old product (pipeline.ops.inpaint.fill) --
     fill: FillSpec = Field("sd", description="hole fill: lama, sd or classical, or a fallback order such as "
                            "[lama, sd, classical]; a single name is followed by classical")
     fill_sampler: SamplerName = Field("default", description="sd fill: " + SAMPLER_HELP)
@@ -514,7 +562,7 @@ def parse_colour(v: Any) -> tuple[int, int, int]:
 
 
 class BackgroundSettings(_Strict):
-    """Put the product on a new background (:mod:`pipeline.background`). The product's own pixels
+    """Put the product on a new background (:mod:`pipeline.ops.background`). The product's own pixels
     (its mask) stay bit-identical; every other pixel is the new background, with a soft edge of
     ``edge`` px just outside the mask made of the product's edge colours."""
 
@@ -566,7 +614,7 @@ class BackgroundSettings(_Strict):
 
 
 class FrameSettings(_Strict):
-    """Crop and pad around the product (:mod:`pipeline.frame`): the product's box fills ``fill``
+    """Crop and pad around the product (:mod:`pipeline.ops.frame`): the product's box fills ``fill``
     of the frame along its limiting side, placed by ``anchor``; padding is ``pad_color``."""
 
     aspect: str = Field("1:1", description="W:H of the frame, or 'keep' (the input's)")
@@ -603,7 +651,7 @@ class FrameSettings(_Strict):
 
 
 class OutputSettings(_Strict):
-    """How result images are encoded (:func:`pipeline.outputs.encode_image`). Every QA check runs
+    """How result images are encoded (:func:`pipeline.io.outputs.encode_image`). Every QA check runs
     on the pixels before encoding; the record says when a lossy format was used."""
 
     format: Literal["png", "jpeg", "webp", "avif", "tiff"] = "png"
@@ -616,7 +664,7 @@ class OutputSettings(_Strict):
 
 
 class CheckSettings(_Strict):
-    """A profile's compliance rules (:mod:`pipeline.compliance`); None = not checked."""
+    """A profile's compliance rules (:mod:`pipeline.ops.compliance`); None = not checked."""
 
     background: str | None = Field(None, description="the background colour required outside the product")
     min_background_share: float = Field(0.98, ge=0.0, le=1.0, description="share of pixels outside the product "

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from pipeline.tiny import make_tiny_set
+    from pipeline.models.tiny import make_tiny_set
 
     d = tmp_path_factory.mktemp("tiny")
     make_tiny_set(d)
@@ -29,7 +29,7 @@ def tiny_settings(tiny_dir):
 
 @pytest.fixture(scope="session")
 def registry(tiny_settings):
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     return ModelRegistry(tiny_settings)
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.actions import parse_action
-from pipeline.edits import Edit, EditContext
-from pipeline.outputs import OutputFolder
-from pipeline.process import Processor
-from pipeline.rules import rules_from_dict
+from pipeline.ops.actions import parse_action
+from pipeline.ops.edits import Edit, EditContext
+from pipeline.io.outputs import OutputFolder
+from pipeline.run.process import Processor
+from pipeline.run.rules import rules_from_dict
 
 
 def run_action(op: str, image: Any, mask: Any, label: str, options: dict, settings: Any, registry: Any) -> Edit:

@@ -11,8 +11,8 @@ import pytest
 
 SNIPPET = """
 from pipeline.settings import Settings
-from pipeline.models import resolve_runtime
-from pipeline.allocator import mode
+from pipeline.models.registry import resolve_runtime
+from pipeline.models.allocator import mode
 s = Settings()
 s.runtime.device = "cpu"
 s.runtime.keep_freed_memory = {keep}

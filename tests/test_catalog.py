@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.actions import parse_action_text, split_action_text
-from pipeline.catalog import CatalogError, read_catalog_csv
+from pipeline.ops.actions import parse_action_text, split_action_text
+from pipeline.run.catalog import CatalogError, read_catalog_csv
 from pipeline.errors import ParamsError
-from pipeline.outputs import OutputFolder
+from pipeline.io.outputs import OutputFolder
 from pipeline.settings import Settings
 
 runner = CliRunner()
@@ -23,7 +23,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from pipeline.samples import write_samples
+    from pipeline.io.samples import write_samples
 
     d = tmp_path_factory.mktemp("catalog-in")
     write_samples(d / "photos")
@@ -187,8 +187,8 @@ def test_report_renders_in_headless_chromium(tiny_dir, inputs, tmp_path):
 
 
 def test_processor_warm_up_loads_detection_models_and_runs_one_detection(tiny_settings, tmp_path):
-    from pipeline.models import ModelLoadError, ModelRegistry
-    from pipeline.process import Processor
+    from pipeline.models.registry import ModelLoadError, ModelRegistry
+    from pipeline.run.process import Processor
 
     reg = ModelRegistry(tiny_settings)
     proc = Processor(tiny_settings, registry=reg)

@@ -16,12 +16,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.actions import OPERATIONS, Operation
-from pipeline.composite import bbox, dilate, shift_mask
-from pipeline.detect import Detection, DetectResult
-from pipeline.displace import DisplaceParams
-from pipeline.process import Processor
-from pipeline.rules import rules_from_dict
+from pipeline.ops.actions import OPERATIONS, Operation
+from pipeline.ops.composite import bbox, dilate, shift_mask
+from pipeline.detect.detector import Detection, DetectResult
+from pipeline.ops.displace import DisplaceParams
+from pipeline.run.process import Processor
+from pipeline.run.rules import rules_from_dict
 from pipeline.settings import SettingsError
 
 runner = CliRunner()
@@ -206,7 +206,7 @@ def test_qa_refuses_an_edit_that_breaks_a_guarantee(tiny_settings, registry, tmp
 
 
 def test_rules_check_refuses_what_cannot_be_honoured(tiny_dir, tmp_path):
-    from pipeline.rules import load_rules
+    from pipeline.run.rules import load_rules
     from pipeline.settings import load_settings
 
     s = load_settings(tiny_dir / "settings.yaml")
@@ -313,7 +313,7 @@ def test_internal_error_in_the_daemon_is_retried_then_failed_with_its_type(tiny_
             return {}
 
     def factory():
-        from pipeline.rules import load_rules
+        from pipeline.run.rules import load_rules
 
         return Proc(settings, load_rules(rules, settings), registry=registry, detector=TwoProducts([m], ("box",)))
 

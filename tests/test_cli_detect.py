@@ -21,7 +21,7 @@ def _settings_variant(tiny_dir: Path, tmp_path: Path, **detect) -> Path:
 
 
 def test_detect_writes_json_masks_overlay_and_reports_failures(tiny_dir, tmp_path):
-    from pipeline.samples import write_samples
+    from pipeline.io.samples import write_samples
 
     inputs = write_samples(tmp_path / "in")
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.composite import (
+from pipeline.ops.composite import (
     bbox,
     dilate,
     extend_edges,
@@ -16,7 +16,7 @@ from pipeline.composite import (
     shift_image,
     shift_mask,
 )
-from pipeline.inpaint import CropBox, fill, plan_crop
+from pipeline.ops.inpaint import CropBox, fill, plan_crop
 
 
 

@@ -493,7 +493,7 @@ def _jpeg(seed: int) -> bytes:
 
 
 def test_a_model_that_cannot_load_stops_the_daemon_and_requeues_the_image(env):
-    from pipeline.models import ModelLoadError
+    from pipeline.models.registry import ModelLoadError
 
     class NoModels(PassThroughProcessor):
         def process(self, path, outbox, *, sha256, stem):

@@ -32,10 +32,10 @@ def _time_limit():
 
 @pytest.fixture(autouse=True)
 def _passthrough(monkeypatch):
-    """`watch` builds its processor with pipeline.process.make_processor: here the model-free one."""
-    import pipeline.process
+    """`watch` builds its processor with pipeline.run.process.make_processor: here the model-free one."""
+    import pipeline.run.process
 
-    monkeypatch.setattr(pipeline.process, "make_processor", make_passthrough)
+    monkeypatch.setattr(pipeline.run.process, "make_processor", make_passthrough)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from daemon.ledger import Ledger, read_summary
 from daemon.lock import lock_holder
 from helpers import outcome_records, png_bytes, time_limit, wait_for
-from pipeline.imageio import load_image
+from pipeline.io.imageio import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 

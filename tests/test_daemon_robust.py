@@ -25,7 +25,7 @@ from daemon.ledger import _SCHEMA, Ledger
 from daemon.status import gather_status
 from helpers import png_bytes, time_limit, wait_for
 from pipeline import PIPELINE_VERSION
-from pipeline.imageio import load_image
+from pipeline.io.imageio import load_image
 from test_daemon import Env, stop
 
 
@@ -174,7 +174,7 @@ def test_a_gif_is_taken_first_frame_with_the_frame_count(env):
 
 
 def test_a_gif_through_the_real_processor(tiny_settings, tmp_path):
-    from pipeline.process import Processor
+    from pipeline.run.process import Processor
 
     data, _ = _gif(4)
     p = tmp_path / "animated.gif"
@@ -392,7 +392,7 @@ def test_the_real_processor_runs_in_an_isolated_child(tiny_settings, tmp_path):
     import functools
 
     from daemon.isolate import ChildJob, ChildRun
-    from pipeline.process import Processor, make_processor
+    from pipeline.run.process import Processor, make_processor
 
     data, _ = _gif(2)
     src = tmp_path / "in.gif"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.detect import (
+from pipeline.detect.detector import (
     Detector,
     Proposals,
     decide,
@@ -245,7 +245,7 @@ def test_tiny_end_to_end_masks_match_input_size(registry, tiny_settings, mode):
 
 
 def test_tiny_exif_rotated_input_masks_follow_orientation(registry, tiny_settings, tmp_path):
-    from pipeline.imageio import load_image
+    from pipeline.io.imageio import load_image
 
     p = tmp_path / "phone.jpg"
     exif = Image.Exif()

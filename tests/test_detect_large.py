@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.detect as pd
-from pipeline.detect import Detector, ReducedCopy, fill_holes, mask_box, square_crop
+import pipeline.detect.detector as pd
+from pipeline.detect.detector import Detector, ReducedCopy, fill_holes, mask_box, square_crop
 from pipeline.settings import DetectSettings
 
 
@@ -172,7 +172,7 @@ def test_large_photo_detections_match_before_at_full_resolution(registry, monkey
 
 
 def test_48mp_photo_is_accepted_by_default(tmp_path):
-    from pipeline.imageio import load_image
+    from pipeline.io.imageio import load_image
     from pipeline.settings import Settings
 
     path = tmp_path / "big.jpg"

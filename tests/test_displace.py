@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.composite import dilate, parse_offset, shift_image, shift_mask
-from pipeline.detect import Detection, mask_box
-from pipeline.displace import ClipChecker, displace, displace_detection
-from pipeline.edits import Edit, EditError
+from pipeline.ops.composite import dilate, parse_offset, shift_image, shift_mask
+from pipeline.detect.detector import Detection, mask_box
+from pipeline.ops.displace import ClipChecker, displace, displace_detection
+from pipeline.ops.edits import Edit, EditError
 from pipeline.settings import DisplaceSettings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]

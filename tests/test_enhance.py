@@ -14,19 +14,19 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.composite import dilate
-from pipeline.detect import Detection, mask_box
+from pipeline.ops.composite import dilate
+from pipeline.detect.detector import Detection, mask_box
 from edit_helpers import run_action
-from pipeline.edits import Edit, EditError
+from pipeline.ops.edits import Edit, EditError
 from pipeline.errors import ParamsError
-from pipeline.enhance import (
+from pipeline.ops.enhance import (
     build_prompt,
     controlnet_pipeline,
     enhance,
     enhance_detection,
     plan_work,
 )
-from pipeline.lora_weights import LoraError, load_spec
+from pipeline.models.lora_weights import LoraError, load_spec
 from pipeline.settings import EnhanceSettings, SettingsError, load_settings
 
 from helpers.loras import make_diffusers_lora
@@ -72,7 +72,7 @@ def check_outside(edit, img, m, dilation):
 @pytest.fixture(scope="module")
 def lora_registry(tiny_settings):
     # LoRA tests get their own registry (own UNet), so the session one never holds adapters.
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     return ModelRegistry(tiny_settings)
 
@@ -131,7 +131,7 @@ def test_feather_and_dilation_bounds(registry):
 def test_loaded_inputs_stay_exact_outside_through_run_op(registry, tiny_settings, tmp_path, kind):
     """End to end as `product-studio run --op enhance --mask` does: the input goes through the one
     loader (EXIF orientation, RGBA), the output PNG is compared with that decoded input."""
-    from pipeline.imageio import load_image
+    from pipeline.io.imageio import load_image
     from edit_helpers import run_op
 
     img, m = scene(seed=3)
@@ -219,7 +219,7 @@ class _FakeProcessor:
 
 class _FakeRegistry:
     def __init__(self, model):
-        from pipeline.models import HFBundle
+        from pipeline.models.registry import HFBundle
 
         self.bundle = HFBundle(model, _FakeProcessor())
 
@@ -230,7 +230,7 @@ class _FakeRegistry:
 
 @pytest.mark.parametrize("metric", [False, True])
 def test_depth_map_is_normalised_near_bright(metric):
-    from pipeline.depth import depth_map
+    from pipeline.ops.depth import depth_map
 
     crop = Image.new("RGB", (40, 24), (100, 100, 100))
     d = depth_map(crop, _FakeRegistry(_FakeDepthModel(metric=metric)))
@@ -245,7 +245,7 @@ def test_depth_map_is_normalised_near_bright(metric):
 
 
 def test_depth_map_of_the_tiny_model(registry):
-    from pipeline.depth import depth_map, normalise
+    from pipeline.ops.depth import depth_map, normalise
 
     img, _ = scene()
     d = depth_map(img, registry)
@@ -271,7 +271,7 @@ def test_controlnet_pipeline_shares_the_inpaint_components(registry):
 def test_no_second_base_load(tiny_settings, monkeypatch):
     import diffusers
 
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     reg = ModelRegistry(tiny_settings)
     img, m = scene()
@@ -301,8 +301,8 @@ def test_depth_conditions_the_controlnet(tiny_settings, monkeypatch):
     """The depth map reaches the ControlNet, scaled by controlnet_scale. A freshly made ControlNet
     has zero convolutions after its condition embedding and on its outputs (no effect at all), so
     this one gets random ones."""
-    import pipeline.depth
-    from pipeline.models import ModelRegistry
+    import pipeline.ops.depth
+    from pipeline.models.registry import ModelRegistry
 
     reg = ModelRegistry(tiny_settings)
     gen = torch.Generator().manual_seed(0)
@@ -313,20 +313,20 @@ def test_depth_conditions_the_controlnet(tiny_settings, monkeypatch):
                 prm.copy_(torch.randn(prm.shape, generator=gen) * 0.2)
     img, m = scene()
     seen = []
-    real = pipeline.depth.depth_map
+    real = pipeline.ops.depth.depth_map
 
     def spy(crop, registry):
         d = real(crop, registry)
         seen.append((crop.size, d.size, d.mode))
         return d
 
-    monkeypatch.setattr(pipeline.depth, "depth_map", spy)
+    monkeypatch.setattr(pipeline.ops.depth, "depth_map", spy)
     a = np.asarray(enhance(img, m, "handbag", params(), reg).image)
     assert seen == [((64, 64), (64, 64), "RGB")]  # the work crop's depth, at the work size
     b = np.asarray(enhance(img, m, "handbag", params(controlnet_scale=2.0), reg).image)
     off = np.asarray(enhance(img, m, "handbag", params(controlnet_scale=0.0), reg).image)
     plain = np.asarray(enhance(img, m, "handbag", params(controlnet=False), reg).image)
-    monkeypatch.setattr(pipeline.depth, "depth_map", lambda crop, registry: Image.new("RGB", crop.size, (255,) * 3))
+    monkeypatch.setattr(pipeline.ops.depth, "depth_map", lambda crop, registry: Image.new("RGB", crop.size, (255,) * 3))
     flat = np.asarray(enhance(img, m, "handbag", params(), reg).image)
     assert not (a == b).all() and not (a == flat).all() and not (a == off).all()
     assert np.abs(off.astype(int) - plain.astype(int)).max() <= 1  # scale 0: just the inpainting model
@@ -386,7 +386,7 @@ def test_unload_frees_the_inpaint_role_with_its_controlnet_pipeline_and_adapters
     import gc
     import weakref
 
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     reg = ModelRegistry(tiny_settings)
     img, m = scene()
@@ -410,7 +410,7 @@ def test_unload_frees_the_inpaint_role_with_its_controlnet_pipeline_and_adapters
 def test_loaded_loras_never_reach_other_users_of_the_unet(registry, lora_registry, loras):
     """displace/rotate fill with the same inpaint pipeline: after an enhance with a LoRA it must
     compute exactly what a pipeline that never saw a LoRA computes."""
-    from pipeline.inpaint import fill
+    from pipeline.ops.inpaint import fill
 
     img, m = scene()
     enhance(img, m, "handbag", params(), lora_registry, loras=[load_spec(loras["bag"])])
@@ -560,7 +560,7 @@ def test_class_loras_resolve_against_the_settings_root(tmp_path, loras):
     p.write_text(yaml.safe_dump({"root": ".", "enhance": {"classes": {"handbag": {
         "tag": "ppbag", "loras": ["loras/bag.safetensors:0.7", {"path": str(loras["shoe"]), "weight": -0.5}]}}}}))
     s = load_settings(p)
-    from pipeline.enhance import class_loras
+    from pipeline.ops.enhance import class_loras
 
     spec, shoe = class_loras(s.enhance, "handbag", s.base_dir)
     assert spec.path == (tmp_path / "loras" / "bag.safetensors").resolve() and spec.weight == 0.7

@@ -1,5 +1,5 @@
 """Every format a shop sends: GIF (first frame + frame count), HEIC/HEIF (pillow-heif), AVIF, and the
-cut-off check intake uses for stalled uploads (pipeline.imageio.looks_incomplete)."""
+cut-off check intake uses for stalled uploads (pipeline.io.imageio.looks_incomplete)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imageio import ImageLoadError, load_image, looks_incomplete
-from pipeline.outputs import input_record
+from pipeline.io.imageio import ImageLoadError, load_image, looks_incomplete
+from pipeline.io.outputs import input_record
 
 
 def _frames(n: int, size=(32, 24)) -> list[Image.Image]:

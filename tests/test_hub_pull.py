@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.models import ModelLoadError, ModelRegistry, role_files
+from pipeline.models.registry import ModelLoadError, ModelRegistry, role_files
 from pipeline.settings import ROLES as ALL_ROLES, load_settings
 from tests.hub_server import HubServer
 
@@ -249,7 +249,7 @@ def test_download_cut_for_good_fails_in_one_line_and_the_next_pull_resumes(hub, 
 def test_disk_full_is_one_line(hub, tmp_path, monkeypatch):
     import shutil
 
-    import pipeline.hub as ph
+    import pipeline.models.hub as ph
 
     monkeypatch.setattr(ph.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
     r = _pull(_config(tmp_path), "-r", "clip")
@@ -289,7 +289,7 @@ def test_offline_pull_of_a_cached_role_succeeds_and_converts_sam(hub, tmp_path, 
 
 
 def test_verify_checks_hashes_against_the_lock_and_known_values(hub, tmp_path, monkeypatch):
-    import pipeline.hub as ph
+    import pipeline.models.hub as ph
 
     cfg = _config(tmp_path)
     assert _pull(cfg, "-r", "clip", "-r", "sam").exit_code == 0

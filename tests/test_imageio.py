@@ -1,4 +1,4 @@
-"""Tests for pipeline.imageio: the one safe image loader and the atomic writers.
+"""Tests for pipeline.io.imageio: the one safe image loader and the atomic writers.
 
 Every image is generated here with Pillow/numpy into tmp_path; nothing is read from fixture folders.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.imageio import (
+from pipeline.io.imageio import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -824,7 +824,7 @@ def test_is_image_name():
 
 
 def test_import_is_light():
-    module = Path(__file__).resolve().parents[1] / "pipeline" / "imageio.py"
+    module = Path(__file__).resolve().parents[1] / "pipeline" / "io" / "imageio.py"
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('imageio_probe', {str(module)!r})\n"

@@ -14,10 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.composite import dilate, shift_mask
-from pipeline.displace import displace
-from pipeline.inpaint import LAMA_MULTIPLE, fill, fill_in_order, lama_inpaint, plan_crop
-from pipeline.models import ModelLoadError, ModelRegistry
+from pipeline.ops.composite import dilate, shift_mask
+from pipeline.ops.displace import displace
+from pipeline.ops.inpaint import LAMA_MULTIPLE, fill, fill_in_order, lama_inpaint, plan_crop
+from pipeline.models.registry import ModelLoadError, ModelRegistry
 from pipeline.settings import (DisplaceSettings, RotateSettings, Settings, SettingsError, fill_order,
                                load_settings)
 
@@ -272,7 +272,7 @@ def test_displace_with_lama_keeps_every_pixel_outside_old_and_new_regions(regist
 
 
 def test_rotate_with_a_lama_order_and_recheck(registry):
-    from pipeline.rotate import rotate
+    from pipeline.ops.rotate import rotate
 
     img, m = scene()
     view = Image.new("RGB", (64, 64), "white")
@@ -334,7 +334,7 @@ def test_run_fill_option_takes_an_order_and_refuses_unknown_backends(tiny_dir, t
 
 
 def test_rules_take_a_fill_order(tmp_path):
-    from pipeline.rules import load_rules
+    from pipeline.run.rules import load_rules
 
     def rules(fill):
         p = tmp_path / "rules.yaml"

@@ -100,7 +100,7 @@ def test_train_lora_outputs_and_rule_snippet(cli_lora, tiny_settings):
     rule = data["rules"][0]
     assert rule["match"] == {"class": "handbag"}
     assert rule["actions"] == [{"enhance": {"loras": [{"path": str(lora.resolve()), "weight": 1.0}], "tag": TAG}}]
-    rules = pytest.importorskip("pipeline.rules")
+    rules = pytest.importorskip("pipeline.run.rules")
     if hasattr(rules, "rules_from_dict"):
         rules.rules_from_dict(data, tiny_settings)
 

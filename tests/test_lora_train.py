@@ -240,7 +240,7 @@ def test_outputs_manifest_checkpoints_and_validation(trained):
     assert man["tag"] == TAG and man["rank"] == 4 and man["alpha"] == 2.0 and man["steps"] == 30
     assert man["base_model"]["source"].endswith("base") and Path(man["base_model"]["path"]).is_dir()
     assert man["dataset"]["images"] == 2 and man["dataset"]["sha256"] == tr.dataset.content_hash()
-    from pipeline.models import file_sha256
+    from pipeline.models.registry import file_sha256
 
     assert man["files"]["diffusers"]["sha256"] == file_sha256(result.lora_file)
     assert man["files"]["kohya"]["sha256"] == file_sha256(result.kohya_file)
@@ -369,7 +369,7 @@ def test_resume_continues_exactly(tmp_path, registry):
 
 
 def test_masked_training_with_mask_dir_and_auto_mask(tmp_path, registry, tiny_settings, monkeypatch):
-    from pipeline.detect import DetectResult, Detection, Detector
+    from pipeline.detect.detector import DetectResult, Detection, Detector
 
     from lora.train import Trainer
 

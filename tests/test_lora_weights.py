@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.lora_weights import (
+from pipeline.models.lora_weights import (
     LoraAdapters,
     LoraError,
     check_unique,
@@ -43,13 +43,13 @@ def lora_files(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(tiny_settings):
     # Its own registry: adapters loaded here never touch the session registry's UNet.
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     return ModelRegistry(tiny_settings).get("inpaint")
 
 
 def generate(pipe):
-    from pipeline.inpaint import sd_inpaint
+    from pipeline.ops.inpaint import sd_inpaint
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")

@@ -10,8 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.background import trimap, vitmatte_alpha
-from pipeline.composite import dilate, extend_edges, feather_alpha, paste
+from pipeline.ops.background import trimap, vitmatte_alpha
+from pipeline.ops.composite import dilate, extend_edges, feather_alpha, paste
 from pipeline.settings import BackgroundSettings
 from tests.edit_helpers import run_action
 from tests.test_shop import _arr, _scene
@@ -87,7 +87,7 @@ def test_run_background_with_vitmatte_end_to_end(tiny_dir, tmp_path):
 
 
 def test_vitmatte_without_the_model_is_a_model_error_naming_the_role(tiny_settings, tmp_path):
-    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.models.registry import ModelLoadError, ModelRegistry
 
     s = tiny_settings.model_copy(deep=True)
     s.models.matting = s.models.matting.model_copy(update={"path": tmp_path / "no-such-matting"})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import ModelLoadError, ModelRegistry, select_repo_files
+from pipeline.models.registry import ModelLoadError, ModelRegistry, select_repo_files
 from pipeline.settings import ROLES, load_settings
 
 
@@ -138,7 +138,7 @@ def test_sam_model_type_mismatch(tmp_path, tiny_dir):
 def test_sam_arch_inference_matches_official_vit_b():
     from segment_anything import sam_model_registry
 
-    from pipeline.sam_loader import infer_arch, standard_type
+    from pipeline.models.sam_loader import infer_arch, standard_type
 
     with torch.device("meta"):
         sam = sam_model_registry["vit_b"]()
@@ -174,8 +174,8 @@ def test_sam_encoder_runs_under_bf16_autocast_when_runtime_dtype_is_bfloat16(tin
     import numpy as np
     import torch
 
-    from pipeline.detect import Detector
-    from pipeline.models import ModelRegistry, sam_dtype
+    from pipeline.detect.detector import Detector
+    from pipeline.models.registry import ModelRegistry, sam_dtype
     from pipeline.settings import load_settings
 
     results = {}
@@ -206,7 +206,7 @@ def test_commercial_use_refuses_roles_marked_non_commercial(tiny_dir):
     from typer.testing import CliRunner
 
     from cli.app import app
-    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.models.registry import ModelLoadError, ModelRegistry
     from pipeline.settings import load_settings
 
     settings = load_settings(tiny_dir / "settings.yaml")
@@ -317,7 +317,7 @@ def test_unload_frees_clip_while_a_detector_that_used_it_lives(tiny_settings):
 
     from PIL import Image
 
-    from pipeline.detect import Detector
+    from pipeline.detect.detector import Detector
 
     reg = ModelRegistry(tiny_settings)
     det = Detector(reg, tiny_settings.detect)

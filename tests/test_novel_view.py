@@ -12,8 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.models import ModelLoadError, ModelRegistry
-from pipeline.novel_view import NovelViewPipeline, check_pose, pose_embedding
+from pipeline.models.registry import ModelLoadError, ModelRegistry
+from pipeline.models.novel_view import NovelViewPipeline, check_pose, pose_embedding
 from pipeline.settings import load_settings
 
 

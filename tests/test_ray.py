@@ -74,7 +74,7 @@ def crashing_actors(monkeypatch):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Four inputs: the demo's three samples (one with EXIF rotation, one empty) and a smaller bag."""
-    from pipeline.samples import handbag, write_samples
+    from pipeline.io.samples import handbag, write_samples
 
     d = tmp_path_factory.mktemp("ray-in")
     write_samples(d)
@@ -162,8 +162,8 @@ def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir,
                                                                         tmp_path):
     from daemon.config import DaemonSettings
     from daemon.service import Daemon
-    from pipeline.ray_engine import PoolOptions, RayProcessor
-    from pipeline.rules import load_rules
+    from pipeline.engine.ray_engine import PoolOptions, RayProcessor
+    from pipeline.run.rules import load_rules
 
     s = tiny_settings.model_copy(deep=True)
     s.base_dir = tiny_settings.base_dir
@@ -208,7 +208,7 @@ def test_daemon_on_ray_processes_each_image_once_and_hot_reloads_rules(tiny_dir,
     assert sorted(names) == sorted([*drops.values(), "e.png"])  # each input once in the ledger
     by_name = {r.name: r for r in rows}
     poison = by_name["c-crash-always.jpg"]
-    # Deaths are counted apart from attempts (pipeline.deaths: one policy with the daemon's isolated child).
+    # Deaths are counted apart from attempts (pipeline.run.deaths: one policy with the daemon's isolated child).
     assert poison.state == "failed" and poison.deaths == 3 and poison.attempts == 1
     assert poison.error == "worker process died 3 times on this image"
     failed = json.loads((outbox / "failed" / f"{poison.stem}.json").read_text())
@@ -247,7 +247,7 @@ def test_a_model_missing_on_the_workers_stops_the_run_at_start(tiny_dir, ray_clu
 
 
 def test_pool_sizing_defaults_and_refusals():
-    from pipeline.ray_engine import EngineError, PoolOptions, plan_sizing
+    from pipeline.engine.ray_engine import EngineError, PoolOptions, plan_sizing
 
     s = plan_sizing(PoolOptions(), {"CPU": 32.0, "GPU": 4.0})
     assert (s.actors, s.gpus_per_actor, s.cpus_per_actor, s.max_in_flight) == (4, 1.0, 1.0, 8)  # one per GPU

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def real_registry():
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
     from pipeline.settings import load_settings
 
     return ModelRegistry(load_settings(REPO / "conf" / "settings.yaml"))
@@ -29,8 +29,8 @@ def test_real_role_loads(real_registry, role):
 
 
 def test_real_detection_skips_an_empty_backdrop_and_runs_on_a_product(real_registry):
-    from pipeline.detect import Detector
-    from pipeline.samples import empty_wall, handbag
+    from pipeline.detect.detector import Detector
+    from pipeline.io.samples import empty_wall, handbag
 
     det = Detector(real_registry, real_registry.settings.detect)
     wall = det.detect(empty_wall())

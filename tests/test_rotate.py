@@ -12,13 +12,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.composite import bbox, dilate
-from pipeline.edits import EditError
-from pipeline.matte import matte, rough_mask
-from pipeline.models import ModelRegistry
+from pipeline.ops.composite import bbox, dilate
+from pipeline.ops.edits import EditError
+from pipeline.ops.matte import matte, rough_mask
+from pipeline.models.registry import ModelRegistry
 from edit_helpers import run_action
 from pipeline.errors import ParamsError
-from pipeline.rotate import _seamless, place_box, prepare_input, rotate
+from pipeline.ops.rotate import _seamless, place_box, prepare_input, rotate
 from pipeline.settings import ModelSource, RotateSettings, SettingsError, load_settings
 
 H, W = 90, 120
@@ -266,7 +266,7 @@ def test_matte_with_sam_records_the_refinement(registry):
 
 
 def test_upscale_gives_exactly_scale_times_the_size(registry):
-    from pipeline.upscale import upscale, upscale_factor
+    from pipeline.ops.upscale import upscale, upscale_factor
 
     s = upscale_factor(registry)
     for size in [(17, 23), (32, 32), (40, 24)]:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.rules import load_rules, rules_from_dict
+from pipeline.run.rules import load_rules, rules_from_dict
 from pipeline.settings import Settings, SettingsError
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""Few-step samplers (pipeline.samplers) on the tiny models: each sampler runs enhance and the SD
+"""Few-step samplers (pipeline.models.samplers) on the tiny models: each sampler runs enhance and the SD
 fill with its own scheduler, steps and guidance; its acceleration LoRA (a registry role, from
 `models make-tiny` in the published file layout) and the class's style LoRA are both active
 (removing either changes the output); nothing leaks into the next edit; records name it all."""
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.enhance import enhance
-from pipeline.inpaint import fill
-from pipeline.lora_weights import load_spec
-from pipeline.models import ModelRegistry
-from pipeline.samplers import ACCEL_ROLES, SAMPLERS, plan_sampler
+from pipeline.ops.enhance import enhance
+from pipeline.ops.inpaint import fill
+from pipeline.models.lora_weights import load_spec
+from pipeline.models.registry import ModelRegistry
+from pipeline.models.samplers import ACCEL_ROLES, SAMPLERS, plan_sampler
 from pipeline.settings import EnhanceSettings, load_settings
 
 from helpers.loras import make_diffusers_lora

@@ -11,11 +11,11 @@ from PIL import Image, ImageCms, ImageDraw
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.actions import parse_action
-from pipeline.edits import Edit
-from pipeline.frame import frame, plan_transform
-from pipeline.qa import Step, check
-from pipeline.samples import _backdrop
+from pipeline.ops.actions import parse_action
+from pipeline.ops.edits import Edit
+from pipeline.ops.frame import frame, plan_transform
+from pipeline.run.qa import Step, check
+from pipeline.io.samples import _backdrop
 from pipeline.settings import FrameSettings, Settings
 from tests.edit_helpers import run_action, run_op
 
@@ -94,7 +94,7 @@ def test_frame_upscale_refused_by_policy():
     img = Image.new("RGB", (100, 100), (9, 9, 9))
     mask = np.zeros((100, 100), bool)
     mask[40:60, 40:60] = True
-    from pipeline.edits import EditError
+    from pipeline.ops.edits import EditError
 
     with pytest.raises(EditError, match="scaled up x"):
         frame(img, mask, "box", FrameSettings(min_long_side=1600, upscale="refuse"))
@@ -122,8 +122,8 @@ def test_background_white_keeps_product_pixels_and_composes_after_enhance(tiny_s
     # enhance, then put on white: a chain through the one runner
     s = tiny_settings.model_copy(deep=True)
     s.enhance.steps, s.enhance.strength = 2, 1.0
-    from pipeline.process import Processor
-    from pipeline.rules import rules_from_dict
+    from pipeline.run.process import Processor
+    from pipeline.run.rules import rules_from_dict
 
     proc = Processor(s, rules_from_dict({"classes": [{"name": "box"}], "rules": []}, s), registry=registry)
     acts = [parse_action("enhance", {"seed": 1}, s), parse_action("background", {"shadow": "contact"}, s)]
@@ -197,8 +197,8 @@ def test_run_background_amazon_main_profile_then_check(tmp_path):
 
 
 def test_check_passes_a_compliant_image_and_measures_borders(tmp_path):
-    from pipeline.compliance import measure
-    from pipeline.profiles import get_profile
+    from pipeline.ops.compliance import measure
+    from pipeline.ops.profiles import get_profile
 
     img = np.full((1700, 1700, 3), 255, np.uint8)
     img[100:1545, 300:1400] = (30, 60, 90)
@@ -220,7 +220,7 @@ def test_check_passes_a_compliant_image_and_measures_borders(tmp_path):
 
 @pytest.mark.parametrize("fmt,lossy", [("png", False), ("webp", True), ("avif", True), ("tiff", False)])
 def test_output_formats_and_srgb_conversion(tmp_path, fmt, lossy):
-    from pipeline.outputs import encode_image
+    from pipeline.io.outputs import encode_image
     from pipeline.settings import OutputSettings
 
     img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 48, 3), np.uint8))
@@ -238,8 +238,8 @@ def test_output_formats_and_srgb_conversion(tmp_path, fmt, lossy):
 
 
 def test_rules_can_emit_several_profiles(tiny_settings, tmp_path):
-    from pipeline.process import Processor
-    from pipeline.rules import rules_from_dict
+    from pipeline.run.process import Processor
+    from pipeline.run.rules import rules_from_dict
     from pipeline.settings import SettingsError
 
     scene, mask_path = _scene(tmp_path, size=(640, 480), box=(200, 60, 400, 420))
@@ -334,8 +334,8 @@ def test_transparent_background_writes_an_rgba_png_through_the_runner(tmp_path):
 
 
 def test_frame_then_displace_chain_passes_qa_through_the_size_change(tiny_settings, tmp_path):
-    from pipeline.process import Processor
-    from pipeline.rules import rules_from_dict
+    from pipeline.run.process import Processor
+    from pipeline.run.rules import rules_from_dict
 
     scene, mask_path = _scene(tmp_path, size=(200, 150), box=(60, 40, 100, 100))
     s = tiny_settings
@@ -398,8 +398,8 @@ def _rgb_icc(desc: str) -> bytes:
 
 
 def test_srgb_conversion_from_another_rgb_profile(tmp_path):
-    from pipeline.compliance import colour_space
-    from pipeline.outputs import encode_image
+    from pipeline.io.imageio import colour_space
+    from pipeline.io.outputs import encode_image
     from pipeline.settings import OutputSettings
 
     icc = _rgb_icc("Wide RGB test")

@@ -1,6 +1,6 @@
 """Small random LoRA files in both on-disk layouts, for a given tiny UNet (test-only: never shipped),
-the way :mod:`pipeline.tiny` writes tiny models. Loaded through the real code
-(:class:`pipeline.lora_weights.LoraAdapters`), like a user's file."""
+the way :mod:`pipeline.models.tiny` writes tiny models. Loaded through the real code
+(:class:`pipeline.models.lora_weights.LoraAdapters`), like a user's file."""
 
 from __future__ import annotations
 

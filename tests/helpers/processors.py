@@ -1,6 +1,6 @@
 """Test processors for the daemon, `run` and the Ray engine (test-only: never shipped).
 
-``PassThroughProcessor`` follows the processor contract of :mod:`pipeline.process` without any
+``PassThroughProcessor`` follows the processor contract of :mod:`pipeline.run.process` without any
 model: it loads the input with the safe loader and writes its pixels to ``OUT/STEM.png`` plus the
 record ``OUT/STEM.json`` (last, atomically). Bad inputs get ``OUT/failed/STEM.json``. Names steer
 it in tests: ``noproduct`` -> skipped, ``flaky`` -> raises on the first attempt, ``boom`` -> always
@@ -10,7 +10,7 @@ raises, ``perm`` -> raises a permanent error.
 engine's worker-death tests.
 
 In-process tests hand a processor to :class:`daemon.service.Daemon` or monkeypatch
-``pipeline.process.make_processor``; the daemon as a real process runs through
+``pipeline.run.process.make_processor``; the daemon as a real process runs through
 ``tests/watch_passthrough.py`` (the real ``watch`` command with this processor). Environment:
 ``PRODUCT_STUDIO_TEST_DELAY`` (seconds spent "processing" each image) and
 ``PRODUCT_STUDIO_TEST_WRITE_DELAY`` (seconds spent writing the output image in chunks, to leave a
@@ -29,9 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.imageio import ImageLoadError, load_image, save_image
+from pipeline.io.imageio import ImageLoadError, load_image, save_image
 from pipeline.errors import BadInput
-from pipeline.outputs import now_iso, write_failure, write_record
+from pipeline.io.outputs import now_iso, write_failure, write_record
 from pipeline.settings import Settings, SettingsError, read_yaml_mapping
 
 
@@ -107,7 +107,7 @@ PASSTHROUGH = "helpers.processors:make_passthrough"
 
 
 def make_crashing_processor(settings: Settings, rules: Any) -> Any:
-    """The real :class:`~pipeline.process.Processor`, except that its *process dies* (``os._exit(1)``,
+    """The real :class:`~pipeline.run.process.Processor`, except that its *process dies* (``os._exit(1)``,
     no exception, no cleanup: like a segfault or an OOM kill) on inputs named ``*crash-always*``
     every time, and on ``*crash-once*`` the first time per content. For the Ray engine's tests,
     as an actor's processor factory (``PoolOptions(processor_factory=CRASHING)``; the workers find
@@ -115,7 +115,7 @@ def make_crashing_processor(settings: Settings, rules: Any) -> Any:
 
     "First time" must survive the death, so it is a marker file per content hash in the folder
     named by ``$PRODUCT_STUDIO_TEST_CRASH_DIR`` (set before Ray starts, so workers inherit it)."""
-    from pipeline.process import Processor
+    from pipeline.run.process import Processor
 
     class CrashingProcessor(Processor):
         def process(self, path: Path, outbox: Path, **kw: Any) -> dict:
@@ -136,7 +136,7 @@ def make_crashing_processor(settings: Settings, rules: Any) -> Any:
 
 
 def _slow_save(image: Any, target: Path, seconds: float) -> None:
-    # Same temp naming and rename as pipeline.imageio's atomic writer, spread over `seconds`.
+    # Same temp naming and rename as pipeline.io.imageio's atomic writer, spread over `seconds`.
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     data = buf.getvalue()

@@ -1,0 +1,469 @@
+"""Tiny random-weight model sets in the real checkpoints' on-disk layouts.
+
+``make_tiny_set(DIR)`` writes one folder (or file) per model role, laid out exactly as the real
+checkpoints are (``model_index.json`` + component subfolders for diffusers pipelines, ``config.json``
++ ``model.safetensors`` + processor files for transformers models, a single state-dict file for
+SAM, a single TorchScript ``big-lama.pt`` for LaMa), plus ``DIR/settings.yaml`` pointing every role at them. The registry then loads them through
+the same code that loads real weights, so the whole product runs offline, in seconds, on a CPU.
+
+Random weights produce noise, not quality: the set exists to exercise code paths, never to judge
+output. Detection thresholds in the written settings are permissive so every stage still runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+from pipeline.models.registry import file_sha256, quiet_libraries
+
+# Kept small so that the whole set builds in a few seconds and every forward pass is cheap.
+TEXT_DIM = 32
+CROSS_DIM = 32
+PROJ_DIM = 16
+CLIP_IMAGE = 32
+SAM_IMAGE = 256  # SAM's real input is 1024; every size is inferred from the weights on load
+
+# SD 1.5's scheduler_config.json; each scheduler class takes the keys it knows from it.
+SD15_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "trained_betas": None,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte -> printable-character table every GPT-2/CLIP BPE vocabulary is built on.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def _clip_tokenizer():
+    """A real CLIP BPE tokenizer with a byte-level vocabulary and no merges (514 tokens)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(vocab=str(Path(d) / "vocab.json"), merges=str(Path(d) / "merges.txt"), model_max_length=77)
+
+
+def _bert_tokenizer():
+    """A real WordPiece tokenizer (BLIP's text side) over a tiny character vocabulary."""
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,'-")
+    vocab = specials + chars + ["##" + c for c in chars] + ["a", "photo", "of", "product", "bag", "shoe", "chair"]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+        tok = BertTokenizer(vocab=str(Path(d) / "vocab.txt"), model_max_length=32)
+    # BLIP decodes from a [DEC] token, as the real processor adds it.
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    return tok
+
+
+def _clip_image_processor(size: int):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _seeded(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def make_clip(out: Path) -> None:
+    """transformers CLIPModel + CLIPProcessor (as openai/clip-vit-base-patch32)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    tok = _clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=CLIP_IMAGE, patch_size=8),
+        projection_dim=PROJ_DIM,
+    )
+    _seeded(0)
+    CLIPModel(cfg).save_pretrained(out)
+    CLIPProcessor(image_processor=_clip_image_processor(CLIP_IMAGE), tokenizer=tok).save_pretrained(out)
+
+
+def make_sam(out_file: Path) -> None:
+    """A SAM state dict (the official checkpoint's keys) with a tiny encoder, as .safetensors."""
+    from functools import partial
+
+    import torch
+    from safetensors.torch import save_file
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    _seeded(1)
+    dim = 32
+    enc = ImageEncoderViT(img_size=SAM_IMAGE, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                          out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                          use_rel_pos=True, global_attn_indexes=(1,), window_size=4)
+    grid = SAM_IMAGE // 16
+    sam = Sam(
+        image_encoder=enc,
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
+                                     input_image_size=(SAM_IMAGE, SAM_IMAGE), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=8),
+                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim),
+    )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(out_file))
+
+
+def _sd_components(unet_in: int, cross_dim: int = CROSS_DIM):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    _seeded(2)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=unet_in, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
+    )
+    return unet, vae
+
+
+def _sd_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = _clip_tokenizer()
+    _seeded(3)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=CROSS_DIM, intermediate_size=37,
+                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    return te, tok
+
+
+def _save_sd(out: Path, pipeline_cls, unet_in: int, scheduler_cls) -> None:
+    unet, vae = _sd_components(unet_in)
+    te, tok = _sd_text()
+    sched = scheduler_cls.from_config(SD15_SCHEDULER)
+    pipe = pipeline_cls(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                        feature_extractor=_clip_image_processor(CLIP_IMAGE), requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def make_base(out: Path) -> None:
+    """diffusers StableDiffusionPipeline layout (as SD 1.5): model_index.json + components."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    _save_sd(out, StableDiffusionPipeline, 4, PNDMScheduler)
+
+
+def make_inpaint(out: Path) -> None:
+    """diffusers StableDiffusionInpaintPipeline layout: the UNet takes 9 channels (latents+mask+masked)."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    _save_sd(out, StableDiffusionInpaintPipeline, 9, DDIMScheduler)
+
+
+ATTENTION_LAYERS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+
+
+def write_kohya_lora(unet: Any, out_file: Path, seed: int, *, rank: int = 4, scale: float = 0.3,
+                     layers: str = ATTENTION_LAYERS) -> Path:
+    """Seeded random LoRA weights for every ``torch.nn.Linear`` of ``unet`` whose name matches the
+    regex ``layers``, saved in the kohya layout the published acceleration LoRAs use
+    (``lora_unet_*.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; float32 safetensors)."""
+    import re as _re
+
+    import torch
+    from safetensors.torch import save_file
+
+    pat = _re.compile(layers)
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, Any] = {}
+    for name, module in unet.named_modules():
+        if pat.search(name) and isinstance(module, torch.nn.Linear):
+            prefix = "lora_unet_" + name.replace(".", "_")
+            state[f"{prefix}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * scale
+            state[f"{prefix}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * scale
+            state[f"{prefix}.alpha"] = torch.tensor(float(rank))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return out_file
+
+
+def _accel_lora_builder(seed: int) -> Callable[[Path], None]:
+    def make(out_file: Path) -> None:
+        """A few-step acceleration LoRA for the tiny inpaint UNet in the published files' layout
+        (``pytorch_lora_weights.safetensors``), seeded random weights on every attention projection."""
+        unet, _ = _sd_components(9)
+        write_kohya_lora(unet, out_file, seed)
+
+    return make
+
+
+@functools.cache
+def _tiny_lama_class() -> type:
+    import torch
+    from torch import nn
+
+    class TinyLama(nn.Module):
+        """LaMa's TorchScript contract at toy size: ``forward(image, mask)`` with image float32
+        ``Bx3xHxW`` RGB in [0, 1] and mask ``Bx1xHxW`` in {0, 1} (1 = fill) -> ``Bx3xHxW`` in
+        [0, 1], the known pixels passed through. Like big-lama it blanks the hole before looking,
+        downsamples three times by 2 (H and W must be multiples of 8, else the skip sum fails) and
+        has a Fourier (FFT) branch at the bottleneck."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+            self.spectral = nn.Conv2d(32, 32, 1)
+            self.up = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(),
+                                    nn.Upsample(scale_factor=2.0), nn.Conv2d(16, 8, 3, 1, 1), nn.ReLU(),
+                                    nn.Upsample(scale_factor=2.0), nn.Conv2d(8, 3, 3, 1, 1))
+            self.skip = nn.Conv2d(4, 3, 1)
+
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            mask = mask.to(image.dtype)
+            x = torch.cat([image * (1 - mask), mask], dim=1)
+            z = self.down(x)
+            f = torch.fft.rfft2(z, norm="ortho")
+            f = self.spectral(torch.cat([f.real, f.imag], dim=1))
+            re, im = torch.chunk(f, 2, dim=1)
+            z = z + torch.fft.irfft2(torch.complex(re, im), s=[z.shape[-2], z.shape[-1]], norm="ortho")
+            pred = torch.sigmoid(self.up(z) + self.skip(x))
+            return mask * pred + (1 - mask) * image
+
+    return TinyLama
+
+
+def tiny_lama() -> Any:
+    """The tiny LaMa-contract module, scripted (seeded weights)."""
+    import warnings
+
+    import torch
+
+    _seeded(9)
+    with warnings.catch_warnings():  # deprecated by torch, but it is the real checkpoint's format
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        return torch.jit.script(_tiny_lama_class()().eval())
+
+
+def make_inpaint_fill(out_file: Path) -> None:
+    """LaMa's on-disk form: one TorchScript file (``big-lama.pt``) written with ``torch.jit.save``,
+    loaded by the registry with ``torch.jit.load`` exactly as the real file is."""
+    import warnings
+
+    import torch
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        torch.jit.save(tiny_lama(), str(out_file))
+
+
+def make_controlnet_depth(out: Path) -> None:
+    """diffusers ControlNetModel layout (config.json + diffusion_pytorch_model.safetensors)."""
+    from diffusers import ControlNetModel
+
+    import torch
+
+    _seeded(4)
+    cn = ControlNetModel(
+        block_out_channels=(32, 64), layers_per_block=1, in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=CROSS_DIM,
+        conditioning_embedding_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=32,
+    )
+    # ControlNet's "zero convolutions" start at zero, so a fresh one changes nothing; random small
+    # values make the depth conditioning really reach the UNet in every test.
+    zero_convs = [cn.controlnet_cond_embedding.conv_out, *cn.controlnet_down_blocks, cn.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0, 0.02)
+            conv.bias.normal_(0, 0.02)
+    cn.save_pretrained(out, safe_serialization=True)
+
+
+def make_depth(out: Path) -> None:
+    """transformers DPTForDepthEstimation + DPTImageProcessor (the depth-estimation layout)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    _seeded(5)
+    cfg = DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=37, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 24, 32],
+                    fusion_hidden_size=16, head_in_index=-1, is_hybrid=False, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(cfg).save_pretrained(out)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(out)
+
+
+def make_novel_view(out: Path) -> None:
+    """The Zero123 diffusers layout (as kxic/zero123-xl): unet (8 in-channels), vae, image_encoder
+    (CLIP vision with projection), feature_extractor, scheduler, and cc_projection, a linear layer
+    mapping [CLIP image embedding, 4 pose numbers] to the UNet's cross-attention size."""
+    from diffusers import DDIMScheduler
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from pipeline.models.novel_view_layout import CCProjection, write_model_index
+
+    unet, vae = _sd_components(8)
+    _seeded(6)
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                         num_attention_heads=4, image_size=CLIP_IMAGE, patch_size=8,
+                                                         projection_dim=PROJ_DIM))
+    cc = CCProjection(in_channel=PROJ_DIM + 4, out_channel=CROSS_DIM)
+    sched = DDIMScheduler.from_config(SD15_SCHEDULER)
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    enc.save_pretrained(out / "image_encoder")
+    _clip_image_processor(CLIP_IMAGE).save_pretrained(out / "feature_extractor")
+    sched.save_pretrained(out / "scheduler")
+    cc.save_pretrained(out / "cc_projection", safe_serialization=True)
+    write_model_index(out)
+
+
+def make_upscaler(out: Path) -> None:
+    """transformers Swin2SRForImageSuperResolution (x4, as caidas/swin2SR-classical-sr-x4-64)."""
+    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution, Swin2SRImageProcessor
+
+    _seeded(7)
+    cfg = Swin2SRConfig(image_size=32, patch_size=1, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                        mlp_ratio=2.0, upscale=4, upsampler="pixelshuffle", img_range=1.0)
+    Swin2SRForImageSuperResolution(cfg).save_pretrained(out)
+    Swin2SRImageProcessor(pad_size=4).save_pretrained(out)
+
+
+def make_captioner(out: Path) -> None:
+    """transformers BlipForConditionalGeneration + BlipProcessor (as Salesforce/blip-image-captioning-base)."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    tok = _bert_tokenizer()
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id,
+                         eos_token_id=tok.sep_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=PROJ_DIM,
+    )
+    _seeded(8)
+    model = BlipForConditionalGeneration(cfg)
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(out)
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    proc.save_pretrained(out)
+
+
+def make_matting(out: Path) -> None:
+    """transformers VitMatteForImageMatting (VitDet backbone) + VitMatteImageProcessor, the layout of
+    hustvl/vitmatte-small-composition-1k (config.json, model.safetensors, preprocessor_config.json)."""
+    from transformers import VitDetConfig, VitMatteConfig, VitMatteForImageMatting, VitMatteImageProcessor
+
+    _seeded(9)
+    backbone = VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64,
+                            pretrain_image_size=64, patch_size=16, num_channels=4, out_features=["stage2"],
+                            window_block_indices=[], residual_block_indices=[], use_relative_position_embeddings=False)
+    cfg = VitMatteConfig(backbone_config=backbone, hidden_size=32, convstream_hidden_sizes=[8, 16, 16],
+                         fusion_hidden_sizes=[16, 8, 8, 8])
+    VitMatteForImageMatting(cfg).save_pretrained(out, safe_serialization=True)
+    VitMatteImageProcessor().save_pretrained(out)
+
+
+BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "clip": ("clip", make_clip),
+    "sam": ("sam/sam_tiny.safetensors", make_sam),
+    "base": ("base", make_base),
+    "inpaint": ("inpaint", make_inpaint),
+    "inpaint_fill": ("inpaint_fill/big-lama.pt", make_inpaint_fill),
+    "controlnet_depth": ("controlnet_depth", make_controlnet_depth),
+    "depth": ("depth", make_depth),
+    "novel_view": ("novel_view", make_novel_view),
+    "upscaler": ("upscaler", make_upscaler),
+    "captioner": ("captioner", make_captioner),
+    "matting": ("matting", make_matting),
+    "lcm_lora": ("lcm_lora/pytorch_lora_weights.safetensors", _accel_lora_builder(11)),
+    "tcd_lora": ("tcd_lora/pytorch_lora_weights.safetensors", _accel_lora_builder(12)),
+    "hyper_lora": ("hyper_lora/Hyper-SD15-8steps-lora.safetensors", _accel_lora_builder(13)),
+}
+
+
+def tiny_settings_dict(out: Path) -> dict:
+    """Settings pointing every role at the tiny set, with permissive detection for random weights."""
+    models = {role: {"path": rel, "licence": "tiny random weights (tests/demo only)"} for role, (rel, _) in BUILDERS.items()}
+    models["sam"]["model_type"] = "auto"
+    lama = out / BUILDERS["inpaint_fill"][0]
+    if lama.is_file():  # pinned like the real file, so the checksum path runs in every test
+        models["inpaint_fill"]["sha256"] = file_sha256(lama)
+    return {
+        "root": ".",
+        "paths": {"inbox": "inbox", "outbox": "outbox", "ledger": "outbox/.ledger.sqlite3", "rules": "rules.yaml",
+                  "model_cache": "cache"},
+        "runtime": {"device": "cpu", "dtype": "float32", "offline": True},
+        "models": models,
+        "detect": {
+            "classes": [{"name": "handbag", "prompts": ["purse"], "threshold": 0.0},
+                        {"name": "shoe", "prompts": ["sneaker"], "threshold": 0.0}],
+            # Random CLIP weights favour no class; with no background prompts and zero margin the
+            # best class always wins, so every stage after the prefilter runs.
+            "background_prompts": [],
+            "margin": 0.0, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+            "min_mask_area": 0.0, "prefilter_threshold": 0.0,
+        },
+        "samplers": {"lcm": {"steps": 2, "guidance": 1.0}, "tcd": {"steps": 2, "guidance": 0.0, "eta": 0.3},
+                     "hyper": {"steps": 2, "guidance": 0.0}},
+        "enhance": {"steps": 2, "resolution": 64},
+        "displace": {"steps": 2, "resolution": 64},
+        "rotate": {"steps": 2, "view_size": 64, "fill_resolution": 64},
+    }
+
+
+TINY_RULES = {
+    "version": 1,
+    "rules": [
+        {"name": "bags get the look", "match": {"class": "handbag"},
+         "actions": [{"enhance": {"tag": "tinystyle"}}], "continue": True},
+        {"name": "bags move right", "match": {"class": "handbag"},
+         "actions": [{"displace": {"x": "10%", "y": 0, "fill": "classical"}}]},
+        {"name": "shoes turn", "match": {"class": "shoe"},
+         "actions": [{"rotate": {"azimuth": 30, "polar": 0, "fill": "classical"}}]},
+    ],
+    "no_match": "skip",
+}
+
+
+def make_tiny_set(out: str | Path, roles: list[str] | None = None) -> Path:
+    """Write the tiny set for ``roles`` (default all) and ``out/settings.yaml``. Returns the settings path."""
+    import yaml
+
+    quiet_libraries()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for role in list(BUILDERS) if roles is None else roles:
+        rel, build = BUILDERS[role]
+        build(out / rel)
+    rules = out / "rules.yaml"
+    rules.write_text("# Rules for the tiny set: every stage runs offline in seconds (outputs are noise).\n"
+                     + yaml.safe_dump(TINY_RULES, sort_keys=False))
+    settings = out / "settings.yaml"
+    header = "# Tiny random-weight model set written by `product-studio models make-tiny`.\n" \
+             "# It exercises every code path offline; its outputs are noise, not quality.\n"
+    settings.write_text(header + yaml.safe_dump(tiny_settings_dict(out), sort_keys=False))
+    return settings

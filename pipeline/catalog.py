@@ -241,7 +241,8 @@ def record_notes(name: str, record: dict[str, Any] | None) -> list[str]:
     out = []
     for a in (record or {}).get("actions") or []:
         r, who = a.get("record") or {}, f"{name}: {a.get('op')} on {a.get('label')}"
-        fill = r.get("fill") or {}
+        fill = r.get("fill")
+        fill = fill if isinstance(fill, dict) else {}  # frame's record has `fill`, its product share, a number
         if fill.get("fallback"):
             out.append(f"{who}: {fill.get('used')} fill used as fallback: {fill.get('fallback_reason')}")
         out.extend(f"{who}: {w}" for w in [fill.get("warning"), *(r.get("warnings") or [])] if w)
@@ -378,7 +379,8 @@ def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product
                       "FAILED " + ", ".join(c["name"] for c in gate["checks"] if not c["passed"]))
         for a in rec.get("actions") or []:
             r = a.get("record") or {}
-            fill = r.get("fill") or {}
+            fill = r.get("fill")
+            fill = fill if isinstance(fill, dict) else {}  # frame's `fill` is a number
             if fill.get("scores"):
                 qa.append(f"re-check {fill['scores'][-1]:.2f}" + (" (fallback)" if fill.get("fallback") else ""))
             if r.get("warnings"):

@@ -29,9 +29,9 @@ log = logging.getLogger("product_studio.run")
 @dataclass
 class CatalogItem:
     """One input. ``classes``/``actions``: per-row overrides from a catalog CSV (None = rules);
-    ``mask``: a product mask file or folder (``run --mask``), with ``product_class`` its class
+    ``mask``: a product mask file or folder (``run/edit --mask``), with ``product_class`` its class
     (or, with ``actions``, the class they apply to); ``tag``: appended to the output stem
-    (``run --op`` uses the op's name)."""
+    (``edit OP`` uses the op's name)."""
 
     path: Path
     classes: list[str] | None = None

@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
+import click
 import typer
 from rich.console import Console
 
@@ -123,3 +124,25 @@ def model_errors() -> Iterator[None]:
         yield
     except ModelLoadError as e:
         raise fail(str(e), EXIT_MODEL) from None
+
+
+class LazyCommand(click.Command):
+    """A command built on first use: ``load()`` returns the real click command. The group's
+    ``--help`` lists it from ``help`` alone, so whatever ``load`` imports stays off that path."""
+
+    def __init__(self, name: str, help: str, load):  # noqa: A002 - click's name for it
+        super().__init__(name, help=help)
+        self._load = load
+        self._real: click.Command | None = None
+
+    def real(self) -> click.Command:
+        if self._real is None:
+            self._real = self._load()
+            self._real.name = self.name
+        return self._real
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self.real().make_context(info_name, args, parent=parent, **extra)
+
+    def get_params(self, ctx):
+        return self.real().get_params(ctx)

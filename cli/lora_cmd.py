@@ -14,15 +14,18 @@ from typing import Any, List, Optional
 
 import typer
 
-from cli.common import EXIT_CONFIG, EXIT_INPUT, ConfigOption, console, fail, load_settings_or_exit, model_errors
+from cli.common import (EXIT_CONFIG, EXIT_INPUT, ConfigOption, Sampler, console, fail, load_settings_or_exit,
+                        model_errors)
 
 COMMANDS = ("train-lora", "caption", "generate")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the LoRA commands to ``app``. Idempotent: a second call adds nothing."""
+    """Add `caption` and `generate` to ``app``. Idempotent: a second call adds nothing. `train-lora`
+    is built on first use (:func:`train_lora_command`; its flags come from TrainConfig, which loads
+    pydantic): cli/main.py adds it to the group as a :class:`~cli.common.LazyCommand`."""
     have = {c.name for c in app.registered_commands}
-    for name, fn in (("train-lora", train_lora_cmd), ("caption", caption_cmd), ("generate", generate_cmd)):
+    for name, fn in (("caption", caption_cmd), ("generate", generate_cmd)):
         if name not in have:
             app.command(name)(fn)
 
@@ -207,7 +210,15 @@ def train_lora_cmd(**kwargs: Any) -> None:
 
 
 train_lora_cmd.__doc__ = _train_lora.__doc__
-train_lora_cmd.__signature__ = _train_lora_signature()  # type: ignore[attr-defined]
+TRAIN_LORA_HELP = (_train_lora.__doc__ or "").strip().split("\n")[0]
+
+
+def train_lora_command() -> Any:
+    """The click command of `train-lora`, its options generated from TrainConfig's fields."""
+    train_lora_cmd.__signature__ = _train_lora_signature()  # type: ignore[attr-defined]
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command("train-lora")(train_lora_cmd)
+    return typer.main.get_command(one)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,8 +293,8 @@ def generate_cmd(
     width: Optional[int] = typer.Option(None, "--width", help="default: settings enhance.resolution"),
     height: Optional[int] = typer.Option(None, "--height", help="default: settings enhance.resolution"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (default: settings)"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="default | lcm | tcd | hyper (few-step LoRA "
-                                          "samplers; default: settings enhance.sampler)"),
+    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="few-step LoRA samplers (default: settings "
+                                              "enhance.sampler)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Product photoshoot visuals from text with the base model and LoRAs: writes CLASS-SEED.png and
@@ -312,7 +323,7 @@ def generate_cmd(
         try:
             results = generate_images(reg, s, class_name, out_dir=out_dir, loras=specs, prompt=prompt, tag=tag, n=n,
                                       seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                                      negative_prompt=negative, sampler=sampler)
+                                      negative_prompt=negative, sampler=sampler.value if sampler else None)
         except LoraError as e:
             raise fail(str(e), EXIT_INPUT) from None
         except ValueError as e:

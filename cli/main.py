@@ -11,10 +11,17 @@ import typer
 from typer.core import TyperGroup
 
 from cli import config_cmd, daemon_cmd, detect_cmd, lora_cmd, models_cmd, run_cmd
+from cli.common import LazyCommand
 
 
 class _Commands(TyperGroup):
-    """The top-level group; also turns the deprecated ``run --op OP ...`` into ``edit OP ...``."""
+    """The top-level group: the Typer commands plus `train-lora`, built on first use; also turns
+    the deprecated ``run --op OP ...`` into ``edit OP ...``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if "train-lora" not in self.commands:
+            self.add_command(LazyCommand("train-lora", lora_cmd.TRAIN_LORA_HELP, lora_cmd.train_lora_command))
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, deprecated_spellings(args))

@@ -90,6 +90,10 @@ def test_enum_options_reject_a_bad_choice(tmp_path):
         assert r.exit_code == 2 and f"'{bad}' is not one of" in r.output, (flag, r.output)
     r = runner.invoke(app, ["detect", str(scene), "--proposals", "all"], terminal_width=200)
     assert r.exit_code == 2 and "'all' is not one of" in r.output
+    r = runner.invoke(app, ["generate", "--class", "box", "--sampler", "fast"], terminal_width=200)
+    assert r.exit_code == 2 and "'fast' is not one of" in r.output
+    r = runner.invoke(app, ["train-lora", str(scene), "--tag", "t", "--crop", "sideways"], terminal_width=200)
+    assert r.exit_code == 2 and "'sideways' is not one of" in r.output
     r = runner.invoke(app, ["edit", "teleport", str(scene), "--class", "box"], terminal_width=200)
     assert r.exit_code == 2 and "'teleport' is not one of" in r.output
     assert not (tmp_path / "o").exists()

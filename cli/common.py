@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
+import click
 import typer
 from rich.console import Console
 
@@ -19,6 +21,43 @@ EXIT_CONFIG = 2
 EXIT_MODEL = 3
 EXIT_INPUT = 4
 
+
+
+# Choice flags: Typer validates them and lists the choices in --help. The values are the library's
+# (tests/test_cli_thin.py checks them against pipeline.ops.actions.OPS, pipeline.models.samplers.SAMPLERS and
+# pipeline.io.outputs' conflict policies); they are spelled out here because importing those modules
+# would load numpy and PIL on the `--help` path.
+class Op(str, Enum):
+    enhance = "enhance"
+    rotate = "rotate"
+    displace = "displace"
+    background = "background"
+    frame = "frame"
+
+
+class Sampler(str, Enum):
+    default = "default"
+    lcm = "lcm"
+    tcd = "tcd"
+    hyper = "hyper"
+
+
+class OnConflict(str, Enum):
+    suffix = "suffix"
+    skip = "skip"
+    overwrite = "overwrite"
+
+
+class Proposals(str, Enum):
+    guided = "guided"
+    everything = "everything"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 ConfigOption = typer.Option(
     None, "--config", "-c", envvar="PRODUCT_STUDIO_CONFIG", show_envvar=True,
     help="settings file (default: conf/settings.yaml, or built-in defaults when absent)",
@@ -26,7 +65,7 @@ ConfigOption = typer.Option(
 
 
 # --engine and the Ray pool's flags, shared by `run` and `watch` (docs/ray.md).
-EngineOption = typer.Option("local", "--engine", help="local (in this process) | ray (a pool of Ray actors; docs/ray.md)")
+EngineOption = typer.Option(Engine.local, "--engine", help="local (in this process) or ray (a pool of Ray actors; docs/ray.md)")
 AddressOption = typer.Option(None, "--address", help="with --engine ray: Ray cluster to join (e.g. HOST:6379 or "
                              "'auto'); default: start a local Ray instance with this machine's CPUs")
 ActorsOption = typer.Option(None, "--actors", help="with --engine ray: number of actors (default: one per GPU, "
@@ -39,14 +78,13 @@ GpusPerActorOption = typer.Option(None, "--gpus-per-actor", help="with --engine 
                                   "when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU)")
 
 
-def pool_options(engine: str, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor):
+def pool_options(engine: Engine | str, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor):
     """The Ray pool's options from the flags; None for the local engine. Exits 2 on bad values or
     Ray flags given without ``--engine ray``. Imports nothing of Ray (that happens at pool start)."""
-    if engine not in ("local", "ray"):
-        raise fail(f"--engine must be local or ray, not {engine!r}", EXIT_CONFIG)
+    engine = Engine(engine)  # Typer has checked the flag; this is for callers in code
     flags = {"--address": address, "--actors": actors, "--max-in-flight": max_in_flight,
              "--cpus-per-actor": cpus_per_actor, "--gpus-per-actor": gpus_per_actor}
-    if engine == "local":
+    if engine is Engine.local:
         stray = [k for k, v in flags.items() if v is not None]
         if stray:
             raise fail(f"{', '.join(stray)} go with --engine ray", EXIT_CONFIG)
@@ -86,3 +124,25 @@ def model_errors() -> Iterator[None]:
         yield
     except ModelLoadError as e:
         raise fail(str(e), EXIT_MODEL) from None
+
+
+class LazyCommand(click.Command):
+    """A command built on first use: ``load()`` returns the real click command. The group's
+    ``--help`` lists it from ``help`` alone, so whatever ``load`` imports stays off that path."""
+
+    def __init__(self, name: str, help: str, load):  # noqa: A002 - click's name for it
+        super().__init__(name, help=help)
+        self._load = load
+        self._real: click.Command | None = None
+
+    def real(self) -> click.Command:
+        if self._real is None:
+            self._real = self._load()
+            self._real.name = self.name
+        return self._real
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self.real().make_context(info_name, args, parent=parent, **extra)
+
+    def get_params(self, ctx):
+        return self.real().get_params(ctx)

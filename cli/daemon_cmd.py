@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from cli.common import (EXIT_CONFIG, EXIT_MODEL, ActorsOption, AddressOption, ConfigOption, CpusPerActorOption,
-                        EngineOption, GpusPerActorOption, MaxInFlightOption, console, fail, load_settings_or_exit,
+                        Engine, EngineOption, GpusPerActorOption, MaxInFlightOption, console, fail, load_settings_or_exit,
                         pool_options)
 
 EXIT_LOCKED = 5  # another daemon already watches this inbox
@@ -81,7 +81,7 @@ def watch_cmd(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on this port "
                                                "(needs prometheus_client)"),
     metrics_host: Optional[str] = typer.Option(None, "--metrics-host", help="metrics bind address (default: 127.0.0.1)"),
-    engine: str = EngineOption,
+    engine: Engine = EngineOption,
     address: Optional[str] = AddressOption,
     actors: Optional[int] = ActorsOption,
     max_in_flight: Optional[int] = MaxInFlightOption,
@@ -243,7 +243,6 @@ def register(app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":
-    from cli.app import app as _app
-
+    _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     register(_app)
     _app()

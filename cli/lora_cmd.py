@@ -8,27 +8,26 @@ Exit codes as everywhere (cli/common.py): 2 bad options or settings, 3 a model c
 from __future__ import annotations
 
 from pathlib import Path
+import inspect
+from enum import Enum
 from typing import Any, List, Optional
 
 import typer
 
-from cli.common import EXIT_CONFIG, EXIT_INPUT, ConfigOption, console, fail, load_settings_or_exit, model_errors
+from cli.common import (EXIT_CONFIG, EXIT_INPUT, ConfigOption, Sampler, console, fail, load_settings_or_exit,
+                        model_errors)
 
 COMMANDS = ("train-lora", "caption", "generate")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the LoRA commands to ``app``. Idempotent: a second call adds nothing."""
+    """Add `caption` and `generate` to ``app``. Idempotent: a second call adds nothing. `train-lora`
+    is built on first use (:func:`train_lora_command`; its flags come from TrainConfig, which loads
+    pydantic): cli/main.py adds it to the group as a :class:`~cli.common.LazyCommand`."""
     have = {c.name for c in app.registered_commands}
-    for name, fn in (("train-lora", train_lora_cmd), ("caption", caption_cmd), ("generate", generate_cmd)):
+    for name, fn in (("caption", caption_cmd), ("generate", generate_cmd)):
         if name not in have:
             app.command(name)(fn)
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^\w.\-]+", "_", text.strip()).strip("_.") or "lora"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,121 +75,80 @@ def _progress_observer():
     return RichObserver()
 
 
-def train_lora_cmd(
-    dataset: Path = typer.Argument(..., help="folder of images + same-stem .txt captions (N_name sub-folders = "
-                                   "N repeats), or with a metadata.jsonl"),
-    tag: str = typer.Option(..., "--tag", help="activation tag prepended to every caption, e.g. ppzocketv2"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: loras/NAME under the "
-                                       "settings root)"),
-    name: Optional[str] = typer.Option(None, "--name", help="LoRA file stem (default: the tag)"),
-    class_name: Optional[str] = typer.Option(None, "--class", help="product class for the printed rule snippet "
-                                             "(default: the --auto-mask class)"),
-    # data
-    resolution: int = typer.Option(512, "--resolution", help="training size (square side; bucket area side)"),
-    crop: str = typer.Option("center", "--crop", help="center | random"),
-    flip: bool = typer.Option(False, "--flip/--no-flip", help="random horizontal flips"),
-    buckets: bool = typer.Option(False, "--buckets/--no-buckets", help="aspect-ratio buckets"),
-    bucket_step: int = typer.Option(64, "--bucket-step", help="bucket sides are multiples of this"),
-    min_bucket: int = typer.Option(256, "--min-bucket", help="smallest bucket side"),
-    max_bucket: int = typer.Option(1024, "--max-bucket", help="largest bucket side"),
-    repeats: int = typer.Option(1, "--repeats", help="repeats for images outside N_name folders"),
-    missing_caption: str = typer.Option("error", "--missing-caption", help="image without caption: error | tag "
-                                        "(train it with the tag alone)"),
-    caption_ext: str = typer.Option(".txt", "--caption-ext", help="caption file extension"),
-    shuffle_caption: bool = typer.Option(False, "--shuffle-caption", help="shuffle comma-separated caption parts"),
-    keep_tokens: int = typer.Option(1, "--keep-tokens", help="leading caption parts kept in place when shuffling"),
-    caption_dropout: float = typer.Option(0.0, "--caption-dropout", help="chance of training a step uncaptioned"),
-    cache_latents: bool = typer.Option(False, "--cache-latents", help="encode images once (centre crop, no flip)"),
-    # network
-    rank: int = typer.Option(16, "--rank", help="LoRA rank (kohya network_dim)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (network_alpha; default = rank)"),
-    dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout"),
-    targets: str = typer.Option("transformer", "--targets", help="attn | transformer (kohya default) | all "
-                                "(+ ResNet convs, LoCon)"),
-    train_text_encoder: bool = typer.Option(False, "--train-text-encoder", help="also train a text-encoder LoRA"),
-    # optimisation
-    lr: float = typer.Option(1e-4, "--lr", "--learning-rate", help="learning rate"),
-    text_encoder_lr: Optional[float] = typer.Option(None, "--text-encoder-lr", help="default: --lr"),
-    lr_scheduler: str = typer.Option("constant", "--lr-scheduler", help="constant | constant_with_warmup | linear "
-                                     "| cosine | cosine_with_restarts | polynomial"),
-    lr_warmup_steps: int = typer.Option(0, "--lr-warmup-steps"),
-    lr_cycles: int = typer.Option(1, "--lr-cycles", help="cosine_with_restarts cycles"),
-    epochs: int = typer.Option(10, "--epochs"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps; overrides --epochs"),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps"),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit (needs bitsandbytes, CUDA)"),
-    use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="same as --optimizer adamw8bit"),
-    weight_decay: float = typer.Option(1e-2, "--weight-decay"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="gradient clipping; 0 = off"),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (fp16 on CUDA) | no | fp16 | bf16"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="less memory, slower"),
-    seed: int = typer.Option(0, "--seed"),
-    noise_offset: float = typer.Option(0.0, "--noise-offset", help="e.g. 0.05 (darker darks, brighter brights)"),
-    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma", help="min-SNR loss weighting, e.g. 5.0"),
-    min_timestep: int = typer.Option(0, "--min-timestep"),
-    max_timestep: int = typer.Option(1000, "--max-timestep"),
-    # masked loss
-    mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="product masks (white = product), same stems "
-                                            "as the images"),
-    auto_mask: Optional[str] = typer.Option(None, "--auto-mask", help="detect this class for the masks "
-                                            "(SAM + CLIP); masks saved under OUT/auto-masks"),
-    background_weight: float = typer.Option(0.0, "--background-weight", help="loss weight of non-product pixels"),
-    # checkpoints
-    save_every: int = typer.Option(0, "--save-every", help="checkpoint every N steps (0: at the end only)"),
-    keep_checkpoints: int = typer.Option(3, "--keep-checkpoints", help="keep the last K checkpoints"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="start over in an OUT that holds a run"),
-    # validation
-    validation_prompt: Optional[str] = typer.Option(None, "--validation-prompt", help="render it every epoch "
-                                                    "('{tag}' = the tag) into OUT/validation"),
-    validation_images: int = typer.Option(2, "--validation-images"),
-    validation_steps: int = typer.Option(20, "--validation-steps", help="sampling steps per validation image"),
-    validation_every: int = typer.Option(1, "--validation-every", help="epochs between validations"),
-    # export
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers | kohya (also NAME.kohya.safetensors for "
-                            "A1111 / ComfyUI)"),
-    config: Optional[Path] = ConfigOption,
-) -> None:
+# train-lora's flags are generated from lora.config.TrainConfig's fields (one declaration: name,
+# type, choices, help); a flag given overrides the --train-config file. Flag spellings that differ
+# from the field name are kept from before the training file existed.
+_FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("--lr", "--learning-rate"),
+    "caption_extension": ("--caption-ext", "--caption-extension"),
+    "output_dir": ("--out", "-o", "--output-dir"),
+}
+# Not flags: the dataset is the argument, max_pixels comes from the settings, export_kohya is --format.
+_NOT_FLAGS = ("dataset", "max_pixels", "export_kohya")
+
+
+class ExportFormat(str, Enum):
+    diffusers = "diffusers"
+    kohya = "kohya"
+
+
+def _field_flags() -> dict[str, tuple[str, Any, Any]]:
+    """TrainConfig field -> (its main flag, its annotation for Typer, its typer.Option), every
+    default None so that an option not given leaves the file's value (or the model's default)."""
+    import typing
+
+    from lora.config import TrainConfig
+
+    out = {}
+    for name, f in TrainConfig.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        tp = f.annotation
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is not typing.Literal and len(args) == 1 and type(None) in typing.get_args(tp):
+            tp = args[0]  # X | None -> X
+        if typing.get_origin(tp) is typing.Literal:
+            tp = Enum(f"{name.title().replace('_', '')}Choice", {v: v for v in typing.get_args(tp)}, type=str)
+        flags = _FLAG_NAMES.get(name, (f"--{name.replace('_', '-')}",))
+        decl = (f"{flags[0]}/--no-{flags[0][2:]}",) if tp is bool else flags
+        default = "" if f.is_required() or f.default is None or name == "name" else f" (default: {f.default})"
+        out[name] = (flags[0], Optional[tp], typer.Option(None, *decl, help=(f.description or "") + default,
+                                                          show_default=False))
+    return out
+
+
+def _train_lora(dataset: Optional[Path], train_config: Optional[Path], class_name: Optional[str],
+                fmt: Optional[ExportFormat], use_8bit_adam: bool, config: Optional[Path], **fields: Any) -> None:
     """Train a style LoRA for SD inpainting/enhance on a folder of product photos.
 
-    Writes OUT/NAME.safetensors (diffusers LoRA), OUT/NAME.kohya.safetensors with --format kohya,
-    OUT/NAME.json (manifest), OUT/checkpoints/, OUT/validation/ and OUT/train-log.jsonl, then
-    prints the rules snippet that uses the LoRA. Exit 2 bad options, 3 model, 4 bad dataset."""
-    from lora.config import TrainConfig, TrainConfigError
+    Options come from --train-config FILE (a YAML mapping of the option names with '_', e.g.
+    learning_rate: 1e-4; relative paths against the file's folder) and the flags, which override
+    the file. Writes OUT/NAME.safetensors (diffusers LoRA), OUT/NAME.kohya.safetensors with --format
+    kohya, OUT/NAME.json (manifest), OUT/checkpoints/, OUT/validation/ and OUT/train-log.jsonl,
+    then prints the rules snippet that uses the LoRA. Exit 2 bad options or training file, 3
+    model, 4 bad dataset."""
+    from lora.config import TrainConfigError, load_train_config
+    from pipeline.settings import SettingsError
 
-    if fmt not in ("diffusers", "kohya"):
-        raise fail(f"--format must be diffusers or kohya, not {fmt!r}", EXIT_CONFIG)
+    overrides = {k: (v.value if isinstance(v, Enum) else v) for k, v in fields.items()}
+    overrides["dataset"] = dataset
+    if fmt is not None:
+        overrides["export_kohya"] = fmt is ExportFormat.kohya
     if use_8bit_adam:
-        optimizer = "adamw8bit"
+        overrides["optimizer"] = "adamw8bit"
     s = load_settings_or_exit(config)
-    stem = name or _slug(tag)
-    out_dir = out or s.resolve_path("loras") / stem
+    flag_names = {k: v[0] for k, v in _field_flags().items()} | {"dataset": "DATASET", "export_kohya": "--format"}
     try:
-        cfg = TrainConfig.build(
-            dataset=dataset, output_dir=out_dir, name=stem, tag=tag, resolution=resolution, crop=crop, flip=flip,
-            buckets=buckets, bucket_step=bucket_step, min_bucket=min_bucket, max_bucket=max_bucket, repeats=repeats,
-            missing_caption=missing_caption, caption_extension=caption_ext, shuffle_caption=shuffle_caption,
-            keep_tokens=keep_tokens, caption_dropout=caption_dropout, cache_latents=cache_latents, rank=rank,
-            alpha=alpha, dropout=dropout, targets=targets, train_text_encoder=train_text_encoder,
-            learning_rate=lr, text_encoder_lr=text_encoder_lr, lr_scheduler=lr_scheduler,
-            lr_warmup_steps=lr_warmup_steps, lr_cycles=lr_cycles, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing, seed=seed, noise_offset=noise_offset,
-            snr_gamma=snr_gamma, min_timestep=min_timestep, max_timestep=max_timestep, mask_dir=mask_dir,
-            auto_mask=auto_mask, background_weight=background_weight, save_every=save_every,
-            keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite,
-            validation_prompt=validation_prompt, validation_images=validation_images,
-            validation_steps=validation_steps, validation_every=validation_every, export_kohya=fmt == "kohya",
-            max_pixels=s.limits.max_pixels)
+        cfg = load_train_config(train_config, overrides, loras_root=s.resolve_path("loras"),
+                                max_pixels=s.limits.max_pixels, flag_names=flag_names)
+    except SettingsError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
     except TrainConfigError as e:
-        opts = {"learning_rate": "lr", "export_kohya": "format", "caption_extension": "caption-ext"}
-        msg = "; ".join(f"--{opts.get(k, k).replace('_', '-')}: {v}" if k else v for k, v in e.problems)
+        msg = "; ".join(f"{flag_names.get(k.split('.')[0], k)}: {v}" if k else v for k, v in e.problems)
         raise fail(f"bad training options: {msg}", EXIT_CONFIG) from None
-    if mask_dir is not None and not mask_dir.is_dir():
-        raise fail(f"--mask-dir {mask_dir}: not a folder", EXIT_INPUT)
-
+    if cfg.mask_dir is not None and not cfg.mask_dir.is_dir():
+        raise fail(f"mask_dir {cfg.mask_dir}: not a folder", EXIT_INPUT)
+    tag, auto_mask = cfg.tag, cfg.auto_mask
     from lora.dataset import DatasetError
     from lora.export import rule_snippet
     from lora.train import MaskedLossError, TrainDiverged, TrainError, Trainer
@@ -223,6 +181,44 @@ def train_lora_cmd(
     typer.echo(rule_snippet(result.lora_file, snippet_class, tag,
                             class_is_guess=class_name is None and auto_mask is None))
     console.print(f"try it: product-studio generate --class {snippet_class} --lora {result.lora_file} -n 4")
+
+
+def _train_lora_signature() -> inspect.Signature:
+    P = inspect.Parameter
+    params = [
+        P("dataset", P.POSITIONAL_OR_KEYWORD, annotation=Optional[Path], default=typer.Argument(
+            None, help="folder of images + same-stem .txt captions (N_name sub-folders = N repeats), or with a "
+                       "metadata.jsonl (default: dataset: in --train-config)", show_default=False)),
+        P("train_config", P.POSITIONAL_OR_KEYWORD, annotation=Optional[Path], default=typer.Option(
+            None, "--train-config", "-t", help="training file (YAML): any option below by its field name; "
+                                               "flags override it")),
+        P("class_name", P.POSITIONAL_OR_KEYWORD, annotation=Optional[str], default=typer.Option(
+            None, "--class", help="product class for the printed rule snippet (default: the --auto-mask class)")),
+        P("fmt", P.POSITIONAL_OR_KEYWORD, annotation=Optional[ExportFormat], default=typer.Option(
+            None, "--format", help="kohya also writes NAME.kohya.safetensors (A1111 / ComfyUI) (default: diffusers)")),
+        P("use_8bit_adam", P.POSITIONAL_OR_KEYWORD, annotation=bool, default=typer.Option(
+            False, "--use-8bit-adam", help="same as --optimizer adamw8bit")),
+    ]
+    params += [P(name, P.POSITIONAL_OR_KEYWORD, annotation=tp, default=opt)
+               for name, (_, tp, opt) in _field_flags().items()]
+    params.append(P("config", P.POSITIONAL_OR_KEYWORD, annotation=Optional[Path], default=ConfigOption))
+    return inspect.Signature(params)
+
+
+def train_lora_cmd(**kwargs: Any) -> None:
+    _train_lora(**kwargs)
+
+
+train_lora_cmd.__doc__ = _train_lora.__doc__
+TRAIN_LORA_HELP = (_train_lora.__doc__ or "").strip().split("\n")[0]
+
+
+def train_lora_command() -> Any:
+    """The click command of `train-lora`, its options generated from TrainConfig's fields."""
+    train_lora_cmd.__signature__ = _train_lora_signature()  # type: ignore[attr-defined]
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command("train-lora")(train_lora_cmd)
+    return typer.main.get_command(one)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,8 +293,8 @@ def generate_cmd(
     width: Optional[int] = typer.Option(None, "--width", help="default: settings enhance.resolution"),
     height: Optional[int] = typer.Option(None, "--height", help="default: settings enhance.resolution"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (default: settings)"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="default | lcm | tcd | hyper (few-step LoRA "
-                                          "samplers; default: settings enhance.sampler)"),
+    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="few-step LoRA samplers (default: settings "
+                                              "enhance.sampler)"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Product photoshoot visuals from text with the base model and LoRAs: writes CLASS-SEED.png and
@@ -327,7 +323,7 @@ def generate_cmd(
         try:
             results = generate_images(reg, s, class_name, out_dir=out_dir, loras=specs, prompt=prompt, tag=tag, n=n,
                                       seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                                      negative_prompt=negative, sampler=sampler)
+                                      negative_prompt=negative, sampler=sampler.value if sampler else None)
         except LoraError as e:
             raise fail(str(e), EXIT_INPUT) from None
         except ValueError as e:

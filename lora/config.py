@@ -1,4 +1,6 @@
-"""Training options: one validated object built by the CLI (flags) or by code/tests.
+"""Training options: one validated object, from a training file (``train-lora --train-config
+train.yaml``, see :func:`load_train_config`), the CLI's flags (generated from this model's fields),
+or code/tests.
 
 The settings file (:mod:`pipeline.settings`) says *which* base model and device; everything about a
 training run lives here, so one settings file serves every LoRA a shop trains. Names follow kohya
@@ -15,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import BadInput
+from pipeline.settings import SettingsError, read_yaml_mapping, validation_problems
 
 # Which layers get LoRA. ``transformer`` is kohya's default LoRA for SD 1.x (every Linear and 1x1
 # conv of the Transformer2D blocks); ``attn`` is diffusers' training example; ``all`` adds the
@@ -56,7 +59,7 @@ class TrainConfig(BaseModel):
 
     # -- data (kohya names in comments where different)
     resolution: int = Field(512, ge=16, le=4096, description="training side (square) or bucket area side")
-    crop: Literal["center", "random"] = "center"
+    crop: Literal["center", "random"] = Field("center", description="crop to the training size: center or random")
     flip: bool = Field(False, description="random horizontal flip (kohya flip_aug)")
     buckets: bool = Field(False, description="aspect-ratio buckets (kohya enable_bucket)")
     bucket_step: int = Field(64, ge=8, description="bucket sides are multiples of this (bucket_reso_steps)")
@@ -65,7 +68,7 @@ class TrainConfig(BaseModel):
     repeats: int = Field(1, ge=1, description="repeats for images not in an N_name folder")
     missing_caption: Literal["error", "tag"] = Field("error", description="image with no caption: error, or "
                                                      "train it with the activation tag alone")
-    caption_extension: str = ".txt"
+    caption_extension: str = Field(".txt", description="caption file extension")
     shuffle_caption: bool = Field(False, description="shuffle comma-separated caption parts each step")
     keep_tokens: int = Field(1, ge=0, description="leading caption parts kept in place when shuffling "
                              "(1 keeps the activation tag first)")
@@ -76,33 +79,34 @@ class TrainConfig(BaseModel):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank (kohya network_dim)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (network_alpha); None = rank (scale 1)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
-    targets: Literal["attn", "transformer", "all"] = "transformer"
-    train_text_encoder: bool = False
+    targets: Literal["attn", "transformer", "all"] = Field(
+        "transformer", description="layers with LoRA: attn | transformer (kohya default) | all (+ ResNet convs, LoCon)")
+    train_text_encoder: bool = Field(False, description="also train a text-encoder LoRA")
 
     # -- optimisation
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="learning rate")
     text_encoder_lr: float | None = Field(None, gt=0, le=1.0, description="None = learning_rate")
-    lr_scheduler: Literal[SCHEDULERS] = "constant"  # type: ignore[valid-type]
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal[SCHEDULERS] = Field("constant", description="learning-rate schedule")  # type: ignore[valid-type]
+    lr_warmup_steps: int = Field(0, ge=0, description="warm-up steps of the schedule")
     lr_cycles: int = Field(1, ge=1, description="cosine_with_restarts cycles")
-    epochs: int = Field(10, ge=1, le=100_000)
+    epochs: int = Field(10, ge=1, le=100_000, description="passes over the dataset")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
-    batch_size: int = Field(1, ge=1, le=1024)
+    batch_size: int = Field(1, ge=1, le=1024, description="images per micro-batch")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    weight_decay: float = Field(1e-2, ge=0.0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs bitsandbytes and CUDA")
+    weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay")
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: fp16 on CUDA, none on CPU")
-    gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    gradient_checkpointing: bool = Field(False, description="less memory, slower")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="random seed (data order, noise, LoRA init)")
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="kohya noise_offset (typ. 0.05-0.1)")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting gamma (typ. 5.0)")
-    min_timestep: int = Field(0, ge=0, le=1000)
-    max_timestep: int = Field(1000, ge=1, le=1000)
+    min_timestep: int = Field(0, ge=0, le=1000, description="lowest training timestep")
+    max_timestep: int = Field(1000, ge=1, le=1000, description="highest training timestep (exclusive)")
 
     # -- masked loss
     mask_dir: Path | None = Field(None, description="product masks, same stem as the images (white = product)")
@@ -117,8 +121,8 @@ class TrainConfig(BaseModel):
 
     # -- validation
     validation_prompt: str | None = Field(None, description="'{tag}' is replaced by the activation tag")
-    validation_images: int = Field(2, ge=1, le=64)
-    validation_steps: int = Field(20, ge=1, le=500)
+    validation_images: int = Field(2, ge=1, le=64, description="images per validation round")
+    validation_steps: int = Field(20, ge=1, le=500, description="sampling steps per validation image")
     validation_every: int = Field(1, ge=1, description="epochs between validation rounds")
     validation_guidance: float = Field(7.0, ge=0.0, le=50.0)
 
@@ -213,3 +217,52 @@ class TrainConfig(BaseModel):
                 msg = err["msg"].removeprefix("Value error, ")
                 problems.append((field, msg))
             raise TrainConfigError(problems) from None
+
+
+def default_name(tag: str) -> str:
+    """The LoRA file stem for an activation tag: its word characters, '.' and '-' (else ``lora``)."""
+    return re.sub(r"[^\w.\-]+", "_", tag.strip()).strip("_.") or "lora"
+
+
+# Fields holding paths: in a training file they resolve against the file's folder.
+PATH_FIELDS = ("dataset", "output_dir", "mask_dir")
+
+
+def load_train_config(file: Path | None, overrides: dict, *, loras_root: Path, max_pixels: int,
+                      flag_names: dict[str, str] | None = None) -> TrainConfig:
+    """The options of one run: ``file`` (a YAML mapping of :class:`TrainConfig` fields; None: no
+    file), then ``overrides`` (the flags given; None values are not given) on top. ``name``
+    defaults to the tag's stem and ``output_dir`` to ``loras_root / name``; ``max_pixels`` comes
+    from the settings unless the file sets it.
+
+    Raises :class:`SettingsError` naming the file, line and field for a bad file (or a bad flag
+    given with one, named by ``flag_names[field]``), :class:`TrainConfigError` with one
+    ``(field, reason)`` per problem when there is no file."""
+    data: dict = {}
+    text = ""
+    if file is not None:
+        data, text = read_yaml_mapping(file)
+        for k in PATH_FIELDS:
+            v = data.get(k)
+            if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+                data[k] = (file.parent / Path(v).expanduser()).resolve()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {"max_pixels": max_pixels, **data, **given}
+    if isinstance(merged.get("tag"), str):
+        merged.setdefault("name", default_name(merged["tag"]))
+        if isinstance(merged["name"], str):
+            merged.setdefault("output_dir", loras_root / merged["name"])
+    try:
+        return TrainConfig(**merged)
+    except ValidationError as e:
+        if file is None:
+            raise TrainConfigError([(".".join(str(x) for x in err["loc"]), err["msg"].removeprefix("Value error, "))
+                                    for err in e.errors()]) from None
+        problems = []
+        for field, reason, line in validation_problems(e, text):
+            top = field.split(".")[0]
+            if top in given:  # a flag's fault, not the file's
+                problems.append((f"{(flag_names or {}).get(top, top)} (flag)", reason, None))
+            else:
+                problems.append((field, reason, line))
+        raise SettingsError(file, problems) from None

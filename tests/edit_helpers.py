@@ -1,4 +1,4 @@
-"""Test helpers: one action run directly, and one operation through the one runner as `run --op`
+"""Test helpers: one action run directly, and one operation through the one runner as `edit OP`
 does it (the processor with a mask file or detection, the QA gate and the output writer)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class OpOutcome:
 
 def run_op(settings: Any, path: Path, op: str, *, label: str, out_dir: Path, options: dict | None = None,
            mask_path: Path | None = None, registry: Any = None) -> OpOutcome:
-    """``product-studio run PATH --op OP --class LABEL [--mask FILE]`` without the CLI."""
+    """``product-studio edit OP PATH --class LABEL [--mask FILE]`` without the CLI."""
     action = parse_action(op, options or {}, settings, bases=(None, settings.base_dir))
     classes = [c.model_dump() for c in settings.detect.classes]
     if label not in {c["name"] for c in classes}:

@@ -282,7 +282,7 @@ def test_internal_error_in_a_run_is_recorded_with_its_type_and_the_run_goes_on(t
     monkeypatch.setitem(OPERATIONS, "displace", Operation("displace", DisplaceParams, _bug, moves=True))
     out = tmp_path / "o"
     with caplog.at_level(logging.ERROR, logger="product_studio.run"):
-        r = runner.invoke(app, ["run", str(scene_file), "--op", "displace", "--x", "5", "--class", "box", "--mask",
+        r = runner.invoke(app, ["edit", "displace", str(scene_file), "--x", "5", "--class", "box", "--mask",
                                 str(mask_file), "--out", str(out), "--config", str(tiny_dir / "settings.yaml")],
                           terminal_width=200)
     assert r.exit_code == 4, r.output

@@ -23,7 +23,7 @@ def _scene(tmp_path):
 def test_run_displace_with_mask_keeps_pixels_outside_edit_and_product_exact(tiny_dir, tmp_path):
     src, m = _scene(tmp_path)
     out = tmp_path / "out"
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "handbag",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "handbag",
                             "--x", "70", "--y", "-10%", "--mask", str(tmp_path / "m.png"), "--fill", "classical",
                             "--out", str(out), "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
@@ -41,7 +41,7 @@ def test_run_displace_with_mask_keeps_pixels_outside_edit_and_product_exact(tiny
 
 def test_run_displace_detects_when_no_mask(tiny_dir, tmp_path):
     _scene(tmp_path)
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "handbag", "--x", "5",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "handbag", "--x", "5",
                             "--fill", "classical", "--out", str(tmp_path / "o"), "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "o" / "p-displace.json").read_text())
@@ -55,7 +55,7 @@ def test_run_displace_skips_without_product(tiny_dir, tmp_path):
     data["detect"]["prefilter_threshold"] = 1.0
     cfg = tmp_path / "s.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "shoe", "--x", "5",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "shoe", "--x", "5",
                             "--out", str(tmp_path / "o"), "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "o" / "skipped" / "p-displace.json").read_text())
@@ -67,19 +67,19 @@ def test_run_refusals_and_bad_arguments(tiny_dir, tmp_path):
     _scene(tmp_path)
     cfg = str(tiny_dir / "settings.yaml")
     Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "bag", "--x", "5",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "bag", "--x", "5",
                             "--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "o"), "--config", cfg])
     assert r.exit_code == 4 and "10x10" in r.output
     assert json.loads((tmp_path / "o" / "failed" / "p-displace.json").read_text())["status"] == "failed"
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "bag", "--x", "2.5",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "bag", "--x", "2.5",
                             "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "o"), "--config", cfg])
     assert r.exit_code == 2 and "--x" in r.output
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "teleport", "--class", "bag", "--config", cfg])
-    assert r.exit_code == 2 and "--op" in r.output
+    r = runner.invoke(app, ["edit", "teleport", str(tmp_path / "p.png"), "--class", "bag", "--config", cfg])
+    assert r.exit_code == 2 and "teleport" in r.output and "displace" in r.output  # Typer lists the ops
 
 
 def test_run_rejects_options_of_other_ops(tiny_dir, tmp_path):
     _scene(tmp_path)
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "bag", "--azimuth", "30",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "bag", "--azimuth", "30",
                             "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 2 and "--azimuth" in r.output

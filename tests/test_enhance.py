@@ -129,7 +129,7 @@ def test_feather_and_dilation_bounds(registry):
 
 @pytest.mark.parametrize("kind", ["jpeg", "rgba_png", "exif_rotated_jpeg", "exif_rotated_png"])
 def test_loaded_inputs_stay_exact_outside_through_run_op(registry, tiny_settings, tmp_path, kind):
-    """End to end as `product-studio run --op enhance --mask` does: the input goes through the one
+    """End to end as `product-studio edit enhance --mask` does: the input goes through the one
     loader (EXIF orientation, RGBA), the output PNG is compared with that decoded input."""
     from pipeline.io.imageio import load_image
     from edit_helpers import run_op

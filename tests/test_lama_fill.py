@@ -301,7 +301,7 @@ def test_run_displace_fill_lama_on_the_tiny_set(tiny_dir, tmp_path):
     Image.fromarray(mask).save(tmp_path / "scene_mask.png")
     src = np.asarray(Image.open(tmp_path / "scene.jpg").convert("RGB"))  # what the tool reads back
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["run", str(tmp_path / "scene.jpg"), "--op", "displace", "--x", "120", "--y", "-20",
+    r = CliRunner().invoke(app, ["edit", "displace", str(tmp_path / "scene.jpg"), "--x", "120", "--y", "-20",
                                  "--mask", str(tmp_path / "scene_mask.png"), "--class", "box", "--fill", "lama",
                                  "--out", str(out), "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
@@ -323,7 +323,7 @@ def test_run_fill_option_takes_an_order_and_refuses_unknown_backends(tiny_dir, t
     Image.fromarray(((np.indices((64, 80))[0] // 20 == 1) & (np.indices((64, 80))[1] // 20 == 1)).astype(np.uint8)
                     * 255).save(tmp_path / "m.png")
     cfg = str(tiny_dir / "settings.yaml")
-    base = ["run", str(tmp_path / "p.png"), "--op", "displace", "--x", "20", "--class", "box",
+    base = ["edit", "displace", str(tmp_path / "p.png"), "--x", "20", "--class", "box",
             "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "o"), "--config", cfg]
     r = CliRunner().invoke(app, [*base, "--fill", "lama,sd,classical"])
     assert r.exit_code == 0, r.output

@@ -67,7 +67,7 @@ def test_ramp_is_the_default_and_unchanged(tiny_settings):
 def test_run_background_with_vitmatte_end_to_end(tiny_dir, tmp_path):
     scene, mask_path = _scene(tmp_path, size=(200, 150), box=(60, 40, 140, 120))
     out = tmp_path / "out"
-    r = runner.invoke(app, ["run", str(scene), "--op", "background", "--mask", str(mask_path), "--class", "box",
+    r = runner.invoke(app, ["edit", "background", str(scene), "--mask", str(mask_path), "--class", "box",
                             "--param", "matte=vitmatte", "--param", "matte_band=6", "--out", str(out),
                             "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output

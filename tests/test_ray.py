@@ -60,15 +60,15 @@ def crashing_actors(monkeypatch):
     test processor as what each actor builds (the shipped CLI has no flag for that)."""
     import dataclasses
 
-    import cli.app
+    import cli.run_cmd
 
-    real = cli.app.pool_options
+    real = cli.run_cmd.pool_options
 
     def with_crashing(*args, **kwargs):
         opts = real(*args, **kwargs)
         return None if opts is None else dataclasses.replace(opts, processor_factory=CRASHING)
 
-    monkeypatch.setattr(cli.app, "pool_options", with_crashing)
+    monkeypatch.setattr(cli.run_cmd, "pool_options", with_crashing)
 
 
 @pytest.fixture(scope="module")

@@ -456,7 +456,7 @@ def test_cli_run_rotate_prints_warnings_and_segments_without_angles(tiny_dir, tm
     img, m = scene()
     img.save(tmp_path / "p.png")
     Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "m.png")
-    base = ["run", str(tmp_path / "p.png"), "--op", "rotate", "--class", "handbag", "--mask", str(tmp_path / "m.png"),
+    base = ["edit", "rotate", str(tmp_path / "p.png"), "--class", "handbag", "--mask", str(tmp_path / "m.png"),
             "--config", str(tiny_dir / "settings.yaml")]
     r = CliRunner().invoke(app, [*base, "--azimuth", "-120", "--polar", "15", "--fill", "classical", "--seed", "2",
                                  "--out", str(tmp_path / "o")])

@@ -149,7 +149,7 @@ def test_cli_run_op_sampler(tiny_dir, tmp_path, op, extra, path):
 
     _cli_scene(tmp_path)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["run", str(tmp_path / "p.png"), "--op", op, "--class", "handbag", "--sampler", "lcm",
+    r = CliRunner().invoke(app, ["edit", op, str(tmp_path / "p.png"), "--class", "handbag", "--sampler", "lcm",
                                  "--mask", str(tmp_path / "m.png"), *extra, "--out", str(out),
                                  "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 0, r.output
@@ -166,7 +166,7 @@ def test_cli_run_bad_sampler_names_flag(tiny_dir, tmp_path):
     from cli.app import app
 
     _cli_scene(tmp_path)
-    r = CliRunner().invoke(app, ["run", str(tmp_path / "p.png"), "--op", "enhance", "--class", "handbag",
+    r = CliRunner().invoke(app, ["edit", "enhance", str(tmp_path / "p.png"), "--class", "handbag",
                                  "--sampler", "euler", "--mask", str(tmp_path / "m.png"),
                                  "--config", str(tiny_dir / "settings.yaml")])
     assert r.exit_code == 2 and "--sampler" in r.output

@@ -167,7 +167,7 @@ def test_run_background_amazon_main_profile_then_check(tmp_path):
     >= 1600, record says passed; `check` on the input photo fails with the figures."""
     scene, mask_path = _scene(tmp_path)
     out = tmp_path / "out"
-    r = runner.invoke(app, ["run", str(scene), "--op", "background", "--mask", str(mask_path), "--class", "box",
+    r = runner.invoke(app, ["edit", "background", str(scene), "--mask", str(mask_path), "--class", "box",
                             "--profile", "amazon-main", "--out", str(out)])
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "scene-background.json").read_text())
@@ -278,7 +278,7 @@ def test_report_in_headless_chromium_shows_profiles_and_failures(tmp_path):
     cfg.write_text("profiles:\n  strict:\n    frame: {aspect: '1:1', fill: 0.5}\n"
                    "    check: {min_long_side: 5000}\n")
     out = tmp_path / "out"
-    r = runner.invoke(app, ["run", str(scene), str(tmp_path / "scene2.jpg"), "--op", "background", "--mask",
+    r = runner.invoke(app, ["edit", "background", str(scene), str(tmp_path / "scene2.jpg"), "--mask",
                             str(masks), "--class", "box", "--profile", "amazon-main", "--profile", "strict",
                             "--out", str(out), "--config", str(cfg)])
     assert r.exit_code == 0, r.output
@@ -320,7 +320,7 @@ addEventListener('load', () => setTimeout(() => {
 def test_transparent_background_writes_an_rgba_png_through_the_runner(tmp_path):
     scene, mask_path = _scene(tmp_path, size=(160, 120), box=(50, 30, 100, 90))
     out = tmp_path / "o"
-    r = runner.invoke(app, ["run", str(scene), "--op", "background", "--mask", str(mask_path), "--class", "box",
+    r = runner.invoke(app, ["edit", "background", str(scene), "--mask", str(mask_path), "--class", "box",
                             "--param", "mode=transparent", "--param", "edge=0", "--out", str(out)])
     assert r.exit_code == 0, r.output
     im = Image.open(out / "scene-background.png")

@@ -2,7 +2,7 @@
 
 One entry per operation: its params model (a :class:`~pipeline.ops.edits.OpParams` subclass that
 names its settings section) and its function ``run(image, product_mask, label, params, ctx) ->
-Edit``. Rule files, ``run --op`` flags and catalog CSV action strings all become :class:`Action`
+Edit``. Rule files, ``edit OP`` flags and catalog CSV action strings all become :class:`Action`
 objects through :func:`parse_action`; errors come back as :class:`~pipeline.errors.ParamsError`
 with the field of each problem, which each caller turns into a file/line, a row/column or a flag.
 

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pipeline.ops.actions import Action, parse_action_text
 from pipeline.run.deaths import death_message, exhausted
@@ -20,6 +20,9 @@ from pipeline.errors import BadInput, ModelUnavailable, ParamsError, internal_er
 from pipeline.io.imageio import ImageLoadError, atomic_write_text, is_image_name, load_image, save_image
 from pipeline.io.outputs import OutputFolder, write_failure
 from pipeline.ops.compliance import summary
+from pipeline.ops.profiles import get_profile
+from pipeline.run.rules import RuleSet, load_rules, rules_from_dict
+from pipeline.settings import SettingsError
 
 log = logging.getLogger("product_studio.run")
 
@@ -27,9 +30,9 @@ log = logging.getLogger("product_studio.run")
 @dataclass
 class CatalogItem:
     """One input. ``classes``/``actions``: per-row overrides from a catalog CSV (None = rules);
-    ``mask``: a product mask file or folder (``run --mask``), with ``product_class`` its class
+    ``mask``: a product mask file or folder (``run/edit --mask``), with ``product_class`` its class
     (or, with ``actions``, the class they apply to); ``tag``: appended to the output stem
-    (``run --op`` uses the op's name)."""
+    (``edit OP`` uses the op's name)."""
 
     path: Path
     classes: list[str] | None = None
@@ -173,6 +176,126 @@ def process_jobs(processor: Any, jobs: list[CatalogJob], out: Path, *, dry_run: 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def plan_catalog(settings: Any, paths: Iterable[Path], *, rules: Path | None = None, actions: list[Action] | None = None,
+                 tag: str = "", class_name: str | None = None, mask: Path | None = None,
+                 profiles: Sequence[str] | None = None, recursive: bool = False,
+                 extra_items: Sequence[CatalogItem] = ()) -> tuple[RuleSet, list[CatalogItem]]:
+    """The rule set and the items of one catalog run, checked before any model loads.
+
+    ``actions`` given: one operation by hand on ``class_name`` (every input gets them, outputs
+    named STEM-``tag``); the settings' classes (and ``class_name``, if it is not one of them) are
+    scored, so a neighbour that looks more like another class is not taken for it. Otherwise the
+    rule file ``rules`` (default: the settings' ``paths.rules``); ``class_name`` must be one of its
+    classes. ``mask``: a product mask file or a folder of masks (skips detection). ``extra_items``
+    are appended as they are. Raises :class:`SettingsError` (bad rules, class, profile name) or
+    :class:`BadInput` (a missing mask or input, a bad catalog CSV)."""
+    if mask is not None and not mask.exists():
+        raise BadInput(f"mask {mask}: no such file or folder")
+    if actions is not None:
+        classes = [c.model_dump() for c in settings.detect.classes]
+        if class_name not in {c["name"] for c in classes}:
+            classes.append({"name": class_name})
+        ruleset = rules_from_dict({"classes": classes, "rules": []}, settings)
+    else:
+        ruleset = load_rules(rules or settings.resolve_path(settings.paths.rules), settings)
+        if class_name is not None and class_name not in {c.name for c in ruleset.classes}:
+            raise SettingsError(ruleset.path, [("classes", f"{class_name!r} is not a class of the rules "
+                                                f"({', '.join(c.name for c in ruleset.classes)})", None)])
+    items = collect_items(paths, settings, recursive)
+    for n in profiles or ():
+        get_profile(n, settings)  # an unknown profile fails here, not after the first image
+    for item in items:
+        if actions is not None:
+            item.actions, item.tag = actions, tag
+        if class_name is not None:
+            item.product_class = class_name
+            if mask is None and actions is None:
+                item.classes = [class_name]
+        if mask is not None:
+            item.mask = mask
+        if profiles:
+            item.profiles = list(profiles)
+    return ruleset, [*items, *extra_items]
+
+
+@dataclass
+class CatalogSummary:
+    """What one catalog run did. ``entries``: the manifest entries in input order; ``counts``:
+    status (edited, planned, skipped, failed, exists) -> images; ``notes``: warnings from the
+    records (fill fallbacks, operation warnings), one line each; ``stage_seconds``: seconds per
+    processing stage summed over the images; ``report``: the contact sheet ``OUT/report.html``."""
+
+    out_dir: Path
+    entries: list[dict[str, Any]]
+    counts: dict[str, int]
+    notes: list[str]
+    stage_seconds: dict[str, float]
+    report: Path
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get("failed", 0)
+
+
+def record_notes(name: str, record: dict[str, Any] | None) -> list[str]:
+    """The warnings a record carries (fill fallbacks and warnings, operation warnings), one line each."""
+    out = []
+    for a in (record or {}).get("actions") or []:
+        r, who = a.get("record") or {}, f"{name}: {a.get('op')} on {a.get('label')}"
+        fill = r.get("fill")
+        fill = fill if isinstance(fill, dict) else {}  # frame's record has `fill`, its product share, a number
+        if fill.get("fallback"):
+            out.append(f"{who}: {fill.get('used')} fill used as fallback: {fill.get('fallback_reason')}")
+        out.extend(f"{who}: {w}" for w in [fill.get("warning"), *(r.get("warnings") or [])] if w)
+    return out
+
+
+def run_catalog(processor: Any, items: Sequence[CatalogItem], out: Path, *, on_conflict: str = "suffix",
+                dry_run: bool = False, concurrency: int = 1, max_deaths: int = 3, note: str = "",
+                on_entry: Callable[[str, dict[str, Any]], None] | None = None) -> CatalogSummary:
+    """Run ``items`` through ``processor`` (a :class:`~pipeline.run.process.Processor` or the Ray
+    engine's) into ``out``: output stems claimed in input order under ``on_conflict`` (suffix |
+    skip | overwrite), one ``manifest.jsonl`` line per input as it finishes, ``report.html`` at
+    the end. ``on_entry(input name, manifest entry)`` is called as each input finishes (progress).
+    The processor is not closed here. Raises :class:`ModelUnavailable` when a model cannot load."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out / "manifest.jsonl")
+    jobs: list[CatalogJob] = []
+    order: dict[int, int] = {}  # job index -> input position (the report lists inputs in order)
+    entries: list[tuple[int, dict[str, Any]]] = []
+    stage: dict[str, float] = {}
+    notes: list[str] = []
+
+    def finished(pos: int, name: str, ent: dict[str, Any], rec: dict[str, Any] | None = None) -> None:
+        notes.extend(record_notes(name, rec))
+        manifest.add(ent)
+        entries.append((pos, ent))
+        if on_entry is not None:
+            on_entry(name, ent)
+
+    try:
+        for pos, item, stem in plan_jobs(items, OutputFolder(out, on_conflict)):
+            if stem is None:
+                finished(pos, item.path.name, manifest_entry(item, None, None, 0.0, status="exists"))
+                continue
+            order[len(jobs)] = pos
+            jobs.append(CatalogJob(len(jobs), item, stem))
+        for job, rec, seconds in process_jobs(processor, jobs, out, dry_run=dry_run, concurrency=concurrency,
+                                              max_deaths=max_deaths):
+            for k, v in (rec.get("timings") or {}).items():
+                if k != "total":
+                    stage[k] = stage.get(k, 0.0) + v
+            finished(order[job.index], job.item.path.name, manifest_entry(job.item, job.stem, rec, seconds), rec)
+    finally:
+        manifest.close()
+    in_order = [ent for _, ent in sorted(entries, key=lambda e: e[0])]
+    report = write_report(out, in_order, note=note)
+    counts: dict[str, int] = {}
+    for ent in in_order:
+        counts[ent["status"]] = counts.get(ent["status"], 0) + 1
+    return CatalogSummary(out, in_order, counts, notes, stage, report)
+
+
 class Manifest:
     """``OUT/manifest.jsonl``: one line per input, appended and flushed as each one finishes."""
 
@@ -255,7 +378,8 @@ def write_report(out: Path, entries: list[dict[str, Any]], title: str = "Product
                       "FAILED " + ", ".join(c["name"] for c in gate["checks"] if not c["passed"]))
         for a in rec.get("actions") or []:
             r = a.get("record") or {}
-            fill = r.get("fill") or {}
+            fill = r.get("fill")
+            fill = fill if isinstance(fill, dict) else {}  # frame's `fill` is a number
             if fill.get("scores"):
                 qa.append(f"re-check {fill['scores'][-1]:.2f}" + (" (fallback)" if fill.get("fallback") else ""))
             if r.get("warnings"):

@@ -191,16 +191,22 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
 def models_make_tiny(
     directory: Path = typer.Argument(..., help="folder to write the tiny set and its settings.yaml into"),
     role: Optional[List[str]] = RoleOption,
+    family: str = typer.Option("sd15", "--family", help="Stable Diffusion family of the diffusion roles: sd15, "
+                               "sd2, sdxl, or all (sd15 in settings.yaml plus settings-sd2.yaml and "
+                               "settings-sdxl.yaml)"),
 ) -> None:
     """Write tiny random-weight models for every role, in the real checkpoints' layouts, plus settings.yaml.
 
     The set runs the whole product offline in seconds; its outputs are noise, not quality.
     """
-    from pipeline.tiny import make_tiny_set
+    from pipeline.tiny import FAMILY_NAMES, make_tiny_set
 
-    path = make_tiny_set(directory, _roles(role))
-    console.print(f"[green]tiny model set written[/]: {directory}")
-    console.print(f"use it with: product-studio models verify --config {path}")
+    if family not in (*FAMILY_NAMES, "all"):
+        raise fail(f"--family {family!r}: one of {', '.join(FAMILY_NAMES)}, all", EXIT_CONFIG)
+    path = make_tiny_set(directory, _roles(role), family=family)
+    console.print(f"[green]tiny model set written[/]: {directory} (family: {family})")
+    for p in sorted(path.parent.glob("settings*.yaml")):
+        console.print(f"use it with: product-studio models verify --config {p}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Stable Diffusion families (SD 1.x, SD 2.x, SDXL) on tiny random sets in the real layouts:
+the registry loads each family's pipeline, enhance / displace / rotate run on it with the
+background bit-identical, and a ControlNet or LoRA of another family is refused when it loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fam_dir(tmp_path_factory):
+    """One tiny set with every family (`make-tiny --family all`): settings.yaml (SD 1.5),
+    settings-sd2.yaml, settings-sdxl.yaml."""
+    from pipeline.tiny import make_tiny_set
+
+    d = tmp_path_factory.mktemp("families")
+    make_tiny_set(d, family="all")
+    return d
+
+
+def _cfg(fam_dir, family: str) -> str:
+    return str(fam_dir / ("settings.yaml" if family == "sd15" else f"settings-{family}.yaml"))
+
+
+def _scene(tmp_path):
+    img = np.full((96, 128, 3), (180, 180, 180), np.uint8)
+    img[30:66, 20:56] = (150, 40, 40)
+    mask = np.zeros((96, 128), np.uint8)
+    mask[30:66, 20:56] = 255
+    Image.fromarray(img).save(tmp_path / "p.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    return img
+
+
+def _mixed_settings(fam_dir, tmp_path, family: str, **roles: str):
+    """The ``family`` settings with some roles pointed at other folders of the set."""
+    data = yaml.safe_load(open(_cfg(fam_dir, family)))
+    data["root"] = str(fam_dir)
+    for role, path in roles.items():
+        data["models"][role]["path"] = path
+    out = tmp_path / "mixed.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return str(out)
+
+
+def test_make_tiny_sdxl_writes_the_real_layout(tmp_path):
+    r = runner.invoke(app, ["models", "make-tiny", str(tmp_path / "x"), "--family", "sdxl", "--role", "inpaint"])
+    assert r.exit_code == 0, r.output
+    index = json.loads((tmp_path / "x" / "inpaint" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLInpaintPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["tokenizer_2"][1] == "CLIPTokenizer"
+    unet = json.loads((tmp_path / "x" / "inpaint" / "unet" / "config.json").read_text())
+    te2 = json.loads((tmp_path / "x" / "inpaint" / "text_encoder_2" / "config.json").read_text())
+    te1 = json.loads((tmp_path / "x" / "inpaint" / "text_encoder" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time" and unet["in_channels"] == 9
+    # 6 size/crop time ids x addition_time_embed_dim + text_encoder_2's pooled projection
+    assert unet["projection_class_embeddings_input_dim"] == 6 * unet["addition_time_embed_dim"] + te2["projection_dim"]
+    assert unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"]
+    assert "sdxl" in (tmp_path / "x" / "settings.yaml").read_text()
+    r = runner.invoke(app, ["models", "make-tiny", str(tmp_path / "y"), "--family", "sd3"])
+    assert r.exit_code == 2 and "sd3" in r.output
+
+
+@pytest.mark.parametrize("family, cls", [("sd2", "StableDiffusionInpaintPipeline"),
+                                         ("sdxl", "StableDiffusionXLInpaintPipeline")])
+def test_registry_loads_the_family_pipeline_with_every_text_encoder(fam_dir, family, cls):
+    from pipeline.models import ModelRegistry
+    from pipeline.settings import load_settings
+
+    reg = ModelRegistry(load_settings(_cfg(fam_dir, family)))
+    pipe = reg.get("inpaint")
+    assert type(pipe).__name__ == cls and reg.family("inpaint").name == family
+    if family == "sdxl":
+        assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+        assert pipe.tokenizer_2 is not None
+        assert type(reg.get("base")).__name__ == "StableDiffusionXLPipeline"
+    assert reg.verify("controlnet_depth")["class"] == "ControlNetModel"
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_path, family):
+    src = _scene(tmp_path)
+    cfg = _cfg(fam_dir, family)
+    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "enhance", "--class", "handbag",
+                            "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "e"), "--config", cfg])
+    assert r.exit_code == 0, r.output
+    res = np.asarray(Image.open(tmp_path / "e" / "p-enhance.png").convert("RGB"))
+    edit = np.asarray(Image.open(tmp_path / "e" / "p-enhance.mask.png")) > 0
+    assert edit.any() and np.array_equal(res[~edit], src[~edit])
+    assert not np.array_equal(res[edit], src[edit])
+    rec = json.loads((tmp_path / "e" / "p-enhance.json").read_text())["actions"][0]["record"]
+    want = "StableDiffusionXLControlNetInpaintPipeline" if family == "sdxl" else "StableDiffusionControlNetInpaintPipeline"
+    assert rec["pipeline"] == want and rec["family"] == family and rec["controlnet"] is True
+
+    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "handbag", "--x", "40",
+                            "--mask", str(tmp_path / "m.png"), "--fill", "sd", "--param", "recheck=false",
+                            "--out", str(tmp_path / "d"), "--config", cfg])
+    assert r.exit_code == 0, r.output
+    res = np.asarray(Image.open(tmp_path / "d" / "p-displace.png").convert("RGB"))
+    edit = np.asarray(Image.open(tmp_path / "d" / "p-displace.mask.png")) > 0
+    assert np.array_equal(res[~edit], src[~edit])
+    assert np.array_equal(res[30:66, 60:96], src[30:66, 20:56])  # the product, moved, exact
+    fill = json.loads((tmp_path / "d" / "p-displace.json").read_text())["actions"][0]["record"]["fill"]
+    assert fill["used"] == "sd" and fill["tries"][0]["fill"]["backend"] == "sd"
+
+
+def test_rotate_with_sdxl_fill(fam_dir, tmp_path):
+    src = _scene(tmp_path)
+    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "rotate", "--class", "handbag",
+                            "--mask", str(tmp_path / "m.png"), "--azimuth", "30", "--polar", "0", "--fill", "sd",
+                            "--param", "recheck=false", "--out", str(tmp_path / "r"),
+                            "--config", _cfg(fam_dir, "sdxl")])
+    assert r.exit_code == 0, r.output
+    res = np.asarray(Image.open(tmp_path / "r" / "p-rotate.png").convert("RGB"))
+    edit = np.asarray(Image.open(tmp_path / "r" / "p-rotate.mask.png")) > 0
+    assert np.array_equal(res[~edit], src[~edit])
+    rec = json.loads((tmp_path / "r" / "p-rotate.json").read_text())["actions"][0]["record"]
+    assert "sd" in json.dumps(rec["fill"]) and rec["models"]["inpaint"]["source"].endswith("sdxl/inpaint")
+
+
+def test_sd15_controlnet_and_lora_with_sdxl_inpaint_fail_verify_naming_both(fam_dir, tmp_path):
+    cfg = _mixed_settings(fam_dir, tmp_path, "sdxl", controlnet_depth="controlnet_depth",
+                          lcm_lora="lcm_lora/pytorch_lora_weights.safetensors")
+    r = runner.invoke(app, ["models", "verify", "--config", cfg, "--role", "controlnet_depth", "--role", "lcm_lora"])
+    assert r.exit_code == 3, r.output
+    out = " ".join(r.output.split())
+    assert "controlnet cross_attention_dim 32 (sd15) vs inpaint 64 (sdxl)" in out
+    assert "made for SD 1.x" in out and "is SDXL" in out
+    assert "LoRA cross_attention_dim 32 vs inpaint" in out
+    # the family's own ControlNet passes
+    r = runner.invoke(app, ["models", "verify", "--config", _cfg(fam_dir, "sdxl"), "--role", "controlnet_depth"])
+    assert r.exit_code == 0, r.output
+
+
+def test_sd15_lora_into_sdxl_refused_at_load(fam_dir, tmp_path):
+    from pipeline.lora_weights import LoraError, load_spec
+    from pipeline.models import ModelRegistry
+    from pipeline.settings import load_settings
+
+    reg = ModelRegistry(load_settings(_cfg(fam_dir, "sdxl")))
+    sd15_lora = load_spec(fam_dir / "tcd_lora" / "pytorch_lora_weights.safetensors")
+    adapters = reg.adapters("inpaint")
+    with pytest.raises(LoraError, match=r"cross_attention_dim 32 vs the SDXL pipeline .* 64"):
+        adapters.activate([sd15_lora])
+    assert adapters.loads == 0 and adapters.loaded == []
+    # an SDXL LoRA of the same kind loads
+    adapters.activate([load_spec(fam_dir / "sdxl" / "tcd_lora" / "pytorch_lora_weights.safetensors")])
+    assert adapters.loads == 1
+    adapters.deactivate()

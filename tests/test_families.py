@@ -158,3 +158,82 @@ def test_sd15_lora_into_sdxl_refused_at_load(fam_dir, tmp_path):
     adapters.activate([load_spec(fam_dir / "sdxl" / "tcd_lora" / "pytorch_lora_weights.safetensors")])
     assert adapters.loads == 1
     adapters.deactivate()
+
+
+def test_train_lora_on_sdxl_base_exports_kohya_sdxl_keys_that_reload(fam_dir, tmp_path):
+    """train-lora on the tiny SDXL base (both text encoders, size/crop time ids), 2 steps: the
+    kohya file uses sgm UNet names and lora_te1_/lora_te2_, and both files reproduce the trained
+    UNet and text encoders in a fresh SDXL pipeline; the kohya file loads into the SDXL inpaint
+    pipeline through the product's adapters."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
+
+    from lora.config import TrainConfig
+    from lora.train import Trainer
+    from pipeline.lora_weights import load_spec
+    from pipeline.models import ModelRegistry
+    from pipeline.settings import load_settings
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for i in range(2):
+        a = np.random.RandomState(i).randint(0, 255, (40, 48, 3)).astype(np.uint8)
+        Image.fromarray(a).save(ds / f"p{i}.png")
+        (ds / f"p{i}.txt").write_text(f"a product photo, item {i}\n")
+    reg = ModelRegistry(load_settings(_cfg(fam_dir, "sdxl")))
+    cfg = TrainConfig(dataset=ds, output_dir=tmp_path / "o", tag="zzstyle", resolution=32, rank=4, alpha=2,
+                      learning_rate=1e-2, text_encoder_lr=1e-2, batch_size=2, max_steps=2, train_text_encoder=True,
+                      export_kohya=True)
+    tr = Trainer(cfg, reg).prepare()
+    assert tr.family.name == "sdxl" and tr.text_encoder_2 is not None
+    batch = tr.dataset.collate([0, 1], None)
+    assert batch["time_ids"].shape == (2, 6) and batch["time_ids"][0, 4:].tolist() == [32.0, 32.0]
+    r = tr.train()
+    assert len(r.losses) == 2 and all(np.isfinite(r.losses))
+    assert r.manifest["base_model"]["family"] == "sdxl"
+    with safe_open(str(r.kohya_file), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+
+    # both files reproduce the trained UNet (with SDXL's added conditioning) and text encoders
+    for m in tr._trained_modules():
+        m.eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500])
+    tids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])
+    with torch.no_grad():
+        emb, pooled = tr._encode_sdxl(["zzstyle, handbag"])
+        want = tr.unet(x, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": tids}).sample
+    for f in (r.lora_file, r.kohya_file):
+        pipe = StableDiffusionXLPipeline.from_pretrained(reg.locate("base"))
+        with torch.no_grad():
+            before = pipe.unet(x, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": tids}).sample
+        assert (before - want).abs().max() > 1e-4  # training changed the UNet
+        pipe.load_lora_weights(str(f), use_safetensors=True)
+        tr2 = Trainer.__new__(Trainer)
+        tr2.cfg, tr2.device = cfg, torch.device("cpu")
+        tr2.tokenizer, tr2.text_encoder, tr2.tokenizer_2, tr2.text_encoder_2 = (
+            pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2)
+        with torch.no_grad():
+            e2, p2 = tr2._encode_sdxl(["zzstyle, handbag"])
+            got = pipe.unet(x, t, e2, added_cond_kwargs={"text_embeds": p2, "time_ids": tids}).sample
+        assert torch.allclose(e2, emb, atol=1e-5) and torch.allclose(p2, pooled, atol=1e-5), f.name
+        assert torch.allclose(got, want, atol=1e-4), (f.name, (got - want).abs().max())
+
+    # the exported kohya file loads into the SDXL inpaint pipeline (enhance's path)
+    adapters = reg.adapters("inpaint")
+    adapters.activate([load_spec(r.kohya_file)])
+    assert adapters.loads == 1
+    pipe = reg.get("inpaint")
+    lora_layers = [n for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert len(lora_layers) == len({k.split(".")[0] for k in keys if k.startswith("lora_unet_")})
+    adapters.deactivate()

@@ -126,7 +126,8 @@ def test_rotate_with_sdxl_fill(fam_dir, tmp_path):
     edit = np.asarray(Image.open(tmp_path / "r" / "p-rotate.mask.png")) > 0
     assert np.array_equal(res[~edit], src[~edit])
     rec = json.loads((tmp_path / "r" / "p-rotate.json").read_text())["actions"][0]["record"]
-    assert "sd" in json.dumps(rec["fill"]) and rec["models"]["inpaint"]["source"].endswith("sdxl/inpaint")
+    assert rec["fill"]["used"] == "sd" and rec["fill"]["tries"][0]["fill"]["backend"] == "sd"
+    assert rec["models"]["inpaint"]["source"].endswith("sdxl/inpaint")
 
 
 def test_sd15_controlnet_and_lora_with_sdxl_inpaint_fail_verify_naming_both(fam_dir, tmp_path):

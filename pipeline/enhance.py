@@ -11,7 +11,9 @@ Steps for one product (image PIL RGB, mask HxW bool at full resolution):
    ``whole_max_side``).
 3. **Depth** (``controlnet: true``): :func:`pipeline.depth.depth_map` of the work crop (near =
    bright, 0..255, as ControlNet-depth expects) keeps the product's shape while the look changes.
-4. **Generation**: diffusers ``StableDiffusionControlNetInpaintPipeline`` built once per registry
+4. **Generation**: the inpaint model's family's ControlNet-inpaint pipeline (diffusers
+   ``StableDiffusionControlNetInpaintPipeline``, SDXL: ``StableDiffusionXLControlNetInpaintPipeline``;
+   :mod:`pipeline.families`) built once per registry
    from the ``inpaint`` role's own components plus the ``controlnet_depth`` model (the base is
    never loaded twice), or the plain inpaint pipeline when ControlNet is off. The prompt is the
    class template (``{tag}, {label}, ...``); the class's LoRAs are activated for this call only

@@ -186,7 +186,8 @@ def test_train_lora_on_sdxl_base_exports_kohya_sdxl_keys_that_reload(fam_dir, tm
     reg = ModelRegistry(load_settings(_cfg(fam_dir, "sdxl")))
     cfg = TrainConfig(dataset=ds, output_dir=tmp_path / "o", tag="zzstyle", resolution=32, rank=4, alpha=2,
                       learning_rate=1e-2, text_encoder_lr=1e-2, batch_size=2, max_steps=2, train_text_encoder=True,
-                      export_kohya=True)
+                      export_kohya=True, validation_prompt="{tag}, handbag", validation_images=1,
+                      validation_steps=1)
     tr = Trainer(cfg, reg).prepare()
     assert tr.family.name == "sdxl" and tr.text_encoder_2 is not None
     batch = tr.dataset.collate([0, 1], None)
@@ -194,6 +195,8 @@ def test_train_lora_on_sdxl_base_exports_kohya_sdxl_keys_that_reload(fam_dir, tm
     r = tr.train()
     assert len(r.losses) == 2 and all(np.isfinite(r.losses))
     assert r.manifest["base_model"]["family"] == "sdxl"
+    # validation renders with the SDXL text-to-image pipeline at the training size
+    assert r.validation_images and Image.open(r.validation_images[-1]).size == (32, 32)
     with safe_open(str(r.kohya_file), framework="pt") as f:
         keys = list(f.keys())
         meta = f.metadata()

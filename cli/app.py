@@ -164,6 +164,7 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
     reg = ModelRegistry(s)
     t = Table("role", "status", "class", "parameters", "device", "dtype", "load s", "files")
     failures = []
+    notes: list[str] = []
     for r in _roles(role):
         files = ""
         if hashes:
@@ -177,10 +178,14 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
             v = reg.verify(r)
             t.add_row(r, "[green]ok[/]", v["class"], f"{v['parameters']:,}", v["device"], v["dtype"],
                       f"{v['seconds']:.2f}", files)
+            if v.get("note"):
+                notes.append(f"{r}: {v['note']}")
         except ModelLoadError as e:
             failures.append(str(e))
             t.add_row(r, "[red]failed[/]", "", "", "", "", "", files)
     console.print(t)
+    for n in notes:
+        console.print(f"[yellow]note[/]: {n}", soft_wrap=True)
     for f in failures:
         console.print(f"[red]{f}[/]", soft_wrap=True)
     if failures:

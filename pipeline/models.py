@@ -921,7 +921,20 @@ class ModelRegistry:
         for m in _modules_of(obj):
             params += sum(p.numel() for p in m.parameters())
         rt = self.runtime
-        return {
+        extra: dict[str, Any] = {}
+        if role in ("inpaint", "base"):
+            fam = self.family(role)
+            extra["family"] = fam.name
+            if role == "inpaint":
+                # The family's native size vs the configured work sizes (the presets set them).
+                st = self.settings
+                sizes = {"enhance.resolution": st.enhance.resolution, "displace.resolution": st.displace.resolution,
+                         "rotate.fill_resolution": st.rotate.fill_resolution}
+                off = [f"{k} {v}" for k, v in sizes.items() if v != fam.resolution]
+                if off:
+                    extra["note"] = (f"{fam.title} works natively at {fam.resolution} px; configured: "
+                                     f"{', '.join(off)} (see conf/presets/)")
+        return {**extra,
             "role": role,
             "class": type(getattr(obj, "model", obj)).__name__,
             "parameters": params,

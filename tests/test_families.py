@@ -86,6 +86,10 @@ def test_registry_loads_the_family_pipeline_with_every_text_encoder(fam_dir, fam
         assert pipe.tokenizer_2 is not None
         assert type(reg.get("base")).__name__ == "StableDiffusionXLPipeline"
     assert reg.verify("controlnet_depth")["class"] == "ControlNetModel"
+    v = reg.verify("inpaint")
+    assert v["class"] == cls and v["family"] == family
+    # the tiny settings work at 64 px: verify points at the family's native size
+    assert f"works natively at {1024 if family == 'sdxl' else 512} px" in v["note"]
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])

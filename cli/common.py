@@ -53,6 +53,14 @@ class Proposals(str, Enum):
     everything = "everything"
 
 
+class Family(str, Enum):
+    """Stable Diffusion families of the tiny sets (pipeline.models.tiny.FAMILY_NAMES, plus all)."""
+    sd15 = "sd15"
+    sd2 = "sd2"
+    sdxl = "sdxl"
+    all = "all"
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"

@@ -7,7 +7,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from cli.common import EXIT_CONFIG, EXIT_MODEL, ConfigOption, console, err_console, fail, load_settings_or_exit
+from cli.common import (EXIT_CONFIG, EXIT_MODEL, ConfigOption, Family, console, err_console, fail,
+                        load_settings_or_exit)
 
 models_app = typer.Typer(help="Model roles: list, download, verify, and make tiny offline sets.", no_args_is_help=True)
 
@@ -132,6 +133,7 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
     reg = ModelRegistry(s)
     t = Table("role", "status", "class", "parameters", "device", "dtype", "load s", "files")
     failures = []
+    notes: list[str] = []
     for r in _roles(role):
         files = ""
         if hashes:
@@ -145,10 +147,14 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
             v = reg.verify(r)
             t.add_row(r, "[green]ok[/]", v["class"], f"{v['parameters']:,}", v["device"], v["dtype"],
                       f"{v['seconds']:.2f}", files)
+            if v.get("note"):
+                notes.append(f"{r}: {v['note']}")
         except ModelLoadError as e:
             failures.append(str(e))
             t.add_row(r, "[red]failed[/]", "", "", "", "", "", files)
     console.print(t)
+    for n in notes:
+        console.print(f"[yellow]note[/]: {n}", soft_wrap=True)
     for f in failures:
         console.print(f"[red]{f}[/]", soft_wrap=True)
     if failures:
@@ -159,6 +165,8 @@ def models_verify(config: Optional[Path] = ConfigOption, role: Optional[List[str
 def models_make_tiny(
     directory: Path = typer.Argument(..., help="folder to write the tiny set and its settings.yaml into"),
     role: Optional[List[str]] = RoleOption,
+    family: Family = typer.Option(Family.sd15, "--family", help="Stable Diffusion family of the diffusion roles "
+                                  "(all: sd15 in settings.yaml plus settings-sd2.yaml and settings-sdxl.yaml)"),
 ) -> None:
     """Write tiny random-weight models for every role, in the real checkpoints' layouts, plus settings.yaml.
 
@@ -166,6 +174,7 @@ def models_make_tiny(
     """
     from pipeline.models.tiny import make_tiny_set
 
-    path = make_tiny_set(directory, _roles(role))
-    console.print(f"[green]tiny model set written[/]: {directory}")
-    console.print(f"use it with: product-studio models verify --config {path}")
+    path = make_tiny_set(directory, _roles(role), family=family.value)
+    console.print(f"[green]tiny model set written[/]: {directory} (family: {family.value})")
+    for p in sorted(path.parent.glob("settings*.yaml")):
+        console.print(f"use it with: product-studio models verify --config {p}")

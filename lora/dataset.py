@@ -345,7 +345,8 @@ class TrainDataset:
         """One training example; ``gen`` (CPU) drives every random choice (crop, flip, caption).
 
         Returns ``pixels`` float32 [3, h, w] in [-1, 1], ``mask`` float32 [1, h, w] in [0, 1] or
-        None, ``caption`` str, ``index``. (h, w) is the item's bucket."""
+        None, ``caption`` str, ``index``, ``time_ids`` (original H, W, crop top, left, h, w). (h, w)
+        is the item's bucket."""
         import torch
 
         it = self.items[index]
@@ -369,15 +370,21 @@ class TrainDataset:
         if self.flip and gen is not None and float(torch.rand((), generator=gen)) < 0.5:
             px = px.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
+            x = it.pixels.shape[1] - x - bw  # the window's left edge in the flipped image
         caption = it.caption
         if self.shuffle and gen is not None:
             caption = shuffle_caption(caption, self.keep_tokens, gen)
         if self.caption_dropout > 0 and gen is not None and float(torch.rand((), generator=gen)) < self.caption_dropout:
             caption = ""
-        return {"pixels": px, "mask": mask, "caption": caption, "index": index}
+        H, W = it.pixels.shape[:2]
+        # SDXL's size conditioning: (original h, w) of the image the window came from, the
+        # window's (top, left) in it and the (h, w) trained at.
+        return {"pixels": px, "mask": mask, "caption": caption, "index": index,
+                "time_ids": (H, W, y, x, bh, bw)}
 
     def collate(self, indices: Iterable[int], gen: "torch.Generator | None") -> dict[str, Any]:
-        """A batch: ``pixels`` [B, 3, h, w], ``mask`` [B, 1, h, w] or None, ``captions`` list[str]."""
+        """A batch: ``pixels`` [B, 3, h, w], ``mask`` [B, 1, h, w] or None, ``captions`` list[str],
+        ``time_ids`` float32 [B, 6] (original h, w, crop top, left, target h, w: SDXL's size conditioning)."""
         import torch
 
         ex = [self.example(i, gen) for i in indices]
@@ -387,6 +394,7 @@ class TrainDataset:
             "mask": torch.stack(masks) if all(m is not None for m in masks) else None,
             "captions": [e["caption"] for e in ex],
             "indices": [e["index"] for e in ex],
+            "time_ids": torch.tensor([e["time_ids"] for e in ex], dtype=torch.float32),
         }
 
     def content_hash(self) -> str:

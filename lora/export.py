@@ -7,8 +7,11 @@
 - **kohya** (``NAME.kohya.safetensors``): what A1111, ComfyUI and kohya sd-scripts read (and
   diffusers too). Per module ``lora_unet_<module with _>.lora_down.weight`` (= peft ``lora_A``,
   ``[rank, in(, k, k)]``), ``.lora_up.weight`` (= ``lora_B``, ``[out, rank(, 1, 1)]``) and
-  ``.alpha`` (0-dim float); text encoder modules use the ``lora_te_`` prefix. SD 1.x kohya LoRAs
-  are trained on the diffusers UNet, so module paths are the diffusers ones with dots as ``_``.
+  ``.alpha`` (0-dim float); text encoder modules use the ``lora_te_`` prefix. SD 1.x/2.x kohya
+  LoRAs are trained on the diffusers UNet, so module paths are the diffusers ones with dots as
+  ``_``; SDXL ones on the original (sgm) UNet, so its module names are used
+  (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) and the two text encoders
+  get ``lora_te1_`` / ``lora_te2_``.
   ``ss_*`` metadata is what A1111's LoRA browser shows (``ss_tag_frequency`` gives the tag).
 """
 
@@ -30,14 +33,56 @@ if TYPE_CHECKING:  # pragma: no cover
 
 KOHYA_UNET_PREFIX = "lora_unet"
 KOHYA_TE_PREFIX = "lora_te"
+# SDXL kohya files: one prefix per text encoder (CLIP ViT-L, OpenCLIP bigG).
+KOHYA_TE1_PREFIX = "lora_te1"
+KOHYA_TE2_PREFIX = "lora_te2"
+
+# A diffusers ResNet block's layers under their sgm (original SDXL checkpoint) names.
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+               "time_emb_proj": "emb_layers.1", "norm1": "in_layers.0", "norm2": "out_layers.0"}
 
 
-def peft_to_kohya(state: dict[str, "torch.Tensor"], prefix: str, alpha: float) -> dict[str, "torch.Tensor"]:
+def diffusers_to_sgm_unet(module: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path -> the sgm/LDM name kohya's SDXL LoRAs use (kohya trains SDXL
+    on the original UNet): ``down_blocks.I.{resnets,attentions}.J`` -> ``input_blocks.N.{0,1}``
+    with ``N = 1 + I * (L + 1) + J``; ``mid_block`` -> ``middle_block.{0,1,2}``;
+    ``up_blocks.I.*.J`` -> ``output_blocks.(I * (L + 1) + J)``; a resnet's layers get their sgm
+    names (``conv1`` -> ``in_layers.2``, ...). Transformer internals are named alike in both.
+    The inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_unet_lora_key``.
+    Raises ValueError for a module outside the blocks (conv_in, time embedding, ...)."""
+    parts = module.split(".")
+    L = int(layers_per_block)
+
+    def inner(kind: str, rest: list[str]) -> list[str]:
+        if kind == "attentions":
+            return ["1", *rest]
+        if rest and rest[0] in _SGM_RESNET:
+            return ["0", *_SGM_RESNET[rest[0]].split("."), *rest[1:]]
+        raise ValueError(f"no sgm name for {module}")
+
+    if parts[0] == "down_blocks" and parts[2] in ("attentions", "resnets"):
+        i, j = int(parts[1]), int(parts[3])
+        return ".".join(["input_blocks", str(1 + i * (L + 1) + j), *inner(parts[2], parts[4:])])
+    if parts[0] == "up_blocks" and parts[2] in ("attentions", "resnets"):
+        i, j = int(parts[1]), int(parts[3])
+        return ".".join(["output_blocks", str(i * (L + 1) + j), *inner(parts[2], parts[4:])])
+    if parts[0] == "mid_block" and parts[1] in ("attentions", "resnets"):
+        idx = 1 if parts[1] == "attentions" else (0 if parts[2] == "0" else 2)
+        rest = parts[3:]
+        if parts[1] == "resnets":
+            rest = inner("resnets", rest)[1:]
+        return ".".join(["middle_block", str(idx), *rest])
+    raise ValueError(f"no sgm name for {module}")
+
+
+def peft_to_kohya(state: dict[str, "torch.Tensor"], prefix: str, alpha: float,
+                  rename: Any = None) -> dict[str, "torch.Tensor"]:
     """peft LoRA state dict (``<module>.lora_A.weight`` / ``lora_B``, adapter name removed, as
     ``peft.get_peft_model_state_dict`` returns it) -> kohya keys under ``prefix`` (``lora_unet`` or
     ``lora_te``). Tensors are kept as they are (dtype, shape); ``alpha`` becomes one 0-dim float32
     ``.alpha`` tensor per module; text-encoder modules are named from ``text_model.`` as in the
-    original CLIP checkpoint. Raises ValueError for a key that is not a LoRA A/B weight."""
+    original CLIP checkpoint; ``rename(module) -> module`` maps module paths first (SDXL UNet:
+    :func:`diffusers_to_sgm_unet`). Raises ValueError for a key that is not a LoRA A/B weight."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
@@ -46,7 +91,9 @@ def peft_to_kohya(state: dict[str, "torch.Tensor"], prefix: str, alpha: float) -
         for peft_kind, kohya_kind in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight")):
             if key.endswith(peft_kind):
                 module = key[: -len(peft_kind)]
-                if prefix == KOHYA_TE_PREFIX and not module.startswith("text_model."):
+                if rename is not None:
+                    module = rename(module)
+                if prefix.startswith(KOHYA_TE_PREFIX) and not module.startswith("text_model."):
                     # transformers 5 dropped CLIPTextModel's `text_model.` level; kohya, A1111 and
                     # ComfyUI name text-encoder layers from the original checkpoint, which has it.
                     module = "text_model." + module
@@ -78,46 +125,66 @@ def lora_state_dict(module: Any) -> dict[str, "torch.Tensor"]:
     return out
 
 
+def _te_keys(te_state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    # diffusers' convention, which ComfyUI, A1111 and kohya's tools read too, names text-encoder
+    # layers from CLIPTextModel's `text_model.` level (text_encoder.text_model.encoder.layers.N...).
+    # transformers 5 dropped that level, so peft keys lack it; diffusers strips it again when
+    # loading into a flat CLIPTextModel (loaders/lora_base.py), so the file loads both ways.
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in te_state.items()}
+
+
 def save_diffusers_lora(path: Path, unet_state: dict[str, "torch.Tensor"], unet_config: dict[str, Any],
                         te_state: dict[str, "torch.Tensor"] | None = None,
-                        te_config: dict[str, Any] | None = None) -> Path:
+                        te_config: dict[str, Any] | None = None,
+                        te2_state: dict[str, "torch.Tensor"] | None = None,
+                        te2_config: dict[str, Any] | None = None, *, sdxl: bool = False) -> Path:
     """Write a diffusers-format LoRA file from peft-keyed state dicts (:func:`lora_state_dict`) and
     their ``LoraConfig.to_dict()`` (stored as diffusers' adapter metadata, so rank and alpha load
-    exactly). The file appears atomically."""
-    from diffusers import StableDiffusionPipeline
+    exactly). ``sdxl``: written by diffusers' SDXL writer, with ``te2_state`` (text_encoder_2)
+    when the text encoders were trained. The file appears atomically."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     # peft key names as they are: convert_state_dict_to_diffusers would rename only the attention
     # layers to the old ``.lora.down`` spelling, and diffusers then loads a mix of both spellings
     # incompletely (the attention part of a `transformer`/`all` LoRA was silently dropped).
     kwargs: dict[str, Any] = {"unet_lora_layers": unet_state, "unet_lora_adapter_metadata": dict(unet_config)}
     if te_state:
-        # diffusers' convention, which ComfyUI, A1111 and kohya's tools read too, names text-encoder
-        # layers from CLIPTextModel's `text_model.` level (text_encoder.text_model.encoder.layers.N...).
-        # transformers 5 dropped that level, so peft keys lack it; diffusers strips it again when
-        # loading into a flat CLIPTextModel (loaders/lora_base.py), so the file loads both ways.
-        te_state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in te_state.items()}
-        kwargs["text_encoder_lora_layers"] = te_state
+        kwargs["text_encoder_lora_layers"] = _te_keys(te_state)
         kwargs["text_encoder_lora_adapter_metadata"] = dict(te_config or {})
+    if te2_state:
+        kwargs["text_encoder_2_lora_layers"] = _te_keys(te2_state)
+        kwargs["text_encoder_2_lora_adapter_metadata"] = dict(te2_config or te_config or {})
+    writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # save_lora_weights writes straight to its final name; write beside, then rename, so a crash
     # never leaves a truncated LoRA where the daemon's rules point.
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as d:
-        StableDiffusionPipeline.save_lora_weights(d, weight_name=path.name, safe_serialization=True, **kwargs)
+        writer.save_lora_weights(d, weight_name=path.name, safe_serialization=True, **kwargs)
         _atomic_replace_from(Path(d) / path.name, path)
     return path
 
 
 def save_kohya_lora(path: Path, unet_state: dict[str, "torch.Tensor"], alpha: float,
                     te_state: dict[str, "torch.Tensor"] | None = None,
-                    metadata: dict[str, Any] | None = None) -> Path:
+                    metadata: dict[str, Any] | None = None, *,
+                    te2_state: dict[str, "torch.Tensor"] | None = None,
+                    sdxl_layers_per_block: int | None = None) -> Path:
     """Write the kohya/A1111 format (see the module docstring) from peft-keyed state dicts.
-    ``metadata`` values are stringified (safetensors metadata is str -> str)."""
+    ``metadata`` values are stringified (safetensors metadata is str -> str).
+
+    SDXL (``sdxl_layers_per_block``: the UNet's ``layers_per_block``): UNet modules get their sgm
+    names (:func:`diffusers_to_sgm_unet`), as kohya sd-scripts write SDXL LoRAs, and the text
+    encoders the ``lora_te1_`` / ``lora_te2_`` prefixes."""
     from safetensors.torch import save_file
 
-    tensors = peft_to_kohya(unet_state, KOHYA_UNET_PREFIX, alpha)
+    sdxl = sdxl_layers_per_block is not None
+    rename = (lambda m: diffusers_to_sgm_unet(m, sdxl_layers_per_block)) if sdxl else None
+    tensors = peft_to_kohya(unet_state, KOHYA_UNET_PREFIX, alpha, rename)
     if te_state:
-        tensors.update(peft_to_kohya(te_state, KOHYA_TE_PREFIX, alpha))
+        tensors.update(peft_to_kohya(te_state, KOHYA_TE1_PREFIX if sdxl else KOHYA_TE_PREFIX, alpha))
+    if te2_state:
+        tensors.update(peft_to_kohya(te2_state, KOHYA_TE2_PREFIX, alpha))
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,12 +202,15 @@ def save_kohya_lora(path: Path, unet_state: dict[str, "torch.Tensor"], alpha: fl
 def kohya_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
     """The ``ss_*`` keys A1111 / ComfyUI LoRA browsers read, from the run's manifest."""
     ds = manifest["dataset"]
+    family = manifest["base_model"].get("family", "sd15")
+    # kohya sd-scripts' own values for the base model
+    version = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, "sd_v1")
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": manifest["rank"],
         "ss_network_alpha": manifest["alpha"],
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": version,
+        "ss_v2": str(family == "sd2"),
         "ss_output_name": manifest["name"],
         "ss_sd_model_name": manifest["base_model"].get("source", ""),
         "ss_resolution": f"({manifest['resolution']}, {manifest['resolution']})",

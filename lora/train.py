@@ -44,6 +44,7 @@ from lora.export import (kohya_metadata, lora_files_record, lora_state_dict, sav
     save_kohya_lora, write_manifest)
 from pipeline import PIPELINE_VERSION
 from pipeline.io.outputs import now_iso
+from pipeline.models.families import family_of_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -254,8 +255,15 @@ class Trainer:
         base = self.registry.locate("base")
         if not base.is_dir() or not (base / "unet").is_dir():
             raise TrainError(f"the base model at {base} is not a diffusers folder (unet/, vae/, text_encoder/, ...); "
-                             "LoRA training needs the diffusers layout of an SD 1.x text-to-image model")
+                             "LoRA training needs the diffusers layout of an SD 1.x, 2.x or SDXL text-to-image model")
         self.base_dir = base
+        try:
+            self.family = family_of_dir(base)[0]
+        except (OSError, ValueError) as e:
+            raise TrainError(f"the base model at {base}: cannot read model_index.json / unet/config.json ({e})") from None
+        missing = [c for c in self.family.components if not (base / c).is_dir()]
+        if missing:
+            raise TrainError(f"the base model at {base} is {self.family.title} but lacks {', '.join(missing)}/")
 
         # Data first: a bad dataset should fail in seconds, before any model is loaded.
         mask_fn = None
@@ -294,16 +302,27 @@ class Trainer:
         kw = dict(local_files_only=True)
         self.tokenizer = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)
         self.text_encoder = CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", **kw)
+        # SDXL: the second text encoder (OpenCLIP bigG with projection) and its tokenizer; its
+        # penultimate hidden states are concatenated with the first's and its pooled projection
+        # is the UNet's added text embedding.
+        self.tokenizer_2 = self.text_encoder_2 = None
+        if self.family.two_text_encoders:
+            from transformers import CLIPTextModelWithProjection
+
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer_2", **kw)
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(loc, subfolder="text_encoder_2", **kw)
         self.vae = AutoencoderKL.from_pretrained(loc, subfolder="vae", **kw)
         self.unet = UNet2DConditionModel.from_pretrained(loc, subfolder="unet", **kw)
         self.noise_scheduler = DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw)
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in (self.text_encoder, self.vae, self.unet, *self._text_encoders()[1:]):
             m.requires_grad_(False)
         dev, wdt = self.device, self.weight_dtype
         self.vae.to(dev, dtype=wdt).eval()
-        self.text_encoder.to(dev, dtype=wdt)
+        for te in self._text_encoders():
+            te.to(dev, dtype=wdt)
         self.unet.to(dev, dtype=wdt)
         self.vae_scale = float(self.vae.config.scaling_factor)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
         # peft's Gaussian init of lora_A draws from the global RNG: seed it for a reproducible start.
         torch.manual_seed(cfg.seed)
@@ -318,7 +337,8 @@ class Trainer:
             # loads the result back fine.
             self.te_lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.network_alpha, lora_dropout=cfg.dropout,
                                              init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS))
-            inject_adapter_in_model(self.te_lora_config, self.text_encoder, adapter_name="default")
+            for te in self._text_encoders():
+                inject_adapter_in_model(self.te_lora_config, te, adapter_name="default")
         # Trainable LoRA weights stay float32 even when the frozen weights are fp16/bf16: fp16
         # Adam updates underflow.
         for m in self._trained_modules():
@@ -328,21 +348,28 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                # transformers 5 renamed it; non-reentrant so LoRA grads flow through frozen layers.
-                enable = (getattr(self.text_encoder, "activation_checkpointing_enable", None)
-                          or self.text_encoder.gradient_checkpointing_enable)
-                enable({"use_reentrant": False})
+                for te in self._text_encoders():
+                    # transformers 5 renamed it; non-reentrant so LoRA grads flow through frozen layers.
+                    enable = (getattr(te, "activation_checkpointing_enable", None)
+                              or te.gradient_checkpointing_enable)
+                    enable({"use_reentrant": False})
         self.unet.train()
-        self.text_encoder.train(cfg.train_text_encoder)
+        for te in self._text_encoders():
+            te.train(cfg.train_text_encoder)
         self.trainable = {f"unet.{n}": p for n, p in self.unet.named_parameters() if p.requires_grad}
         if cfg.train_text_encoder:
-            self.trainable.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()
-                                   if p.requires_grad})
+            for prefix, te in zip(("text_encoder", "text_encoder_2"), self._text_encoders()):
+                self.trainable.update({f"{prefix}.{n}": p for n, p in te.named_parameters() if p.requires_grad})
         if not self.trainable:
             raise TrainError(f"no layer of the UNet matched the LoRA targets {TARGETS[cfg.targets]}")
 
+    def _text_encoders(self) -> list[Any]:
+        """The text encoders: one (SD 1.x/2.x) or two (SDXL)."""
+        return [self.text_encoder] + ([self.text_encoder_2] if getattr(self, "text_encoder_2", None) is not None
+                                      else [])
+
     def _trained_modules(self) -> list[Any]:
-        return [self.unet] + ([self.text_encoder] if self.cfg.train_text_encoder else [])
+        return [self.unet] + (self._text_encoders() if self.cfg.train_text_encoder else [])
 
     def _build_optimizer(self) -> None:
         import torch
@@ -352,7 +379,7 @@ class Trainer:
         groups = [{"params": [p for n, p in self.trainable.items() if n.startswith("unet.")],
                    "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
-            groups.append({"params": [p for n, p in self.trainable.items() if n.startswith("text_encoder.")],
+            groups.append({"params": [p for n, p in self.trainable.items() if n.startswith("text_encoder")],
                            "lr": cfg.text_encoder_lr or cfg.learning_rate})
         kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         if cfg.optimizer == "adamw8bit":
@@ -386,13 +413,48 @@ class Trainer:
     # one step
 
     def _encode_text(self, captions: list[str]) -> "torch.Tensor":
+        """SD 1.x/2.x: the text encoder's last hidden states [B, 77, D]. SDXL: see :meth:`_encode_sdxl`."""
         import torch
 
+        if self.text_encoder_2 is not None:
+            return self._encode_sdxl(captions)[0]
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         ctx = nullcontext() if self.cfg.train_text_encoder else torch.no_grad()
         with ctx:
             return self.text_encoder(ids)[0]
+
+    def _encode_sdxl(self, captions: list[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """SDXL's text conditioning as its pipelines compute it: both encoders' penultimate hidden
+        states concatenated ([B, 77, D1 + D2]) and text_encoder_2's pooled projection ([B, P])."""
+        import torch
+
+        ctx = nullcontext() if self.cfg.train_text_encoder else torch.no_grad()
+        embeds, pooled = [], None
+        with ctx:
+            for tok, te in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)
+                out = te(ids, output_hidden_states=True)
+                embeds.append(out.hidden_states[-2])
+                pooled = out[0]  # text_encoder_2 (CLIPTextModelWithProjection): text_embeds
+        return torch.cat(embeds, dim=-1), pooled
+
+    def _predict(self, noisy: "torch.Tensor", t: "torch.Tensor", captions: list[str],
+                 time_ids: "torch.Tensor | None") -> "torch.Tensor":
+        """The UNet's prediction for ``noisy`` latents at timesteps ``t``. SDXL also gets its added
+        conditioning: the pooled text embeds and ``time_ids`` [B, 6] (original size, crop
+        top-left, target size, in pixels)."""
+        if self.text_encoder_2 is None:
+            return self.unet(noisy, t, self._encode_text(captions)).sample
+        emb, pooled = self._encode_sdxl(captions)
+        if time_ids is None:  # the whole image at the training size, uncropped
+            h, w = noisy.shape[-2] * self.vae_factor, noisy.shape[-1] * self.vae_factor
+            import torch
+
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]] * noisy.shape[0], dtype=torch.float32)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, emb.dtype)}
+        return self.unet(noisy, t, emb, added_cond_kwargs=added).sample
 
     def _latents(self, batch: dict[str, Any], gen: "torch.Generator") -> "torch.Tensor":
         import torch
@@ -430,8 +492,7 @@ class Trainer:
         else:
             target = noise
         with self._autocast():
-            emb = self._encode_text(batch["captions"])
-            pred = self.unet(noisy, t, emb).sample
+            pred = self._predict(noisy, t, batch["captions"], batch.get("time_ids"))
         weights = None
         if batch.get("mask") is not None:
             m = F.interpolate(batch["mask"].to(self.device).float(), size=lat.shape[-2:], mode="area")
@@ -467,8 +528,8 @@ class Trainer:
                         t = torch.randint(self.cfg.min_timestep, self.cfg.max_timestep, (1,), generator=g)
                         t = t.to(self.device)
                         with self._autocast():
-                            pred = self.unet(self.noise_scheduler.add_noise(lat, noise, t), t,
-                                             self._encode_text([it.caption])).sample
+                            pred = self._predict(self.noise_scheduler.add_noise(lat, noise, t), t, [it.caption],
+                                                 None)
                         target = (self.noise_scheduler.get_velocity(lat, noise, t)
                                   if self.noise_scheduler.config.prediction_type == "v_prediction" else noise)
                         w = None
@@ -512,7 +573,7 @@ class Trainer:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable.items()},
                   str(tmp / "adapter.safetensors"), metadata={"step": str(self.global_step)})
-        save_diffusers_lora(tmp / "lora.safetensors", *self.lora_state())
+        self._save_diffusers(tmp / "lora.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None},
                    tmp / "optimizer.pt")
@@ -583,10 +644,17 @@ class Trainer:
         if not cfg.validation_prompt:
             return []
         if self._val_pipe is None:
-            self._val_pipe = StableDiffusionPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            sched = DDIMScheduler.from_config(self.noise_scheduler.config)
+            if self.text_encoder_2 is not None:
+                from diffusers import StableDiffusionXLPipeline
+
+                self._val_pipe = StableDiffusionXLPipeline(
+                    vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                    tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=sched)
+            else:
+                self._val_pipe = StableDiffusionPipeline(
+                    vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                    scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             self._val_pipe.set_progress_bar_config(disable=True)
         prompt = cfg.validation_prompt.replace("{tag}", cfg.tag)
         modules = self._trained_modules()
@@ -711,10 +779,18 @@ class Trainer:
             te_sd, te_conf = lora_state_dict(self.text_encoder), self.te_lora_config.to_dict()
         return lora_state_dict(self.unet), self.unet.peft_config["default"].to_dict(), te_sd, te_conf
 
+    def _save_diffusers(self, path: Path) -> Path:
+        te2 = None
+        if self.cfg.train_text_encoder and self.text_encoder_2 is not None:
+            te2 = lora_state_dict(self.text_encoder_2)
+        return save_diffusers_lora(path, *self.lora_state(), te2_state=te2,
+                                   sdxl=self.text_encoder_2 is not None)
+
     def manifest(self, seconds: float | None = None) -> dict[str, Any]:
         cfg = self.cfg
         base = self.registry.provenance("base")
         base["path"] = str(self.base_dir)
+        base["family"] = self.family.name
         masked = None
         if cfg.masked:
             masked = {"source": "auto_mask" if cfg.auto_mask else "mask_dir",
@@ -767,12 +843,16 @@ class Trainer:
         ``NAME.json`` (the manifest, last, with the files' SHA-256)."""
         cfg = self.cfg
         unet_sd, unet_conf, te_sd, te_conf = self.lora_state()
-        save_diffusers_lora(cfg.lora_file, unet_sd, unet_conf, te_sd, te_conf)
+        self._save_diffusers(cfg.lora_file)
         man = self.manifest(seconds)
         man["files"] = {"diffusers": lora_files_record(cfg.lora_file)}
         kohya = None
         if cfg.export_kohya:
-            kohya = save_kohya_lora(cfg.kohya_file, unet_sd, cfg.network_alpha, te_sd, kohya_metadata(man))
+            sdxl = self.text_encoder_2 is not None
+            te2 = lora_state_dict(self.text_encoder_2) if sdxl and cfg.train_text_encoder else None
+            kohya = save_kohya_lora(cfg.kohya_file, unet_sd, cfg.network_alpha, te_sd, kohya_metadata(man),
+                                    te2_state=te2,
+                                    sdxl_layers_per_block=self.unet.config.layers_per_block if sdxl else None)
             man["files"]["kohya"] = lora_files_record(kohya)
         write_manifest(cfg.manifest_file, man)
         return TrainResult(cfg.lora_file, cfg.manifest_file, man, kohya, self.global_step, list(self.losses),

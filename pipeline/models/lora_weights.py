@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 from pipeline.errors import LoraError
 from pipeline.settings import MAX_LORA_WEIGHT as MAX_WEIGHT, split_entry, split_spec
+from pipeline.models.families import check_lora, family_of_config
 
 __all__ = ["LoraAdapters", "LoraError", "LoraSpec", "MAX_WEIGHT", "check_unique", "file_sha256", "load_spec",
            "parse_lora", "split_entry", "split_spec"]
@@ -90,11 +91,13 @@ def _inspect(path: Path) -> tuple[str, tuple[str, ...]]:
         raise LoraError(f"LoRA file {path}: holds no LoRA weights ({len(keys)} tensors, none named '*lora*')")
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         fmt = "kohya"
-        comps = {"unet" if k.startswith("lora_unet_") else "text_encoder" for k in keys}
+        comps = {"unet" if k.startswith("lora_unet_") else "text_encoder_2" if k.startswith("lora_te2_")
+                 else "text_encoder" for k in keys}
     else:
         fmt = "diffusers"
-        comps = {"text_encoder" if k.startswith(("text_encoder.", "te.")) else "unet" for k in keys}
-    return fmt, tuple(sorted(comps, key=["unet", "text_encoder"].index))
+        comps = {"text_encoder_2" if k.startswith(("text_encoder_2.", "te2.")) else
+                 "text_encoder" if k.startswith(("text_encoder.", "te.", "te1.")) else "unet" for k in keys}
+    return fmt, tuple(sorted(comps, key=["unet", "text_encoder", "text_encoder_2"].index))
 
 
 def load_spec(path: str | os.PathLike, weight: float = 1.0) -> LoraSpec:
@@ -184,8 +187,21 @@ class LoraAdapters:
             return set()
         return {a for names in lists.values() for a in names}
 
+    def _check_family(self, spec: LoraSpec) -> None:
+        """Refuse a LoRA made for another SD family (SD 1.x / 2.x / SDXL) before it is loaded."""
+        unet = getattr(self.pipe, "unet", None)
+        if unet is None:
+            return
+        cfg = dict(unet.config)
+        fam = family_of_config(cfg, type(self.pipe).__name__)
+        why = check_lora(spec.path, cfg, has_text_encoder_2=getattr(self.pipe, "text_encoder_2", None) is not None,
+                         target=f"the {fam.title} pipeline ({type(self.pipe).__name__}), cross_attention_dim")
+        if why:
+            raise LoraError(f"LoRA file {spec.path} does not fit this model: {why}")
+
     def _load(self, spec: LoraSpec) -> None:
         name = spec.adapter_name
+        self._check_family(spec)
         try:
             with warnings.catch_warnings():
                 # peft warns on every adapter after the first; several adapters is the design here.
@@ -197,10 +213,10 @@ class LoraAdapters:
         except Exception as e:  # noqa: BLE001 - diffusers/peft raise many types for a bad file
             self._drop(name)
             raise LoraError(f"LoRA file {spec.path} could not be loaded into the model ({type(e).__name__}: {e}); "
-                            "is it made for this base model (SD 1.5)?") from e
+                            "is it made for this base model's family?") from e
         if name not in self._present():
             raise LoraError(f"LoRA file {spec.path} matched no layer of the model; is it made for this base "
-                            "model (SD 1.5)?")
+                            "model's family?")
         self.loads += 1
         self._loaded[spec.sha256] = name
 
@@ -261,7 +277,7 @@ class LoraAdapters:
         # holds no adapter (a text-encoder-only LoRA), and a disabled layer is exactly the base layer.
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for comp in ("unet", "text_encoder"):
+        for comp in ("unet", "text_encoder", "text_encoder_2"):
             model = getattr(self.pipe, comp, None)
             if model is None or not getattr(model, "peft_config", None):
                 continue

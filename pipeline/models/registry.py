@@ -40,6 +40,7 @@ from pipeline.models.allocator import keep_freed_memory
 from pipeline.models.hub import (KNOWN_SHA256, LockEntry, LockFileError, cached_commit, fetch_plan,
                                  hub_cache_dir, plan_role, read_lock, snapshot_dir, write_lock_entry)
 from pipeline.models.lora_weights import LoraAdapters, load_spec
+from pipeline.models.families import check_controlnet, check_lora, family_of_dir, read_unet_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -68,14 +69,16 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 # The components the Stable Diffusion roles' loader reads (``_load_sd`` passes None for every other
 # one in model_index.json): the safety checker (1.22 GB per repo) and its feature extractor are not
-# used. `pull` fetches exactly these folders.
+# used. `pull` fetches exactly these folders; SDXL's second text encoder and tokenizer are fetched
+# when the repo has them (pipeline.models.families says which a family loads).
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_PULL_COMPONENTS = SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
 
 def loaded_components(role: str) -> tuple[str, ...] | None:
     """The subfolders a diffusers-pipeline role's loader reads; None for single-folder layouts."""
     if role in ("base", "inpaint"):
-        return SD_COMPONENTS
+        return SD_PULL_COMPONENTS
     if role == "novel_view":
         from pipeline.models.novel_view_layout import COMPONENTS
 
@@ -706,26 +709,58 @@ class ModelRegistry:
             pipe.vae.enable_tiling()
         return pipe
 
-    def _load_sd(self, loc: Path, cls_name: str, role: str) -> Any:
+    def _load_sd(self, loc: Path, use: str, role: str) -> Any:
+        """The diffusers pipeline of ``loc``'s family (:mod:`pipeline.models.families`: SD 1.x, SD 2.x or
+        SDXL, read from model_index.json and the UNet config) for ``use`` (``base`` or ``inpaint``),
+        with every component that family needs (SDXL: both text encoders and tokenizers)."""
         import diffusers
 
-        cls = getattr(diffusers, cls_name)
+        if not (loc / "model_index.json").is_file():
+            raise ModelLoadError(role, str(loc), "not a diffusers pipeline folder: no model_index.json")
+        try:
+            family, index_cls, unet_cfg = family_of_dir(loc)
+        except FileNotFoundError as e:
+            raise ModelLoadError(role, str(loc), f"not a Stable Diffusion layout: {e.filename} is missing") from None
         index = json.loads((loc / "model_index.json").read_text())
-        # Only the components `pull` fetched (SD_COMPONENTS); the others (safety checker, its
-        # feature extractor) are passed as None so diffusers never looks for them.
-        skip = {k: None for k, v in index.items() if isinstance(v, list) and k not in SD_COMPONENTS}
-        missing = [c for c in SD_COMPONENTS if not (loc / c).is_dir()]
+        missing = [c for c in family.components if not (loc / c).is_dir()]
         if missing:
-            raise ModelLoadError(role, str(loc), f"not a Stable Diffusion layout: missing {', '.join(missing)}/")
-        pipe = cls.from_pretrained(loc, dtype=self.runtime.dtype, local_files_only=True,
-                                   **skip, requires_safety_checker=False)
+            raise ModelLoadError(role, str(loc), f"not a {family.title} layout: missing {', '.join(missing)}/")
+        want_cls = getattr(family, use)
+        in_ch = unet_cfg.get("in_channels")
+        if use == "inpaint" and in_ch != 9:
+            raise ModelLoadError(role, str(loc), f"{index_cls or family.title} has a {in_ch}-channel UNet; the "
+                                 "inpaint role needs an inpainting checkpoint (9 input channels)")
+        cls = getattr(diffusers, want_cls)
+        # Only the family's components (what `pull` fetched); the others (safety checker, its
+        # feature extractor, an image encoder) are passed as None so diffusers never looks for them.
+        skip = {k: None for k, v in index.items() if isinstance(v, list) and k not in family.components}
+        extra = {"requires_safety_checker": False} if not family.two_text_encoders else {}
+        pipe = cls.from_pretrained(loc, dtype=self.runtime.dtype, local_files_only=True, **skip, **extra)
         return self._configure_pipeline(pipe)
 
     def _load_base(self, loc: Path) -> Any:
-        return self._load_sd(loc, "StableDiffusionPipeline", "base")
+        return self._load_sd(loc, "base", "base")
 
     def _load_inpaint(self, loc: Path) -> Any:
-        return self._load_sd(loc, "StableDiffusionInpaintPipeline", "inpaint")
+        return self._load_sd(loc, "inpaint", "inpaint")
+
+    def family(self, role: str = "inpaint") -> Any:
+        """The :class:`pipeline.models.families.Family` of a diffusers SD role (read from its files, not
+        loaded). Raises ModelLoadError."""
+        loc = self.locate(role)
+        try:
+            return family_of_dir(loc)[0]
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(role, self.source(role).describe(), f"cannot read its model_index.json / "
+                                 f"unet/config.json: {e}") from None
+
+    def _inpaint_unet_config(self) -> tuple[dict[str, Any], str]:
+        """(the inpaint role's UNet config, its source) read from disk without loading the role."""
+        src = self.source("inpaint").describe()
+        try:
+            return read_unet_config(self.locate("inpaint")), src
+        except (OSError, ValueError) as e:
+            raise ModelLoadError("inpaint", src, f"cannot read unet/config.json: {e}") from None
 
     def _load_inpaint_fill(self, loc: Path) -> Any:
         """The LaMa TorchScript module (``torch.jit.load``, as IOPaint loads ``big-lama.pt``) on the
@@ -759,7 +794,14 @@ class ModelRegistry:
                 raise ModelLoadError(role, str(loc), f"expected one .safetensors LoRA file in the folder, "
                                      f"found {len(cands)}")
             loc = cands[0]
-        return load_spec(loc, 1.0)
+        spec = load_spec(loc, 1.0)
+        # Made for the inpaint model's family? Refused here (and by `models verify`), not mid-image.
+        unet_cfg, inpaint_src = self._inpaint_unet_config()
+        why = check_lora(loc, unet_cfg, has_text_encoder_2=self.family("inpaint").two_text_encoders,
+                         target=f"inpaint {inpaint_src}")
+        if why:
+            raise ModelLoadError(role, str(loc), why, f"use the {role} made for the inpaint model's family")
+        return spec
 
     def _load_lcm_lora(self, loc: Path) -> Any:
         return self._load_accel_lora("lcm_lora", loc)
@@ -773,6 +815,15 @@ class ModelRegistry:
     def _load_controlnet_depth(self, loc: Path) -> Any:
         from diffusers import ControlNetModel
 
+        # The ControlNet must fit the inpaint UNet it steers: checked from both configs before
+        # anything is built, so a wrong pairing fails `models verify`, never in the middle of an image.
+        try:
+            cn_cfg = json.loads((loc / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError("controlnet_depth", str(loc), f"cannot read config.json: {e}") from None
+        unet_cfg, inpaint_src = self._inpaint_unet_config()
+        check_controlnet(cn_cfg, unet_cfg, source=self.source("controlnet_depth").describe(),
+                         inpaint_source=inpaint_src)
         model = ControlNetModel.from_pretrained(loc, dtype=self.runtime.dtype, local_files_only=True)
         # With CPU offload the pipeline that uses it moves it; otherwise it lives on the device.
         return model.eval() if self.runtime.offload != "off" else self._place(model, cast=False)
@@ -844,7 +895,20 @@ class ModelRegistry:
         for m in _modules_of(obj):
             params += sum(p.numel() for p in m.parameters())
         rt = self.runtime
-        return {
+        extra: dict[str, Any] = {}
+        if role in ("inpaint", "base"):
+            fam = self.family(role)
+            extra["family"] = fam.name
+            if role == "inpaint":
+                # The family's native size vs the configured work sizes (the presets set them).
+                st = self.settings
+                sizes = {"enhance.resolution": st.enhance.resolution, "displace.resolution": st.displace.resolution,
+                         "rotate.fill_resolution": st.rotate.fill_resolution}
+                off = [f"{k} {v}" for k, v in sizes.items() if v != fam.resolution]
+                if off:
+                    extra["note"] = (f"{fam.title} works natively at {fam.resolution} px; configured: "
+                                     f"{', '.join(off)} (see conf/presets/)")
+        return {**extra,
             "role": role,
             "class": type(getattr(obj, "model", obj)).__name__,
             "parameters": params,

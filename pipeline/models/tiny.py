@@ -130,55 +130,118 @@ def make_sam(out_file: Path) -> None:
     save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(out_file))
 
 
-def _sd_components(unet_in: int, cross_dim: int = CROSS_DIM):
+# Stable Diffusion families (pipeline.models.families). Each tiny family keeps its real architecture's
+# distinguishing features at toy width, so a model of one family is refused by another exactly as
+# real weights are: the cross-attention width (real: SD 1.x 768, SD 2.x 1024, SDXL 2048 = 768 + 1280
+# of its two text encoders), SD 2.x's linear transformer projections and OpenCLIP's gelu, and
+# SDXL's second text encoder with projection plus its added "text_time" conditioning.
+FAMILY_NAMES = ("sd15", "sd2", "sdxl")
+SD2_CROSS_DIM = 48
+SDXL_TE1_DIM = 32
+SDXL_TE2_DIM = 32
+SDXL_CROSS_DIM = SDXL_TE1_DIM + SDXL_TE2_DIM
+SDXL_TIME_EMBED = 8  # addition_time_embed_dim (real: 256)
+# 6 time ids (original size, crop top-left, target size) x addition_time_embed_dim + pooled text
+# embeds (text_encoder_2's projection_dim): 6 * 256 + 1280 = 2816 for the real SDXL UNet.
+SDXL_PROJ_INPUT = 6 * SDXL_TIME_EMBED + SDXL_TE2_DIM
+# SDXL's scheduler_config.json (stable-diffusion-xl-base-1.0 / -inpainting-0.1: EulerDiscreteScheduler)
+SDXL_SCHEDULER = {**SD15_SCHEDULER, "interpolation_type": "linear", "prediction_type": "epsilon",
+                  "sample_max_value": 1.0, "timestep_spacing": "leading", "use_karras_sigmas": False}
+
+
+def _family_unet_kwargs(family: str) -> dict[str, Any]:
+    if family == "sd15":
+        return {"cross_attention_dim": CROSS_DIM}
+    if family == "sd2":
+        return {"cross_attention_dim": SD2_CROSS_DIM, "use_linear_projection": True}
+    if family == "sdxl":
+        return {"cross_attention_dim": SDXL_CROSS_DIM, "use_linear_projection": True,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_EMBED,
+                "projection_class_embeddings_input_dim": SDXL_PROJ_INPUT}
+    raise ValueError(f"unknown Stable Diffusion family {family!r} (one of: {', '.join(FAMILY_NAMES)})")
+
+
+def _sd_components(unet_in: int, cross_dim: int = CROSS_DIM, family: str = "sd15"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     _seeded(2)
+    kw = _family_unet_kwargs(family)
+    if family == "sd15":
+        kw["cross_attention_dim"] = cross_dim
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=unet_in, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=32,
+        attention_head_dim=8, norm_num_groups=32, **kw,
     )
+    vae_kw = {"scaling_factor": 0.13025, "force_upcast": True} if family == "sdxl" else {}
     vae = AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64, **vae_kw,
     )
     return unet, vae
 
 
-def _sd_text():
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_config(tok: Any, hidden: int, **kw: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **kw)
+
+
+def _sd_text(family: str = "sd15") -> dict[str, Any]:
+    """The family's text side as pipeline components: SD 1.x CLIP ViT-L (quick_gelu), SD 2.x
+    OpenCLIP-H (gelu), SDXL CLIP ViT-L + OpenCLIP-bigG with projection (``text_encoder_2``, whose
+    pooled, projected output is SDXL's added text embedding) and a second tokenizer."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tok = _clip_tokenizer()
     _seeded(3)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=CROSS_DIM, intermediate_size=37,
-                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    return te, tok
+    if family == "sd15":
+        return {"text_encoder": CLIPTextModel(_text_config(tok, CROSS_DIM)), "tokenizer": tok}
+    if family == "sd2":
+        return {"text_encoder": CLIPTextModel(_text_config(tok, SD2_CROSS_DIM, hidden_act="gelu")), "tokenizer": tok}
+    te1 = CLIPTextModel(_text_config(tok, SDXL_TE1_DIM))
+    te2 = CLIPTextModelWithProjection(_text_config(tok, SDXL_TE2_DIM, hidden_act="gelu",
+                                                   projection_dim=SDXL_TE2_DIM))
+    return {"text_encoder": te1, "tokenizer": tok, "text_encoder_2": te2, "tokenizer_2": _clip_tokenizer()}
 
 
-def _save_sd(out: Path, pipeline_cls, unet_in: int, scheduler_cls) -> None:
-    unet, vae = _sd_components(unet_in)
-    te, tok = _sd_text()
-    sched = scheduler_cls.from_config(SD15_SCHEDULER)
-    pipe = pipeline_cls(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
-                        feature_extractor=_clip_image_processor(CLIP_IMAGE), requires_safety_checker=False)
+def _save_sd(out: Path, pipeline_cls, unet_in: int, scheduler_cls, family: str = "sd15") -> None:
+    unet, vae = _sd_components(unet_in, family=family)
+    text = _sd_text(family)
+    if family == "sdxl":
+        sched = scheduler_cls.from_config(SDXL_SCHEDULER)
+        pipe = pipeline_cls(vae=vae, unet=unet, scheduler=sched, **text)
+    else:
+        sched = scheduler_cls.from_config(SD15_SCHEDULER)
+        pipe = pipeline_cls(vae=vae, unet=unet, scheduler=sched, safety_checker=None,
+                            feature_extractor=_clip_image_processor(CLIP_IMAGE), requires_safety_checker=False, **text)
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-def make_base(out: Path) -> None:
-    """diffusers StableDiffusionPipeline layout (as SD 1.5): model_index.json + components."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def make_base(out: Path, family: str = "sd15") -> None:
+    """The family's diffusers text-to-image layout: StableDiffusionPipeline (SD 1.5, SD 2.x) or
+    StableDiffusionXLPipeline (SDXL base): model_index.json + components."""
+    import diffusers
 
-    _save_sd(out, StableDiffusionPipeline, 4, PNDMScheduler)
+    if family == "sdxl":
+        _save_sd(out, diffusers.StableDiffusionXLPipeline, 4, diffusers.EulerDiscreteScheduler, family)
+    else:
+        _save_sd(out, diffusers.StableDiffusionPipeline, 4, diffusers.PNDMScheduler, family)
 
 
-def make_inpaint(out: Path) -> None:
-    """diffusers StableDiffusionInpaintPipeline layout: the UNet takes 9 channels (latents+mask+masked)."""
-    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+def make_inpaint(out: Path, family: str = "sd15") -> None:
+    """The family's diffusers inpainting layout: the UNet takes 9 channels (latents+mask+masked);
+    StableDiffusionInpaintPipeline (SD 1.5, SD 2 inpainting) or StableDiffusionXLInpaintPipeline
+    (as diffusers/stable-diffusion-xl-1.0-inpainting-0.1)."""
+    import diffusers
 
-    _save_sd(out, StableDiffusionInpaintPipeline, 9, DDIMScheduler)
+    if family == "sdxl":
+        _save_sd(out, diffusers.StableDiffusionXLInpaintPipeline, 9, diffusers.EulerDiscreteScheduler, family)
+    else:
+        _save_sd(out, diffusers.StableDiffusionInpaintPipeline, 9, diffusers.DDIMScheduler, family)
 
 
 ATTENTION_LAYERS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
@@ -208,11 +271,11 @@ def write_kohya_lora(unet: Any, out_file: Path, seed: int, *, rank: int = 4, sca
     return out_file
 
 
-def _accel_lora_builder(seed: int) -> Callable[[Path], None]:
-    def make(out_file: Path) -> None:
-        """A few-step acceleration LoRA for the tiny inpaint UNet in the published files' layout
-        (``pytorch_lora_weights.safetensors``), seeded random weights on every attention projection."""
-        unet, _ = _sd_components(9)
+def _accel_lora_builder(seed: int) -> Callable[..., None]:
+    def make(out_file: Path, family: str = "sd15") -> None:
+        """A few-step acceleration LoRA for the family's tiny inpaint UNet in the published files'
+        layout (``pytorch_lora_weights.safetensors``), seeded random weights on every attention projection."""
+        unet, _ = _sd_components(9, family=family)
         write_kohya_lora(unet, out_file, seed)
 
     return make
@@ -279,8 +342,9 @@ def make_inpaint_fill(out_file: Path) -> None:
         torch.jit.save(tiny_lama(), str(out_file))
 
 
-def make_controlnet_depth(out: Path) -> None:
-    """diffusers ControlNetModel layout (config.json + diffusion_pytorch_model.safetensors)."""
+def make_controlnet_depth(out: Path, family: str = "sd15") -> None:
+    """diffusers ControlNetModel layout (config.json + diffusion_pytorch_model.safetensors) for the
+    family's UNet (SDXL: with the added text_time conditioning, as diffusers/controlnet-depth-sdxl-1.0-small)."""
     from diffusers import ControlNetModel
 
     import torch
@@ -288,8 +352,9 @@ def make_controlnet_depth(out: Path) -> None:
     _seeded(4)
     cn = ControlNetModel(
         block_out_channels=(32, 64), layers_per_block=1, in_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=CROSS_DIM,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         conditioning_embedding_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=32,
+        **_family_unet_kwargs(family),
     )
     # ControlNet's "zero convolutions" start at zero, so a fresh one changes nothing; random small
     # values make the depth conditioning really reach the UNet in every test.
@@ -405,9 +470,22 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
 }
 
 
-def tiny_settings_dict(out: Path) -> dict:
-    """Settings pointing every role at the tiny set, with permissive detection for random weights."""
-    models = {role: {"path": rel, "licence": "tiny random weights (tests/demo only)"} for role, (rel, _) in BUILDERS.items()}
+# The roles whose models belong to one SD family (built per family; the others are shared).
+FAMILY_ROLES = ("base", "inpaint", "controlnet_depth", "lcm_lora", "tcd_lora", "hyper_lora")
+
+
+def _family_rel(role: str, family: str, nested: bool) -> str:
+    """Where ``role`` of ``family`` lives in a tiny set: its usual place, or under ``FAMILY/`` when
+    several families share one folder (``--family all``; SD 1.5 keeps the usual places)."""
+    rel = BUILDERS[role][0]
+    return f"{family}/{rel}" if nested and family != "sd15" and role in FAMILY_ROLES else rel
+
+
+def tiny_settings_dict(out: Path, family: str = "sd15", nested: bool = False) -> dict:
+    """Settings pointing every role at the tiny set (the ``family``'s diffusion models), with
+    permissive detection for random weights."""
+    models = {role: {"path": _family_rel(role, family, nested), "licence": "tiny random weights (tests/demo only)"}
+              for role in BUILDERS}
     models["sam"]["model_type"] = "auto"
     lama = out / BUILDERS["inpaint_fill"][0]
     if lama.is_file():  # pinned like the real file, so the checksum path runs in every test
@@ -449,21 +527,37 @@ TINY_RULES = {
 }
 
 
-def make_tiny_set(out: str | Path, roles: list[str] | None = None) -> Path:
-    """Write the tiny set for ``roles`` (default all) and ``out/settings.yaml``. Returns the settings path."""
+def make_tiny_set(out: str | Path, roles: list[str] | None = None, family: str = "sd15") -> Path:
+    """Write the tiny set for ``roles`` (default all) and ``out/settings.yaml``. Returns the settings path.
+
+    ``family``: ``sd15`` (default), ``sd2`` or ``sdxl``: the Stable Diffusion family of the
+    diffusion roles (:data:`FAMILY_ROLES`); ``all``: SD 1.5 in the usual places with
+    ``settings.yaml``, plus the SD 2 and SDXL diffusion roles under ``out/sd2/`` and ``out/sdxl/``
+    with ``settings-sd2.yaml`` and ``settings-sdxl.yaml`` sharing the other roles."""
     import yaml
 
+    if family != "all" and family not in FAMILY_NAMES:
+        raise ValueError(f"unknown Stable Diffusion family {family!r} (one of: {', '.join(FAMILY_NAMES)}, all)")
     quiet_libraries()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    nested = family == "all"
+    families = list(FAMILY_NAMES) if nested else [family]
     for role in list(BUILDERS) if roles is None else roles:
         rel, build = BUILDERS[role]
-        build(out / rel)
+        if role in FAMILY_ROLES:
+            for fam in families:
+                build(out / _family_rel(role, fam, nested), family=fam)
+        else:
+            build(out / rel)
     rules = out / "rules.yaml"
     rules.write_text("# Rules for the tiny set: every stage runs offline in seconds (outputs are noise).\n"
                      + yaml.safe_dump(TINY_RULES, sort_keys=False))
-    settings = out / "settings.yaml"
-    header = "# Tiny random-weight model set written by `product-studio models make-tiny`.\n" \
-             "# It exercises every code path offline; its outputs are noise, not quality.\n"
-    settings.write_text(header + yaml.safe_dump(tiny_settings_dict(out), sort_keys=False))
-    return settings
+    first = None
+    for fam in families:
+        settings = out / ("settings.yaml" if fam == "sd15" or not nested else f"settings-{fam}.yaml")
+        header = "# Tiny random-weight model set written by `product-studio models make-tiny`.\n" \
+                 f"# Stable Diffusion family: {fam}. It exercises every code path offline; its outputs are noise.\n"
+        settings.write_text(header + yaml.safe_dump(tiny_settings_dict(out, fam, nested), sort_keys=False))
+        first = first or settings
+    return first

@@ -11,7 +11,9 @@ Steps for one product (image PIL RGB, mask HxW bool at full resolution):
    ``whole_max_side``).
 3. **Depth** (``controlnet: true``): :func:`pipeline.ops.depth.depth_map` of the work crop (near =
    bright, 0..255, as ControlNet-depth expects) keeps the product's shape while the look changes.
-4. **Generation**: diffusers ``StableDiffusionControlNetInpaintPipeline`` built once per registry
+4. **Generation**: the inpaint model's family's ControlNet-inpaint pipeline (diffusers
+   ``StableDiffusionControlNetInpaintPipeline``, SDXL: ``StableDiffusionXLControlNetInpaintPipeline``;
+   :mod:`pipeline.models.families`) built once per registry
    from the ``inpaint`` role's own components plus the ``controlnet_depth`` model (the base is
    never loaded twice), or the plain inpaint pipeline when ControlNet is off. The prompt is the
    class template (``{tag}, {label}, ...``); the class's LoRAs are activated for this call only
@@ -46,6 +48,7 @@ from pipeline.models.lora_weights import LoraError, LoraSpec, check_unique, pars
 from pipeline.settings import EnhanceSettings
 from pipeline.models.samplers import plan_sampler, sampling
 from pipeline.ops.depth import depth_map
+from pipeline.models.families import family_of_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.detect.detector import Detection
@@ -61,7 +64,8 @@ __all__ = ["EnhanceParams", "LoraError", "build_prompt", "class_loras", "control
 
 
 def controlnet_pipeline(registry: "ModelRegistry") -> Any:
-    """``StableDiffusionControlNetInpaintPipeline`` made of the registry's inpaint pipeline's own
+    """The inpaint model's family's ControlNet-inpaint pipeline (SD 1.x/2.x
+    ``StableDiffusionControlNetInpaintPipeline``, SDXL ``StableDiffusionXLControlNetInpaintPipeline``) made of the registry's inpaint pipeline's own
     components (same UNet, VAE, text encoder, tokenizer, scheduler objects) and its
     ``controlnet_depth`` model. Built once per registry (:meth:`ModelRegistry.derived`, dropped when
     either role is unloaded); never a second load of the base."""
@@ -69,10 +73,21 @@ def controlnet_pipeline(registry: "ModelRegistry") -> Any:
     cn = registry.get("controlnet_depth")
 
     def build() -> Any:
-        from diffusers import StableDiffusionControlNetInpaintPipeline
+        import inspect
 
-        pipe = StableDiffusionControlNetInpaintPipeline(**inpaint.components, controlnet=cn,
-                                                        requires_safety_checker=False)
+        import diffusers
+
+        # The family's ControlNet-inpaint class (SD 1.x/2.x: StableDiffusionControlNetInpaintPipeline;
+        # SDXL: StableDiffusionXLControlNetInpaintPipeline, whose added conditioning, pooled text
+        # embeds and size/crop time ids, diffusers computes). The registry checked that the
+        # ControlNet fits this UNet when it loaded it.
+        family = family_of_config(dict(inpaint.unet.config), type(inpaint).__name__)
+        cls = getattr(diffusers, family.controlnet_inpaint)
+        params = inspect.signature(cls.__init__).parameters
+        kw = {k: v for k, v in inpaint.components.items() if k in params}
+        if "requires_safety_checker" in params:
+            kw["requires_safety_checker"] = False
+        pipe = cls(**kw, controlnet=cn)
         pipe.set_progress_bar_config(disable=True)
         rt = registry.runtime
         # The registry applied offload to the inpaint pipeline's modules; this pipeline adds the
@@ -163,6 +178,10 @@ def _generate(pipe: Any, image: Image.Image, mask: Image.Image, control: Image.I
     out = pipe(**kw)
     arr = np.asarray(out.images[0], dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "RGB")
+
+
+def _family_name(pipe: Any) -> str:
+    return family_of_config(dict(pipe.unet.config), type(pipe).__name__).name
 
 
 def _runtime_record(registry: "ModelRegistry", pipe: Any) -> dict[str, Any]:
@@ -271,7 +290,7 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
         "seed": seed, "steps": plan.steps, "guidance": plan.guidance, "strength": params.strength,
         "sampler": sampler_rec,
         "controlnet": params.controlnet, "controlnet_scale": params.controlnet_scale if params.controlnet else None,
-        "pipeline": type(pipe).__name__, "crop": crop.to_record(), "resolution": params.resolution,
+        "pipeline": type(pipe).__name__, "family": _family_name(pipe), "crop": crop.to_record(), "resolution": params.resolution,
         "mask_dilation": params.mask_dilation, "mask_feather": params.mask_feather,
         "mask_pixels": int(m.sum()), "edit_pixels": int(region.sum()),
         "loras": lora_records, "models": provenance, "runtime": _runtime_record(registry, pipe),

@@ -96,7 +96,7 @@ def test_registry_loads_the_family_pipeline_with_every_text_encoder(fam_dir, fam
 def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_path, family):
     src = _scene(tmp_path)
     cfg = _cfg(fam_dir, family)
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "enhance", "--class", "handbag",
+    r = runner.invoke(app, ["edit", "enhance", str(tmp_path / "p.png"), "--class", "handbag",
                             "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "e"), "--config", cfg])
     assert r.exit_code == 0, r.output
     res = np.asarray(Image.open(tmp_path / "e" / "p-enhance.png").convert("RGB"))
@@ -107,7 +107,7 @@ def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_pa
     want = "StableDiffusionXLControlNetInpaintPipeline" if family == "sdxl" else "StableDiffusionControlNetInpaintPipeline"
     assert rec["pipeline"] == want and rec["family"] == family and rec["controlnet"] is True
 
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "displace", "--class", "handbag", "--x", "40",
+    r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "handbag", "--x", "40",
                             "--mask", str(tmp_path / "m.png"), "--fill", "sd", "--param", "recheck=false",
                             "--out", str(tmp_path / "d"), "--config", cfg])
     assert r.exit_code == 0, r.output
@@ -121,7 +121,7 @@ def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_pa
 
 def test_rotate_with_sdxl_fill(fam_dir, tmp_path):
     src = _scene(tmp_path)
-    r = runner.invoke(app, ["run", str(tmp_path / "p.png"), "--op", "rotate", "--class", "handbag",
+    r = runner.invoke(app, ["edit", "rotate", str(tmp_path / "p.png"), "--class", "handbag",
                             "--mask", str(tmp_path / "m.png"), "--azimuth", "30", "--polar", "0", "--fill", "sd",
                             "--param", "recheck=false", "--out", str(tmp_path / "r"),
                             "--config", _cfg(fam_dir, "sdxl")])

@@ -21,7 +21,8 @@ from PIL import Image
 from daemon.config import DaemonConfigError, DaemonSettings
 from daemon.ledger import Ledger
 from daemon.lock import DaemonLockedError
-from daemon.service import Daemon, make_stem_base
+from daemon.outbox import make_stem_base
+from daemon.service import Daemon
 from helpers import outcome_records, png_bytes, time_limit, wait_for
 from helpers.processors import PassThroughProcessor
 from pipeline import PIPELINE_VERSION
@@ -238,7 +239,7 @@ def test_corrupt_and_non_image_files_fail_and_the_daemon_keeps_going(env):
         (env.inbox / "good.jpg").write_bytes(good)
         wait_for(lambda: env.records()["edited"] == ["good"], 10, "the good image after the bad ones")
         assert d.wait_idle(5)
-        assert d.worker.thread.is_alive() and d._observer.is_alive()
+        assert d.worker.thread.is_alive() and d.observer.current.is_alive()
     failed = {p.stem: json.loads(p.read_text()) for p in outcome_records(env.outbox)["failed"]}
     assert set(failed) == {"truncated", "not-an-image", "empty", "perm"}
     assert "truncated or corrupt" in failed["truncated"]["error"]
@@ -295,7 +296,7 @@ def test_observer_survives_exceptions_in_the_event_handler(env, caplog):
             wait_for(lambda: calls["n"] >= 2, 5, "handler errors")
             (env.inbox / "b.png").write_bytes(png_bytes(2))
             wait_for(lambda: "b" in env.records()["edited"], 10, "b processed after handler errors")
-        assert d._observer.is_alive()
+        assert d.observer.current.is_alive()
         assert any(getattr(r, "event", "") == "handler_error" for r in caplog.records)
 
 
@@ -304,7 +305,7 @@ def test_missed_events_are_caught_by_the_periodic_rescan(env, tmp_path):
     (staging / "dir").mkdir(parents=True)
     (staging / "dir" / "x.png").write_bytes(png_bytes(5))
     with env.running(rescan_seconds=0.5) as d:
-        d._observer.unschedule_all()  # no events at all, as on a share that sends none
+        d.observer.current.unschedule_all()  # no events at all, as on a share that sends none
         (env.inbox / "a.png").write_bytes(png_bytes(1))
         os.rename(staging / "dir", env.inbox / "dir")
         wait_for(lambda: env.n_records() == 2, 10, "records from the rescan alone")
@@ -378,7 +379,7 @@ def test_output_inside_the_inbox_is_refused_at_start(env, layout):
         d.start()
     msg = str(ei.value)
     assert ("does not exist" if layout == "missing_inbox" else "inside") in msg
-    assert not (env.inbox / "out").exists() and not d.worker.thread.is_alive()
+    assert not (env.inbox / "out").exists() and d.worker is None
 
 
 def test_a_second_daemon_on_the_same_inbox_is_refused(env, tmp_path):
@@ -513,14 +514,14 @@ def test_a_model_that_cannot_load_stops_the_daemon_and_requeues_the_image(env):
 
 def test_a_dead_observer_is_restarted_and_an_overflow_triggers_a_rescan(env):
     with env.running(rescan_seconds=60) as d:
-        first = d._observer
+        first = d.observer.current
         first.stop()
         first.join(5)
-        wait_for(lambda: d._observer is not None and d._observer is not first and d._observer.is_alive(), 5,
+        wait_for(lambda: d.observer.current is not None and d.observer.current is not first and d.observer.current.is_alive(), 5,
                  "a new observer")
         (env.inbox / "a.png").write_bytes(png_bytes(1))
         wait_for(lambda: env.records()["edited"] == ["a"], 10, "a via the new observer")
-        d._observer.unschedule_all()  # from here on events are lost, as after a queue overflow
+        d.observer.current.unschedule_all()  # from here on events are lost, as after a queue overflow
         (env.inbox / "b.png").write_bytes(png_bytes(2))
         time.sleep(0.5)
         assert env.records()["edited"] == ["a"]

@@ -20,6 +20,7 @@ operator's stop lets the image finish, like in the daemon) and dies with the dae
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import shutil
@@ -183,8 +184,6 @@ class ChildAbandoned(Exception):
 
 def _die_with_parent(parent: int) -> None:
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:

@@ -1,5 +1,11 @@
 """The worker: claims ledger rows and runs the (warm) processor on each.
 
+It is given a :class:`WorkerContext` and nothing else: the ledger (the queue), the processor, the
+:class:`~daemon.outbox.OutboxWriter` (its own failure records and the inputs' disposition), the
+:class:`WorkerEvents` (status board and metrics, plus three requests to its owner: stop for a fatal
+error, reload the rules, nominate a changed input again), the :class:`RetryPolicy`, the log and,
+optionally, the :class:`~daemon.isolate.Isolation` for images whose earlier attempt was interrupted.
+
 With the local processor one thread claims one row at a time. A processor that can take several
 images at once (the Ray engine: ``processor.concurrency`` = its in-flight bound) gets that many
 dispatcher threads, each running the same claim -> process -> finish loop, so every guarantee below
@@ -18,7 +24,7 @@ Per image, whatever happens, the row ends terminal or is rescheduled, and the wo
   backoff up to ``max_attempts``, then failed. Either way the daemon writes
   ``outbox/failed/STEM.json`` itself, record last, atomically. GPU memory is released after every
   failure;
-- a model that cannot be loaded (:class:`~pipeline.models.ModelLoadError`) is *fatal*: the image
+- a model that cannot be loaded (:class:`~pipeline.errors.ModelLoadError`) is *fatal*: the image
   is requeued and the daemon stops (exit 3), since every later image would fail the same way;
 - the worker *process* died holding the image alone (a Ray actor, or the isolated child of
   :mod:`daemon.isolate`; an exception with ``worker_died``): a *death* is counted (ledger

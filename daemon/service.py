@@ -205,8 +205,7 @@ class Daemon:
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=10)
         self.observer.stop()
-        worker.stop_requested.set()
-        worker.wake.set()
+        worker.request_stop()
         drain = getattr(self.processor, "drain", None)
         if callable(drain):
             drain()  # Ray engine: images still waiting for an actor are requeued, not started
@@ -281,7 +280,7 @@ class Daemon:
         self.exit_code = EXIT_FATAL
         self.status.error("-", None, f"fatal: {exc}", final=True)
         if self.worker is not None:
-            self.worker.stop_requested.set()
+            self.worker.request_stop()
         self.request_stop()
 
     def _shutdown_resources(self) -> None:

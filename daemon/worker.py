@@ -160,6 +160,10 @@ class WorkerContext:
 
 
 class Worker:
+    """Dispatcher threads (one, or the processor's ``concurrency``), each claiming a row, processing
+    it and recording its outcome. ``start()``; ``request_stop()`` then ``join()``; a stop that gives up
+    waiting calls ``abandon_running()`` and requeues what it returns."""
+
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
         self.log = ctx.log
@@ -183,9 +187,15 @@ class Worker:
         for t in self.threads:
             t.start()
 
+    def request_stop(self) -> None:
+        """Claim nothing more; the images in flight finish (see ``join``)."""
+        self.stop_requested.set()
+        self.wake.set()
+
     @property
     def rules_hash(self) -> str:
         return rules_hash_of(self.ctx.processor)
+
     @property
     def thread(self) -> threading.Thread:
         """The first dispatcher thread (the only one with the local processor)."""

@@ -414,8 +414,7 @@ def test_a_worker_needs_only_its_context(tmp_path):
     try:
         wait_for(lambda: led.counts()["pending"] + led.counts()["running"] == 0, 30, "every row finished")
     finally:
-        w.stop_requested.set()
-        w.wake.set()
+        w.request_stop()
         w.join(10)
     assert not w.alive()
     rows = {r.name: r for r in led.rows()}

@@ -321,9 +321,11 @@ def test_bad_rules_edit_is_refused_and_the_old_rules_stay(env, caplog):
         wait_for(lambda: "a" in env.records()["edited"], 10, "a")
         with caplog.at_level(logging.ERROR, logger="product_studio.daemon"):
             rules.write_text("rules: [unclosed\n")
-            wait_for(lambda: d.status.rules.get("last_error"), 5, "the refusal")
+            # The status is published first, then the line is logged (by the worker thread): wait for both.
+            wait_for(lambda: d.status.rules.get("last_error"), 20, "the refusal")
+            wait_for(lambda: any(getattr(r, "event", "") == "rules_refused" for r in caplog.records), 20,
+                     "the refusal logged")
         assert "not valid YAML" in d.status.rules["last_error"] and d.processor.rules_hash == h1
-        assert any(getattr(r, "event", "") == "rules_refused" for r in caplog.records)
         (env.inbox / "b.png").write_bytes(png_bytes(2))
         wait_for(lambda: "b" in env.records()["edited"], 10, "b")
         rules.write_text("rules: [{name: new}]\n")

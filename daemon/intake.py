@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
 from daemon.logs import log_event
 from pipeline.io.imageio import is_image_name, looks_incomplete
 
@@ -345,10 +347,9 @@ class Intake:
 
 def make_handler(intake: Intake, log: logging.Logger):
     """A watchdog handler that nominates paths and never lets an exception reach the observer."""
-    from watchdog.events import FileSystemEventHandler
 
     class _Handler(FileSystemEventHandler):
-        def dispatch(self, event) -> None:  # noqa: D401 - watchdog API
+        def dispatch(self, event: FileSystemEvent) -> None:  # noqa: D401 - watchdog API
             try:
                 kind = event.event_type
                 if kind in ("opened", "closed_no_write", "deleted") and not event.is_directory:

@@ -20,6 +20,7 @@ operator's stop lets the image finish, like in the daemon) and dies with the dae
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import shutil
@@ -34,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from daemon.classify import is_fatal, is_permanent
+from daemon.logs import configure_logging, get_logger
 from pipeline.run.deaths import describe_exit
 
-__all__ = ["ChildDied", "ChildError", "ChildJob", "ChildRun", "RulesChanged"]
+__all__ = ["ChildAbandoned", "ChildDied", "ChildError", "ChildJob", "ChildRun", "Isolation", "RulesChanged"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,23 @@ class ChildJob:
     parent_pid: int
     log_format: str = "plain"
     log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How the worker builds a :class:`ChildJob`: the picklable processor factory, the rule file (read
+    by the child if it exists when the job starts) and the daemon's logging set-up."""
+
+    factory: Callable[[Path | None], Any]
+    rules_path: Path | None
+    log_format: str = "plain"
+    log_level: str = "INFO"
+
+    def job(self, *, rules_hash: str, path: Path, outbox: Path, sha256: str, stem: str) -> ChildJob:
+        rules = self.rules_path if self.rules_path is not None and self.rules_path.exists() else None
+        return ChildJob(factory=self.factory, rules_path=rules, rules_hash=rules_hash, path=path, outbox=outbox,
+                        sha256=sha256, stem=stem, parent_pid=os.getpid(), log_format=self.log_format,
+                        log_level=self.log_level)
 
 
 class ChildDied(RuntimeError):
@@ -164,8 +184,6 @@ class ChildAbandoned(Exception):
 
 def _die_with_parent(parent: int) -> None:
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
@@ -201,12 +219,8 @@ def child_main(folder: Path) -> int:
     # The daemon decides about stopping; the image in hand is finished (or the daemon kills us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from daemon.logs import configure_logging, get_logger
-
     configure_logging(job.log_format, job.log_level)
     log = get_logger()
-    from daemon.worker import is_fatal, is_permanent
-
     try:
         processor = job.factory(job.rules_path)
         have = str(getattr(processor, "rules_hash", None) or "none")

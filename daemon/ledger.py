@@ -20,6 +20,7 @@ daemon's threads, serialised by a lock.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -355,8 +356,6 @@ def _row(r: sqlite3.Row) -> Row:
 
 def ledger_counts(conn: sqlite3.Connection, lock: Any = None) -> dict[str, int]:
     """Rows per state (every state present, 0 when none) plus ``duplicates`` (arrivals not processed)."""
-    import contextlib
-
     with lock or contextlib.nullcontext():
         out = {s: 0 for s in STATES}
         for state, n in conn.execute("SELECT state, COUNT(*) FROM items GROUP BY state"):

@@ -28,90 +28,46 @@ Guarantees (each covered by tests/test_daemon*.py):
   refused, the last good rules stay in force.
 - No exception from one file, one event or one image stops the observer, intake or worker; a dead
   observer is restarted.
+
+The parts, each usable alone: :mod:`daemon.intake` (which files, when complete),
+:mod:`daemon.policy` (what a complete file is, from the ledger: new, duplicate, retry, ...),
+:mod:`daemon.ledger` (the queue and the memory), :mod:`daemon.worker` (claim, process, retry, record,
+dispose; given a :class:`~daemon.worker.WorkerContext`), :mod:`daemon.outbox` (what the daemon
+writes), :mod:`daemon.observer`, :mod:`daemon.recovery` and :mod:`daemon.rules_watch`. This module
+wires them: lifecycle, signals, the intake thread, status.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable
 
 from daemon.config import DaemonConfigError, DaemonPaths, DaemonSettings, check_paths
-from daemon.intake import Intake, Sig, make_handler
-from daemon.ledger import ACTIVE, Ledger, Row
+from daemon.intake import Intake, Sig
+from daemon.isolate import Isolation
+from daemon.ledger import Ledger
 from daemon.lock import DaemonLockedError, InboxLock
 from daemon.logs import get_logger, log_event
 from daemon.metrics import make_metrics
+from daemon.observer import ObserverSupervisor
+from daemon.outbox import STATE_OUTCOME, OutboxWriter, make_stem_base, stem_candidates
+from daemon.policy import Arrival, decide
+from daemon.recovery import recover
+from daemon.rules_watch import RuleFile, rules_hash_of
 from daemon.status import StatusBoard
-from daemon.worker import Worker, dispose_input
+from daemon.worker import Processor, RetryPolicy, Worker, WorkerContext, WorkerEvents
 from pipeline import PIPELINE_VERSION
-from pipeline.io.outputs import stem_for
 from pipeline.settings import Settings
 
-__all__ = ["Daemon", "DaemonConfigError", "DaemonLockedError", "Processor", "make_stem_base"]
+__all__ = ["Daemon", "DaemonConfigError", "DaemonLockedError", "Processor"]
 
 EXIT_INTERRUPTED = 130
 EXIT_FATAL = 3  # the CLI's EXIT_MODEL: a model that cannot be loaded stops the daemon
-_TEMP_RE = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
-
-
-class Processor(Protocol):
-    rules_hash: str
-
-    def process(self, path: Path, outbox: Path, *, sha256: str, stem: str) -> dict: ...
-
-    def reload_rules(self, path: Path) -> str: ...
-
-
-def make_stem_base(name: str) -> str:
-    """Output stem for an inbox-relative name: the one stem rule, :func:`pipeline.io.outputs.stem_for`."""
-    return stem_for(name)
-
-
-def _stems(base: str, sha256: str) -> Iterator[str]:
-    yield base
-    yield f"{base}-{sha256[:8]}"
-    i = 2
-    while True:
-        yield f"{base}-{sha256[:8]}-{i}"
-        i += 1
-
-
-class _OverflowHook(logging.Handler):
-    """watchdog only *logs* an inotify queue overflow; turn that log line into a full rescan."""
-
-    def __init__(self, intake: Intake):
-        super().__init__(logging.WARNING)
-        self.intake = intake
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            if "overflow" in record.getMessage().lower():
-                self.intake.request_scan()
-        except Exception:
-            pass
-
-
-class _StopNoise(logging.Filter):
-    """watchdog's inotify emitter logs an ERROR when its thread is stopped while a read is in flight
-    (``queue_events() called when the thread is inactive``): a race inside watchdog's own stop,
-    harmless. Once this daemon stops its observer, such lines are demoted to DEBUG (shown only when
-    watchdog logs at DEBUG), so a clean stop trips no log-based alert."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stopping = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.stopping and record.levelno >= logging.ERROR and "thread is inactive" in record.getMessage():
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger("watchdog").isEnabledFor(logging.DEBUG)
-        return True
 
 
 class Daemon:
@@ -128,7 +84,8 @@ class Daemon:
                  clock: Callable[[], float] = time.monotonic):
         """``child_factory(rules_path)`` builds the processor in an isolated child process
         (:mod:`daemon.isolate`); it must be picklable (a module-level function, or a
-        ``functools.partial`` of one). Without it, resumed images run in this process."""
+        ``functools.partial`` of one). Without it, resumed images run in this process. ``clock``
+        (monotonic seconds) times signals, rescans, rule polls and observer restarts."""
         self.settings = settings
         self.ds = ds or DaemonSettings()
         self.paths = DaemonPaths.resolve(settings, self.ds, rules_path)
@@ -142,11 +99,15 @@ class Daemon:
         self.processor: Any = None
         self.ledger = Ledger(self.paths.ledger)
         self.metrics: Any = None
+        self.writer = OutboxWriter(self.paths.outbox, self.paths.archive, self.ds.disposition)
+        self.rules = RuleFile(self.paths.rules, self.log)
         stall = self.ds.stall_grace_seconds
         self.intake = Intake(self.paths.inbox, self.ds.settle_seconds, self._on_stable, self.log,
                              recursive=self.ds.recursive, non_images=self.ds.non_images,
-                             stall_grace=10 * self.ds.settle_seconds if stall is None else stall)
-        self.worker = Worker(self)
+                             stall_grace=10 * self.ds.settle_seconds if stall is None else stall, clock=clock)
+        self.observer = ObserverSupervisor(self.paths.inbox, self.intake, self.log, recursive=self.ds.recursive,
+                                           poll_seconds=self.ds.poll_seconds, clock=clock)
+        self.worker: Worker | None = None  # built at start(), once the processor exists
         self.exit_code = 0
         self.stopped = threading.Event()
         self._stop_intake = threading.Event()
@@ -154,16 +115,13 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._stopping = threading.Event()  # set first thing in stop(): supervisors stand down
         self._lock: InboxLock | None = None
-        self._observer: Any = None
-        self._observer_retry_at = 0.0
-        self._overflow_hook = _OverflowHook(self.intake)
-        self._stop_noise = _StopNoise()
-        self.observer_mode = ""
         self._intake_thread: threading.Thread | None = None
         self._started = False
         self._first_signal_at: float | None = None
-        self._rules_sig: tuple | None = None
-        self._rules_seen: tuple | None = None
+
+    @property
+    def observer_mode(self) -> str:
+        return self.observer.mode
 
     # ------------------------------------------------------------------------------------------
     # start / stop
@@ -182,8 +140,7 @@ class Daemon:
             if self.ledger.journal_mode.lower() != "wal":
                 log_event(self.log, logging.WARNING, "ledger_journal", "ledger %s is not in WAL mode (%s): status "
                           "reads may wait for the daemon", self.paths.ledger, self.ledger.journal_mode)
-            # Stat before the factory reads the file, so an edit made meanwhile is still noticed.
-            self._rules_sig = self._rules_seen = self._rules_stat()
+            self.rules.mark_loaded()
             self.processor = self.processor_factory()
             warm_up = getattr(self.processor, "warm_up", None)
             if callable(warm_up):
@@ -198,11 +155,14 @@ class Daemon:
                 log_event(self.log, logging.INFO, "engine", "%s", describe())
             self.status.rules = {"path": str(self.paths.rules) if self.paths.rules else None,
                                  "hash": self.processor.rules_hash, "last_error": None, "reloaded_at": None}
-            self._recover()
-            self._start_observer()
+            recover(self.ledger, self.writer, self.log,
+                    (self.paths.outbox, self.paths.archive, self.paths.status_file.parent))
+            self._refresh_counts()
+            self.status.set_static(observer=self.observer.start())
         except BaseException:
             self._shutdown_resources()
             raise
+        self.worker = Worker(self._worker_context())
         self._started = True
         self.status.update(state="running")
         self._intake_thread = threading.Thread(target=self._intake_loop, name="product-studio-intake", daemon=True)
@@ -215,6 +175,15 @@ class Daemon:
                   rules=str(self.paths.rules), rules_hash=self.rules_hash,
                   metrics_port=getattr(self.metrics, "port", None))
 
+    def _worker_context(self) -> WorkerContext:
+        isolation = None
+        if self.child_factory is not None:
+            isolation = Isolation(self.child_factory, self.paths.rules, self.ds.log_format, self.ds.log_level)
+        events = WorkerEvents(status=self.status, metrics=self.metrics, fatal=self.fatal,
+                              reload_rules=self.reload_rules, input_changed=self.intake.notify)
+        return WorkerContext(ledger=self.ledger, processor=self.processor, writer=self.writer, events=events,
+                             retry=RetryPolicy.from_settings(self.ds), log=self.log, isolation=isolation)
+
     def stop(self, grace: float | None = None) -> bool:
         """Stop taking work, let the current image finish (up to ``grace`` seconds, default
         ``stop_grace_seconds``; after that it is requeued), release everything. Returns True when
@@ -223,6 +192,8 @@ class Daemon:
             if not self._started:
                 return True
             self._started = False
+        worker = self.worker
+        assert worker is not None  # built before _started is set
         self._stopping.set()
         grace = self.ds.stop_grace_seconds if grace is None else grace
         self.status.update(state="stopping")
@@ -233,19 +204,18 @@ class Daemon:
         self.intake.wake.set()
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=10)
-        self._stop_observer()
-        self.worker.stop_requested.set()
-        self.worker.wake.set()
+        self.observer.stop()
+        worker.request_stop()
         drain = getattr(self.processor, "drain", None)
         if callable(drain):
             drain()  # Ray engine: images still waiting for an actor are requeued, not started
-        for current in self.worker.running_rows():
+        for current in worker.running_rows():
             log_event(self.log, logging.INFO, "stopping", "stopping: finishing %s (up to %.0fs)", current.name,
                       grace, stem=current.stem)
-        self.worker.join(timeout=grace)
+        worker.join(timeout=grace)
         clean = True
-        if self.worker.alive():
-            for row in self.worker.abandon_running():
+        if worker.alive():
+            for row in worker.abandon_running():
                 self.ledger.requeue(row.id)
                 clean = False
                 log_event(self.log, logging.WARNING, "requeued", "%s did not finish within %.0fs; requeued for the "
@@ -309,11 +279,12 @@ class Daemon:
         log_event(self.log, logging.CRITICAL, "fatal", "stopping: %s", exc, error=str(exc))
         self.exit_code = EXIT_FATAL
         self.status.error("-", None, f"fatal: {exc}", final=True)
-        self.worker.stop_requested.set()
+        if self.worker is not None:
+            self.worker.request_stop()
         self.request_stop()
 
     def _shutdown_resources(self) -> None:
-        self._stop_observer()
+        self.observer.stop()
         if self.metrics is not None:
             try:
                 self.metrics.close()
@@ -331,220 +302,87 @@ class Daemon:
                           exc_info=True)
         # The ledger stays usable for an abandoned worker thread until the process exits; it is
         # closed only when the worker is really gone.
-        if not self.worker.alive():
+        if self.worker is None or not self.worker.alive():
             self.ledger.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
 
     # ------------------------------------------------------------------------------------------
-    # observer
-
-    def _start_observer(self) -> None:
-        from watchdog.observers.polling import PollingObserver
-
-        handler = make_handler(self.intake, self.log)
-        if self.ds.poll_seconds:
-            obs = PollingObserver(timeout=self.ds.poll_seconds)
-            mode = f"polling every {self.ds.poll_seconds:g}s"
-        else:
-            from watchdog.observers import Observer
-
-            obs, mode = Observer(), "inotify"
-        try:
-            obs.schedule(handler, str(self.paths.inbox), recursive=self.ds.recursive)
-            obs.start()
-        except OSError as e:
-            # inotify watch limit reached, or a filesystem without inotify: polling still works.
-            interval = self.ds.poll_seconds or 5.0
-            log_event(self.log, logging.WARNING, "observer_fallback", "%s observer unavailable (%s); polling every "
-                      "%.0fs instead", mode, e, interval)
-            obs = PollingObserver(timeout=interval)
-            obs.schedule(handler, str(self.paths.inbox), recursive=self.ds.recursive)
-            obs.start()
-            mode = f"polling every {interval:g}s (fallback)"
-        self._observer = obs
-        self.observer_mode = mode
-        self.status.set_static(observer=mode)
-        logging.getLogger("watchdog.observers").addHandler(self._overflow_hook)
-        self._stop_noise.stopping = False
-        inotify_log = logging.getLogger("watchdog.observers.inotify")
-        if self._stop_noise not in inotify_log.filters:
-            inotify_log.addFilter(self._stop_noise)
-
-    def _stop_observer(self) -> None:
-        logging.getLogger("watchdog.observers").removeHandler(self._overflow_hook)
-        obs, self._observer = self._observer, None
-        if obs is None:
-            return
-        self._stop_noise.stopping = True
-        try:
-            obs.stop()
-            obs.join(timeout=5)
-        except Exception:
-            log_event(self.log, logging.WARNING, "observer_error", "observer did not stop cleanly", exc_info=True)
-
-    def _check_observer(self) -> None:
-        obs = self._observer
-        if (obs is not None and obs.is_alive()) or self._stopping.is_set() or self._stop_intake.is_set():
-            return
-        if time.monotonic() < self._observer_retry_at:
-            return
-        log_event(self.log, logging.ERROR, "observer_restart", "the file observer died; restarting it and rescanning")
-        self._stop_observer()
-        try:
-            self._start_observer()
-        except Exception as e:
-            # e.g. the inbox share is gone for now: rescans keep trying; no log flood meanwhile.
-            self._observer_retry_at = time.monotonic() + 10.0
-            log_event(self.log, logging.ERROR, "observer_error", "cannot watch %s: %s (retrying in 10 s)",
-                      self.paths.inbox, e)
-            return
-        self.intake.request_scan()
-
-    # ------------------------------------------------------------------------------------------
-    # recovery
-
-    def _recover(self) -> None:
-        for row in self.ledger.recover():
-            log_event(self.log, logging.WARNING, "resumed", "resuming %s (attempt %d was interrupted when the daemon "
-                      "stopped or died; not counted against it)", row.name, row.attempts, stem=row.stem,
-                      interruptions=row.interruptions + 1)
-        for row in self.ledger.undisposed():
-            outcome = {"done": "edited", "skipped": "skipped", "failed": "failed"}[row.state]
-            src = Path(row.source)
-            if os.path.lexists(src):
-                from daemon.intake import hash_file
-
-                try:
-                    if hash_file(src) != row.sha256:
-                        self.ledger.set_disposition(row.id, "gone")
-                        continue
-                except OSError:
-                    continue
-            try:
-                what = dispose_input(src, row.name, row.sha256, outcome, self.ds.disposition, self.paths.archive)
-            except OSError as e:
-                log_event(self.log, logging.ERROR, "dispose_error", "cannot move %s out of the inbox: %s", row.name, e)
-                continue
-            if outcome == "failed":
-                from daemon.worker import annotate_failure
-
-                try:
-                    annotate_failure(self.paths.outbox / "failed" / f"{row.stem}.json", row.sha256, row.source, what)
-                except OSError:
-                    pass
-            self.ledger.set_disposition(row.id, what)
-            log_event(self.log, logging.INFO, "recovered", "completed the disposition of %s (%s)", row.name, what)
-        self._remove_stale_temps()
-        self._refresh_counts()
-
-    def _remove_stale_temps(self) -> None:
-        # Hidden temp files of the atomic writers (`.NAME.tmp-XXXX`) left by a crash mid-write. The
-        # lock guarantees no other daemon writes here now, so any such file is a leftover.
-        seen: set[str] = set()
-        for top in (self.paths.outbox, self.paths.archive, self.paths.status_file.parent):
-            for folder, dirs, files in os.walk(top):
-                if folder in seen:
-                    dirs[:] = []
-                    continue
-                seen.add(folder)
-                for name in files:
-                    if _TEMP_RE.match(name):
-                        path = os.path.join(folder, name)
-                        try:
-                            os.unlink(path)
-                            log_event(self.log, logging.INFO, "temp_removed", "removed %s (partial write from "
-                                      "an interrupted run)", path)
-                        except OSError:
-                            pass
-
-    # ------------------------------------------------------------------------------------------
     # intake decisions (intake thread)
 
     def _on_stable(self, path: Path, sig: Sig, sha: str) -> bool:
-        """A complete file: decide new / already queued / duplicate / retry. True when handled."""
-        src = str(path)
+        """A complete file: judge it (:func:`daemon.policy.decide`) and act on the decision. True
+        when handled."""
         name = path.relative_to(self.paths.inbox).as_posix()
-        led = self.ledger
-        same = led.by_source(sha, src)
-        # The very file a row stands for is still here (queued, being processed, left in place, or
-        # not yet moved out because of a crash). Once a row's input was moved out, a file at the
-        # same path is a new arrival and is judged below.
-        if same is not None and (same.state in ACTIVE or same.disposition in (None, "left")):
-            if same.state in ACTIVE or self.worker.is_running(same.id):
-                return True
-            if same.disposition is None and self.ds.disposition != "leave":
-                outcome = {"done": "edited", "skipped": "skipped", "failed": "failed"}[same.state]
-                led.set_disposition(same.id, dispose_input(path, name, sha, outcome, self.ds.disposition,
-                                                           self.paths.archive))
+        arrival = Arrival(source=str(path), name=name, sha256=sha, rules_hash=self.rules_hash,
+                          version=PIPELINE_VERSION)
+        worker = self.worker
+        is_running = worker.is_running if worker is not None else (lambda row_id: False)
+        decision = decide(self.ledger, arrival, duplicates=self.ds.duplicates, disposition=self.ds.disposition,
+                          is_running=is_running)
+        led, prev = self.ledger, decision.row
+        if decision.kind == "known":
             return True
-        if led.duplicate_seen(src, sha):
+        if decision.kind == "finish_disposal":
+            assert prev is not None
+            led.set_disposition(prev.id, self.writer.dispose(path, name, sha, STATE_OUTCOME[prev.state]))
             return True
-        active = led.active_for(sha)
-        if active is not None and not os.path.lexists(active.source):
-            led.set_source(active.id, src, name)
-            log_event(self.log, logging.INFO, "renamed", "%s is %s renamed; still queued", name, active.name,
-                      stem=active.stem)
+        if decision.kind == "renamed":
+            assert prev is not None
+            led.set_source(prev.id, arrival.source, name)
+            log_event(self.log, logging.INFO, "renamed", "%s is %s renamed; still queued", name, prev.name,
+                      stem=prev.stem)
             return True
-        rules_hash = self.rules_hash
-        prev = active or led.latest_for_key(sha, rules_hash, PIPELINE_VERSION)
-        if prev is not None and prev.state == "failed":
-            self._clear_failure_record(prev)
-            led.reset_for_retry(prev.id, src, name)
+        if decision.kind == "retry":
+            assert prev is not None
+            self.writer.clear_failure(prev.stem)  # the retry writes its own outcome; a stale one would make two
+            led.reset_for_retry(prev.id, arrival.source, name)
             log_event(self.log, logging.INFO, "retry_dropped", "%s: failed before (%s); dropped again, retrying",
                       name, prev.error, stem=prev.stem)
-            self.worker.wake.set()
-            self._refresh_counts()
-            return True
-        if prev is not None and self.ds.duplicates == "skip":
-            what = dispose_input(path, name, sha, "edited", self.ds.disposition, self.paths.archive)
-            led.add_duplicate(prev.id, src, sha, what)
+        elif decision.kind == "duplicate":
+            assert prev is not None
+            what = self.writer.dispose(path, name, sha, "edited")
+            led.add_duplicate(prev.id, arrival.source, sha, what)
             self.metrics.outcome("duplicate")
             log_event(self.log, logging.INFO, "duplicate", "%s: same content as %s (%s); not processed again",
                       name, prev.name, prev.state, stem=prev.stem, disposition=what)
             self._refresh_counts()
             return True
-        row = led.add(sha256=sha, rules_hash=rules_hash, version=PIPELINE_VERSION, source=src, name=name,
-                      size=sig.size, stem_candidates=_stems(make_stem_base(name), sha), stem_free=self._stem_free)
-        log_event(self.log, logging.INFO, "queued", "queued %s", name, stem=row.stem, sha256=sha[:12])
-        self.worker.wake.set()
+        else:
+            row = led.add(sha256=sha, rules_hash=arrival.rules_hash, version=PIPELINE_VERSION, source=arrival.source,
+                          name=name, size=sig.size, stem_candidates=stem_candidates(make_stem_base(name), sha),
+                          stem_free=self.writer.stem_free)
+            log_event(self.log, logging.INFO, "queued", "queued %s", name, stem=row.stem, sha256=sha[:12])
+        if worker is not None:
+            worker.wake.set()
         self._refresh_counts()
         return True
 
     @property
     def rules_hash(self) -> str:
-        return str(self.processor.rules_hash or "none")
-
-    def _stem_free(self, stem: str) -> bool:
-        out = self.paths.outbox
-        return not any((out / sub / f"{stem}.json").exists() for sub in ("", "skipped", "failed"))
-
-    def _clear_failure_record(self, row: Row) -> None:
-        # The retry will write its own outcome; a stale failed record would make two.
-        try:
-            (self.paths.outbox / "failed" / f"{row.stem}.json").unlink()
-        except FileNotFoundError:
-            pass
+        return rules_hash_of(self.processor)
 
     # ------------------------------------------------------------------------------------------
-    # the intake thread: events, settling, rescans, rules, status
+    # the intake thread: events, settling, rescans, rules, observer, status
 
     def _intake_loop(self) -> None:
-        next_rescan = time.monotonic() + self.ds.rescan_seconds
-        next_rules = time.monotonic() + self.ds.rules_poll_seconds
+        now = self.clock()
+        next_rescan = now + self.ds.rescan_seconds
+        next_rules = now + self.ds.rules_poll_seconds
         next_status = last_status = 0.0
         while not self._stop_intake.is_set():
             wait = 0.5
             try:
                 self.intake.wake.clear()
                 wait = min(wait, self.intake.tick())
-                now = time.monotonic()
+                now = self.clock()
                 if now >= next_rescan:
                     self.intake.request_scan()
                     next_rescan = now + self.ds.rescan_seconds
                 if now >= next_rules:
-                    self._poll_rules()
+                    if self.rules.poll() and self.worker is not None:
+                        self.worker.request_rules_reload()
                     next_rules = now + self.ds.rules_poll_seconds
                 self._check_observer()
                 # Changes are published at most every 0.25 s; otherwise as a heartbeat.
@@ -555,6 +393,12 @@ class Daemon:
             except Exception:
                 log_event(self.log, logging.ERROR, "intake_error", "intake loop error", exc_info=True)
             self.intake.wake.wait(wait)
+
+    def _check_observer(self) -> None:
+        if self._stopping.is_set() or self._stop_intake.is_set():
+            return  # a stop is taking the observer down: not a death
+        if self.observer.check():
+            self.status.set_static(observer=self.observer.mode)
 
     def _refresh_counts(self) -> None:
         try:
@@ -574,54 +418,9 @@ class Daemon:
         except OSError as e:
             log_event(self.log, logging.WARNING, "status_error", "cannot write %s: %s", self.paths.status_file, e)
 
-    def count_outcome(self, outcome: str) -> None:
-        self.metrics.outcome(outcome)
-        self.status.update(processed=self.status.processed + 1)
-
-    # ------------------------------------------------------------------------------------------
-    # rules
-
-    def _rules_stat(self) -> tuple | None:
-        if self.paths.rules is None:
-            return None
-        try:
-            st = os.stat(self.paths.rules)
-        except OSError:
-            return None
-        return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-    def _poll_rules(self) -> None:
-        # A change is acted on once the file looked the same on two polls in a row, so an editor
-        # caught mid-write does not produce a spurious "refused".
-        if self.paths.rules is None:
-            return
-        sig = self._rules_stat()
-        if sig == self._rules_sig:
-            self._rules_seen = sig
-            return
-        if sig != self._rules_seen:
-            self._rules_seen = sig
-            return
-        self._rules_sig = sig
-        self.worker.request_rules_reload()
-
     def reload_rules(self) -> None:
         """Validate and switch to the rule file's current content (worker thread, between images)."""
-        old = self.rules_hash
-        try:
-            new = self.processor.reload_rules(self.paths.rules)
-        except Exception as e:
-            self.metrics.rules_reload("refused")
-            self.status.update(rules={**self.status.rules, "last_error": str(e), "refused_at": time.time()})
-            self._write_status()  # `status` shows it as soon as the log does
-            log_event(self.log, logging.ERROR, "rules_refused", "rule file edit refused; the last good rules stay "
-                      "in force (%s): %s", old[:12], e, rules=str(self.paths.rules), error=str(e))
-            return
-        self.metrics.rules_reload("accepted")
-        self.status.update(rules={**self.status.rules, "hash": new, "last_error": None, "reloaded_at": time.time()})
-        self._write_status()  # `status` shows it as soon as the log does
-        log_event(self.log, logging.INFO, "rules_reloaded", "rules reloaded: %s -> %s", old[:12], str(new)[:12],
-                  rules=str(self.paths.rules))
+        self.rules.reload(self.processor, self.status, self.metrics, self._write_status)
 
     # ------------------------------------------------------------------------------------------
     # helpers for tests and status
@@ -631,7 +430,7 @@ class Daemon:
             depth = self.ledger.queue_depth()
         except Exception:
             depth = 0
-        return self.intake.busy() or self.worker.busy or depth > 0
+        return self.intake.busy() or (self.worker is not None and self.worker.busy) or depth > 0
 
     def wait_idle(self, timeout: float, quiet: float | None = None) -> bool:
         """Block until nothing is settling, queued or running for ``quiet`` seconds (default: settle
@@ -648,4 +447,3 @@ class Daemon:
                 return True
             time.sleep(0.05)
         return False
-

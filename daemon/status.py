@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.config import inbox_key
+from daemon.ledger import read_summary
+from daemon.lock import lock_holder
+
 
 def _iso(t: float | None) -> str | None:
     if t is None:
@@ -110,9 +114,6 @@ class StatusBoard:
 def read_status_files(ledger: Path, inbox: Path | None = None) -> list[dict[str, Any]]:
     """Status files next to ``ledger`` (only the one for ``inbox`` when given), each with
     ``alive`` (a daemon holds the matching lock) added."""
-    from daemon.config import inbox_key
-    from daemon.lock import lock_holder
-
     folder = ledger.parent
     pattern = f".daemon-{inbox_key(inbox)}.status.json" if inbox is not None else ".daemon-*.status.json"
     out = []
@@ -133,8 +134,6 @@ def read_status_files(ledger: Path, inbox: Path | None = None) -> list[dict[str,
 
 def gather_status(ledger: Path, inbox: Path | None = None, n_errors: int = 5) -> dict[str, Any]:
     """Everything `status` prints: ledger counts and errors, and each daemon's live state."""
-    from daemon.ledger import read_summary
-
     info: dict[str, Any] = {"ledger": str(ledger), "ledger_exists": ledger.exists()}
     if ledger.exists():
         info.update(read_summary(ledger, n_errors))

@@ -277,7 +277,7 @@ def detect_cmd(
 
 OP_FLAGS = {"x": "--x", "y": "--y", "fill": "--fill", "loras": "--lora", "prompt": "--prompt", "tag": "--tag",
             "seed": "--seed", "azimuth": "--azimuth", "polar": "--polar", "sampler": "--sampler",
-            "fill_sampler": "--sampler"}
+            "fill.sampler": "--sampler"}
 
 
 @app.command("run")
@@ -327,8 +327,8 @@ def run_cmd(
         else fill_backend
     given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar,
-             # rotate's own steps are the novel view's; its sd fill's sampler is fill_sampler
-             ("fill_sampler" if op == "rotate" else "sampler"): sampler}
+             # displace/rotate: --sampler is their sd fill's (fill.sampler)
+             ("fill.sampler" if op in ("displace", "rotate") else "sampler"): sampler}
     given = {k: v for k, v in given.items() if v is not None}
     for kv in param or []:
         if "=" not in kv:
@@ -352,7 +352,7 @@ def run_cmd(
         try:
             actions = [parse_action(op, given, s, bases=(None, s.base_dir))]
         except ParamsError as e:
-            where = "; ".join(f"{OP_FLAGS.get(f.split('.')[0], f) if f else '--op'}: {r}" for f, r in e.problems)
+            where = "; ".join(f"{OP_FLAGS.get(f, OP_FLAGS.get(f.split('.')[0], f)) if f else '--op'}: {r}" for f, r in e.problems)
             raise fail(f"--op {op}: {where}", EXIT_CONFIG) from None
     opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
     _run_jobs(s, paths, rules, dry_run, on_conflict, recursive, out, pool=opts, actions=actions,

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import BadInput
+from pipeline.settings import error_fields
 
 # Which layers get LoRA. ``transformer`` is kohya's default LoRA for SD 1.x (every Linear and 1x1
 # conv of the Transformer2D blocks); ``attn`` is diffusers' training example; ``all`` adds the
@@ -207,9 +208,4 @@ class TrainConfig(BaseModel):
         try:
             return cls(**kwargs)
         except ValidationError as e:
-            problems = []
-            for err in e.errors():
-                field = ".".join(str(x) for x in err["loc"])
-                msg = err["msg"].removeprefix("Value error, ")
-                problems.append((field, msg))
-            raise TrainConfigError(problems) from None
+            raise TrainConfigError(error_fields(e, "unknown option")) from None

@@ -88,10 +88,10 @@ def controlnet_pipeline(registry: "ModelRegistry") -> Any:
 # Parameters
 
 
-def build_prompt(template: str, label: str, tag: str = "") -> str:
-    """Fill ``{tag}`` and ``{label}`` and drop empty comma-separated items, so an empty tag leaves
-    no stray ``", "``. Other text (braces included) is kept as written."""
-    text = template.replace("{tag}", tag.strip()).replace("{label}", label.strip())
+def build_prompt(template: str, label: str, tag: str | None = "") -> str:
+    """Fill ``{tag}`` and ``{label}`` and drop empty comma-separated items, so an empty (or None)
+    tag leaves no stray ``", "``. Other text (braces included) is kept as written."""
+    text = template.replace("{tag}", (tag or "").strip()).replace("{label}", label.strip())
     if "," not in text:
         return text.strip()
     return ", ".join(p.strip() for p in text.split(",") if p.strip())

@@ -24,7 +24,6 @@ import functools
 import gc
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from pipeline.errors import ModelLoadError  # noqa: F401 - re-exported (pipeline.models.ModelLoadError)
 from pipeline.hashing import file_sha256  # noqa: F401 - re-exported
+from pipeline.imageio import atomic_path
 from pipeline.settings import ROLES, ModelSource, Settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -640,10 +640,8 @@ class ModelRegistry:
         if not create:
             return None
         state = _torch_load_state(pth)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         return target
 
     # ----------------------------------------------------------------------------------------

@@ -865,7 +865,8 @@ def error_fields(err: ValidationError, unknown: str = "unknown field") -> list[t
 
 def legacy_loc(loc: tuple[Any, ...], given: Mapping[str, Any] | None) -> tuple[Any, ...]:
     """``loc`` as the user wrote it: ``(..., section, "fill", field)`` becomes ``(..., section, old
-    flat key)`` when ``given`` (the raw mapping ``loc`` points into) spelt it the old way."""
+    flat key)`` when ``given`` (the raw mapping ``loc`` points into) spelt it the old way, and
+    ``(..., section, "fill")`` for the backend of a short ``fill: NAME``."""
     for i in range(len(loc) - 2):
         section, fill, field = loc[i], loc[i + 1], loc[i + 2]
         if fill != "fill" or section not in LEGACY_FILL_KEYS:
@@ -873,7 +874,11 @@ def legacy_loc(loc: tuple[Any, ...], given: Mapping[str, Any] | None) -> tuple[A
         node: Any = given
         for k in loc[:i + 1]:
             node = node.get(k) if isinstance(node, Mapping) else None
-        if not isinstance(node, Mapping) or (isinstance(node.get("fill"), Mapping) and field in node["fill"]):
+        if not isinstance(node, Mapping):
+            continue
+        if field == "backend" and isinstance(node.get("fill"), (str, list, tuple)):
+            return (*loc[:i + 2], *loc[i + 3:])
+        if isinstance(node.get("fill"), Mapping) and field in node["fill"]:
             continue
         for old, new in LEGACY_FILL_KEYS[section].items():
             if new == field and old in node:

@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
-from bench.measure import PeakMemory, Rounds, run_with_models, stats
+from bench.detect import BenchError, _peak_rss_mib, common_options, synthetic_image
+from bench.measure import PeakMemory, Rounds, run_with_models, stats, tiny_registry
 from pipeline.models import HFBundle, ModelRegistry
 from pipeline.settings import EnhanceSettings, Settings
 
@@ -162,18 +162,6 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
     return registry
 
 
-def build_tiny_registry(tiny_dir: str | Path, device: str = "auto") -> ModelRegistry:
-    """Registry over a tiny set written by :func:`pipeline.tiny.make_tiny_set` (smoke runs, tests)."""
-    from pipeline.settings import load_settings
-
-    settings = load_settings(Path(tiny_dir) / "settings.yaml")
-    settings.runtime.device = device
-    registry = ModelRegistry(settings)
-    for role in ("inpaint", "controlnet_depth", "depth"):
-        registry.get(role)  # load outside every timing
-    return registry
-
-
 # ------------------------------------------------------------------------------------------------
 # Running and reporting
 
@@ -203,7 +191,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
     if tiny_dir is not None:
-        registry = build_tiny_registry(tiny_dir, device)
+        registry = tiny_registry(tiny_dir, device, ("inpaint", "controlnet_depth", "depth"))
         models = f"tiny random-weight set ({tiny_dir})"
         base = registry.settings.enhance
     else:
@@ -312,13 +300,7 @@ def render(result: dict[str, Any], console: Any = None) -> None:
 
 def run_from_options(opts: Any) -> dict[str, Any]:
     """``python -m bench enhance``: run with the CLI options, print the tables, return the result."""
-    from rich.console import Console
-
-    err = Console(stderr=True)
-    quick = getattr(opts, "quick", False)
-    size = opts.size or (TINY_SIZE if opts.tiny else QUICK_SIZE if quick else DEFAULT_SIZE)
-    common = dict(repeats=repeats_option(opts), size=size, device=opts.device,
-                  log=lambda m: err.print(m, highlight=False))
+    quick, common = common_options(opts, TINY_SIZE, QUICK_SIZE, DEFAULT_SIZE)
     if quick:
         # Each case once, one denoising step: both cases' UNet work halves alike, the ratio stays.
         common.update(warmup=False, steps=1)

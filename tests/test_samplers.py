@@ -140,6 +140,9 @@ def _cli_scene(tmp_path):
 @pytest.mark.parametrize("op,extra,path", [
     ("enhance", [], ("sampler",)),
     ("displace", ["--x", "30", "--fill", "sd"], ("fill", "tries", 0, "fill", "sampler")),
+    # --sampler reaches rotate's fill (fill.sampler), not its novel view; --param reaches a fill field
+    ("rotate", ["--azimuth", "20", "--fill", "sd", "--param", "fill.steps=3", "--param", "upscale=off"],
+     ("fill", "tries", 0, "fill", "sampler")),
 ])
 def test_cli_run_op_sampler(tiny_dir, tmp_path, op, extra, path):
     import json
@@ -167,10 +170,11 @@ def test_cli_run_bad_sampler_names_flag(tiny_dir, tmp_path):
     from cli.app import app
 
     _cli_scene(tmp_path)
-    r = CliRunner().invoke(app, ["run", str(tmp_path / "p.png"), "--op", "enhance", "--class", "handbag",
-                                 "--sampler", "euler", "--mask", str(tmp_path / "m.png"),
-                                 "--config", str(tiny_dir / "settings.yaml")])
-    assert r.exit_code == 2 and "--sampler" in r.output
+    for op in ("enhance", "displace"):
+        r = CliRunner().invoke(app, ["run", str(tmp_path / "p.png"), "--op", op, "--class", "handbag",
+                                     "--sampler", "euler", "--mask", str(tmp_path / "m.png"),
+                                     "--config", str(tiny_dir / "settings.yaml")])
+        assert r.exit_code == 2 and "--sampler" in r.output, r.output
 
 
 @pytest.mark.parametrize("sampler", FEW)

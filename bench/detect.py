@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.measure import PeakMemory, Rounds, process_peak_rss_mib, run_with_models, stats
+from bench.measure import PeakMemory, Rounds, process_peak_rss_mib, run_with_models, stats, tiny_registry
 from pipeline.detect.detector import ClipScorer, Detector, softmax_probs
 from pipeline.models.registry import ClipBundle, ModelRegistry, SamBundle
 from pipeline.settings import DetectSettings, Settings
@@ -164,15 +164,8 @@ def build_full_registry(device: str = "auto", seed: int = SEED) -> ModelRegistry
 
 
 def build_tiny_registry(tiny_dir: str | Path, device: str = "auto") -> ModelRegistry:
-    """Registry over a tiny set written by :func:`pipeline.models.tiny.make_tiny_set` (smoke runs, tests)."""
-    from pipeline.settings import load_settings
-
-    settings = load_settings(Path(tiny_dir) / "settings.yaml")
-    settings.runtime.device = device
-    registry = ModelRegistry(settings)
-    for role in ("clip", "sam"):
-        registry.get(role)  # load outside every timing
-    return registry
+    """Registry over a tiny set with the detection models loaded (:func:`bench.measure.tiny_registry`)."""
+    return tiny_registry(tiny_dir, device, ("clip", "sam"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,15 +507,22 @@ def repeats_option(opts: Any) -> int:
     return n if n else (1 if getattr(opts, "quick", False) else 3)
 
 
-def run_from_options(opts: Any) -> dict[str, Any]:
-    """``python -m bench detect``: run with the CLI options, print the tables, return the result."""
+def common_options(opts: Any, tiny_size: tuple[int, int], quick_size: tuple[int, int],
+                   default_size: tuple[int, int]) -> tuple[bool, dict[str, Any]]:
+    """``(quick, keyword arguments every benchmark's run takes)`` from the CLI options: repeats,
+    image size (``--size``, else the tiny, quick or default size), device, and a log to stderr."""
     from rich.console import Console
 
     err = Console(stderr=True)
     quick = getattr(opts, "quick", False)
-    size = opts.size or (TINY_SIZE if opts.tiny else QUICK_SIZE if quick else DEFAULT_SIZE)
-    common = dict(repeats=repeats_option(opts), size=size, device=opts.device,
-                  log=lambda m: err.print(m, highlight=False))
+    size = opts.size or (tiny_size if opts.tiny else quick_size if quick else default_size)
+    return quick, dict(repeats=repeats_option(opts), size=size, device=opts.device,
+                       log=lambda m: err.print(m, highlight=False))
+
+
+def run_from_options(opts: Any) -> dict[str, Any]:
+    """``python -m bench detect``: run with the CLI options, print the tables, return the result."""
+    quick, common = common_options(opts, TINY_SIZE, QUICK_SIZE, DEFAULT_SIZE)
     if quick:
         # The baseline runs once (its models are warm from the other cases), the floor without a
         # warm-up (its models and shapes are warm from ours_product).

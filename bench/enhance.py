@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image
 
 from bench import malloc_mode
-from bench.detect import BenchError, _peak_rss_mib, repeats_option, synthetic_image
-from bench.measure import PeakMemory, Rounds, run_with_models, stats
+from bench.detect import BenchError, _peak_rss_mib, common_options, synthetic_image
+from bench.measure import PeakMemory, Rounds, run_with_models, stats, tiny_registry
 from pipeline.models.registry import HFBundle, ModelRegistry
 from pipeline.settings import EnhanceSettings, Settings
 
@@ -81,6 +81,20 @@ def case_params(case: str, base: EnhanceSettings | None = None, steps: int = STE
 # Models
 
 
+def sd1_unet_vae(in_channels: int, unet_size: int, vae_size: int) -> tuple[Any, Any]:
+    """A full-size SD 1.x UNet (``in_channels`` inputs, 768-d cross-attention, ``unet_size``
+    latent side) and VAE (``vae_size`` px), random weights from the current torch seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    # UNet2DConditionModel()'s defaults are SD 1.x's blocks.
+    unet = UNet2DConditionModel(sample_size=unet_size, in_channels=in_channels, out_channels=4,
+                                cross_attention_dim=768)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=vae_size,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4)
+    return unet, vae
+
+
 def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "auto",
                         roles: tuple[str, ...] = ("inpaint", "controlnet_depth", "depth")) -> ModelRegistry:
     """Registry holding full-size random-weight SD 1.5 inpainting, ControlNet depth and Depth
@@ -89,11 +103,9 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
     pipeline only (the fill benchmark)."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         ControlNetModel,
         DDIMScheduler,
         StableDiffusionInpaintPipeline,
-        UNet2DConditionModel,
     )
     from transformers import (
         CLIPImageProcessor,
@@ -114,12 +126,9 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
     rt = registry.runtime
 
     torch.manual_seed(seed)
-    # UNet2DConditionModel()'s defaults are SD 1.x's blocks; the inpainting UNet takes 9 channels
-    # (latents + mask + masked-image latents) and SD 1.5 cross-attends to 768-d CLIP ViT-L text.
-    unet = UNet2DConditionModel(sample_size=64, in_channels=9, out_channels=4, cross_attention_dim=768)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)
+    # The inpainting UNet takes 9 channels (latents + mask + masked-image latents) and SD 1.5
+    # cross-attends to 768-d CLIP ViT-L text.
+    unet, vae = sd1_unet_vae(9, 64, 512)
     tok = _clip_tokenizer()
     # ViT-L/14 text tower; only the vocabulary follows the small offline tokenizer (77 tokens either way).
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
@@ -153,18 +162,6 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
     return registry
 
 
-def build_tiny_registry(tiny_dir: str | Path, device: str = "auto") -> ModelRegistry:
-    """Registry over a tiny set written by :func:`pipeline.models.tiny.make_tiny_set` (smoke runs, tests)."""
-    from pipeline.settings import load_settings
-
-    settings = load_settings(Path(tiny_dir) / "settings.yaml")
-    settings.runtime.device = device
-    registry = ModelRegistry(settings)
-    for role in ("inpaint", "controlnet_depth", "depth"):
-        registry.get(role)  # load outside every timing
-    return registry
-
-
 # ------------------------------------------------------------------------------------------------
 # Running and reporting
 
@@ -194,7 +191,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
     if tiny_dir is not None:
-        registry = build_tiny_registry(tiny_dir, device)
+        registry = tiny_registry(tiny_dir, device, ("inpaint", "controlnet_depth", "depth"))
         models = f"tiny random-weight set ({tiny_dir})"
         base = registry.settings.enhance
     else:
@@ -303,13 +300,7 @@ def render(result: dict[str, Any], console: Any = None) -> None:
 
 def run_from_options(opts: Any) -> dict[str, Any]:
     """``python -m bench enhance``: run with the CLI options, print the tables, return the result."""
-    from rich.console import Console
-
-    err = Console(stderr=True)
-    quick = getattr(opts, "quick", False)
-    size = opts.size or (TINY_SIZE if opts.tiny else QUICK_SIZE if quick else DEFAULT_SIZE)
-    common = dict(repeats=repeats_option(opts), size=size, device=opts.device,
-                  log=lambda m: err.print(m, highlight=False))
+    quick, common = common_options(opts, TINY_SIZE, QUICK_SIZE, DEFAULT_SIZE)
     if quick:
         # Each case once, one denoising step: both cases' UNet work halves alike, the ratio stays.
         common.update(warmup=False, steps=1)

@@ -124,7 +124,7 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
     """
     import torch
 
-    from pipeline.ops.composite import dilate
+    from pipeline.io.composite import dilate, bbox
     from pipeline.ops.inpaint import fill
 
     if repeats < 1:
@@ -140,23 +140,18 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
     W, H = size
     image = Image.fromarray(synthetic_image(W, H), "RGB")
     mask = hole_mask(W, H)
-    hole = dilate(mask, p.mask_dilation)
+    hole = dilate(mask, p.fill.mask_dilation)
     src = np.asarray(image)
-    common = dict(dilation=p.mask_dilation, blend=p.fill_blend, crop_margin=p.crop_margin, seed=p.seed)
-    steps_list = [p.steps] if sd_steps is None else list(sd_steps)
-    runs = {"lama": dict(common, lama_resolution=p.lama_resolution),
-            "classical": dict(common, radius=p.classical_radius, method=p.classical_method)}
-    sd_kw = dict(common, guidance=p.guidance, strength=p.strength, prompt=p.prompt,
-                 negative_prompt=p.negative_prompt, resolution=p.resolution)
+    steps_list = [p.fill.steps] if sd_steps is None else list(sd_steps)
     names = ["lama", *(f"sd@{s}" for s in steps_list), "classical"]
     mem = {n: PeakMemory(registry.runtime.device) for n in names}
 
     def run_case(name: str) -> tuple[float, dict[str, Any]]:
         backend = name.split("@")[0]
-        kw = dict(sd_kw, steps=int(name.split("@")[1])) if backend == "sd" else runs[backend]
+        fs = p.fill.model_copy(update={"steps": int(name.split("@")[1])}) if backend == "sd" else p.fill
         with mem[name]:
             t0 = time.perf_counter()
-            out, rec = fill(image, mask, backend, registry=registry, **kw)
+            out, rec = fill(image, mask, fs, registry, seed=p.seed, backend=backend)
             _sync(registry)
             dt = time.perf_counter() - t0
         if rec["backend"] != backend:
@@ -166,7 +161,7 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
         say(f"  {name:<9} {dt:9.3f} s")
         return dt, {k: rec[k] for k in ("crop", "scale", "padded_size", "steps") if k in rec}
 
-    slow = f"sd@{p.steps}" if sd_steps is None else None
+    slow = f"sd@{p.fill.steps}" if sd_steps is None else None
     rounds = Rounds(names, lambda name, _warmup: run_case(name), repeats=repeats if warmup else 1,
                     warm=names if warmup else (), slow=slow, slow_s=SLOW_SD_S, say=say)
     times = rounds.times
@@ -176,19 +171,18 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
                     **mem[n].record()}
     med = {n: statistics.median(times[n]) for n in names}
     if sd_steps is None:
-        sd_cost, sd_how = med[f"sd@{p.steps}"], f"measured at {p.steps} steps"
+        sd_cost, sd_how = med[f"sd@{p.fill.steps}"], f"measured at {p.fill.steps} steps"
     else:
         (s1, s2) = sd_steps
         per_step = (med[f"sd@{s2}"] - med[f"sd@{s1}"]) / (s2 - s1)
         fixed = med[f"sd@{s1}"] - s1 * per_step
-        sd_cost = fixed + shipped.steps * per_step
-        sd_how = (f"extrapolated to {shipped.steps} steps from runs at {s1} and {s2} steps "
+        sd_cost = fixed + shipped.fill.steps * per_step
+        sd_how = (f"extrapolated to {shipped.fill.steps} steps from runs at {s1} and {s2} steps "
                   f"(fixed {fixed:.2f} s + {per_step:.2f} s/step)")
         cases["sd (extrapolated)"] = {"median_s": sd_cost, "measures": sd_how, "per_step_s": per_step,
-                                      "fixed_s": fixed, "steps": shipped.steps, "extrapolated": True}
+                                      "fixed_s": fixed, "steps": shipped.fill.steps, "extrapolated": True}
     value = sd_cost / med["lama"] if med["lama"] > 0 else float("inf")
-    x0, y0 = np.argwhere(mask).min(axis=0)[::-1]
-    x1, y1 = np.argwhere(mask).max(axis=0)[::-1] + 1
+    x0, y0, x1, y1 = bbox(mask)
     context = {
         "models": models,
         "device": str(registry.runtime.device) + (f" ({torch.cuda.get_device_name(registry.runtime.device)})"
@@ -205,11 +199,11 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
     lama_crop = cases["lama"].get("crop", {})
     context["notes"] = [
         f"{models}; {context['device']}; image {W}x{H}, hole box {x1 - x0}x{y1 - y0} px ({context['hole_share']:.0%} "
-        f"of the photo after dilation {p.mask_dilation}); LaMa crop {'x'.join(map(str, lama_crop.get('work_size', [])))} "
+        f"of the photo after dilation {p.fill.mask_dilation}); LaMa crop {'x'.join(map(str, lama_crop.get('work_size', [])))} "
         f"at scale {cases['lama'].get('scale')}, padded to {'x'.join(map(str, cases['lama'].get('padded_size', [])))}.",
-        (f"SD fill at the shipped settings ({shipped.steps} steps, guidance {shipped.guidance:g}, {shipped.resolution} px): "
+        (f"SD fill at the shipped settings ({shipped.fill.steps} steps, guidance {shipped.fill.guidance:g}, {shipped.fill.resolution} px): "
          f"{sd_how}; {rounds.note}." if tiny_dir is None else
-         f"tiny set: SD {sd_how} at {p.resolution} px; a smoke run, the ratio means nothing."),
+         f"tiny set: SD {sd_how} at {p.fill.resolution} px; a smoke run, the ratio means nothing."),
     ]
     return {"benchmark": "fill", "context": context, "cases": cases,
             "ratios": {"sd/lama": {"value": value, "goal": 1.0, "met": value >= 1.0}}}

@@ -14,7 +14,7 @@ import resource
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -177,3 +177,18 @@ def run_with_models(tiny: bool, roles: list[str], fn: Any, **kwargs: Any) -> Any
             kwargs["log"](f"building the tiny model set ({', '.join(roles)}) ...")
         make_tiny_set(d, roles=roles)
         return fn(tiny_dir=d, **kwargs)
+
+
+def tiny_registry(tiny_dir: str | Path, device: str, roles: Sequence[str]) -> Any:
+    """A :class:`~pipeline.models.registry.ModelRegistry` over a tiny set written by
+    :func:`pipeline.models.tiny.make_tiny_set` (smoke runs, tests) on ``device``, with ``roles`` loaded
+    before any timing."""
+    from pipeline.models.registry import ModelRegistry
+    from pipeline.settings import load_settings
+
+    settings = load_settings(Path(tiny_dir) / "settings.yaml")
+    settings.runtime.device = device
+    registry = ModelRegistry(settings)
+    for role in roles:
+        registry.get(role)
+    return registry

@@ -68,20 +68,18 @@ def _write_accel_lora(unet: Any, out_file: Path, seed: int, rank: int = ACCEL_RA
 
 def _full_novel_view(registry: ModelRegistry, seed: int = 3) -> None:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from pipeline.models.registry import NovelViewComponents
     from pipeline.models.novel_view_layout import CCProjection
     from pipeline.models.tiny import SD15_SCHEDULER
+    from bench.enhance import sd1_unet_vae
 
     rt = registry.runtime
     torch.manual_seed(seed)
     # Zero123-XL: SD 1.x UNet blocks with 8 input channels (latents + image latents), 768-d context.
-    unet = UNet2DConditionModel(sample_size=32, in_channels=8, out_channels=4, cross_attention_dim=768)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)
+    unet, vae = sd1_unet_vae(8, 32, 256)
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
                                                          num_hidden_layers=24, num_attention_heads=16,
                                                          image_size=224, patch_size=14, projection_dim=768))
@@ -146,16 +144,18 @@ def plan_case(op: str, sampler: str, settings: Settings) -> dict[str, Any]:
         runs = [e.model_copy(update={"steps": _steps_for(n, e.strength)}) for n in CUT]
         return {"params": runs, "scaled": {"generate": (*CUT, full)}, "denoise": full}
     if op == "displace":
-        d = settings.displace.model_copy(update={"sampler": sampler, "fill": "sd", "recheck": False})
-        full = _denoise(d.steps if sampler == "default" else getattr(sp, sampler).steps, d.strength)
+        f = settings.displace.fill.model_copy(update={"sampler": sampler, "backend": "sd", "recheck": False})
+        d = settings.displace.model_copy(update={"fill": f})
+        full = _denoise(f.steps if sampler == "default" else getattr(sp, sampler).steps, f.strength)
         if sampler != "default" or full <= CUT[1]:
             return {"params": [d], "scaled": {}, "denoise": full}
-        runs = [d.model_copy(update={"steps": _steps_for(n, d.strength)}) for n in CUT]
+        runs = [d.model_copy(update={"fill": f.model_copy(update={"steps": _steps_for(n, f.strength)})})
+                for n in CUT]
         return {"params": runs, "scaled": {"fill": (*CUT, full)}, "denoise": full}
     if op == "rotate":
-        r = settings.rotate.model_copy(update={"fill_sampler": sampler, "fill": "sd", "upscale": "off",
-                                               "matte_refine": False})
-        fill_full = _denoise(r.fill_steps if sampler == "default" else getattr(sp, sampler).steps, r.fill_strength)
+        f = settings.rotate.fill.model_copy(update={"sampler": sampler, "backend": "sd"})
+        r = settings.rotate.model_copy(update={"fill": f, "upscale": "off", "matte_refine": False})
+        fill_full = _denoise(f.steps if sampler == "default" else getattr(sp, sampler).steps, f.strength)
         scaled: dict[str, tuple[int, int, int]] = {}
         upd: list[dict[str, Any]] = [{}, {}]
         if r.steps > CUT[1]:
@@ -165,7 +165,7 @@ def plan_case(op: str, sampler: str, settings: Settings) -> dict[str, Any]:
         if sampler == "default" and fill_full > CUT[1]:
             scaled["fill"] = (*CUT, fill_full)
             for u, n in zip(upd, CUT):
-                u["fill_steps"] = _steps_for(n, r.fill_strength)
+                u["fill"] = f.model_copy(update={"steps": _steps_for(n, f.strength)})
         runs = [r.model_copy(update=u) for u in upd] if scaled else [r]
         return {"params": runs, "scaled": scaled, "denoise": fill_full}
     raise ValueError(f"unknown operation {op!r}")

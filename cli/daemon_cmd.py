@@ -43,12 +43,12 @@ def _daemon_settings(values: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
     from daemon.config import DaemonSettings
+    from pipeline.settings import error_fields
 
     try:
         return DaemonSettings(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
-        msgs = [f"{_FLAGS.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']} (got {err.get('input')!r})"
-                for err in e.errors()]
+        msgs = [f"{_FLAGS.get(field.split('.')[0], field)}: {reason}" for field, reason in error_fields(e)]
         raise fail("; ".join(msgs), EXIT_CONFIG) from None
 
 

@@ -76,7 +76,7 @@ def run_cmd(
 # Op parameter -> the flag that sets it (error messages name the flag).
 OP_FLAGS = {"x": "--x", "y": "--y", "fill": "--fill", "loras": "--lora", "prompt": "--prompt", "tag": "--tag",
             "seed": "--seed", "azimuth": "--azimuth", "polar": "--polar", "sampler": "--sampler",
-            "fill_sampler": "--sampler"}
+            "fill.sampler": "--sampler"}
 
 
 def edit_cmd(
@@ -126,8 +126,8 @@ def edit_cmd(
         else fill_backend
     given = {"x": x, "y": y, "fill": fill_spec, "loras": lora or None, "prompt": prompt, "tag": tag, "seed": seed,
              "azimuth": azimuth, "polar": polar,
-             # rotate's own steps are the novel view's; its sd fill's sampler is fill_sampler
-             ("fill_sampler" if op is Op.rotate else "sampler"): sampler.value if sampler else None}
+             # displace/rotate: --sampler is their sd fill's (fill.sampler)
+             ("fill.sampler" if op in (Op.displace, Op.rotate) else "sampler"): sampler.value if sampler else None}
     given = {k: v for k, v in given.items() if v is not None}
     flags = dict(OP_FLAGS)
     for kv in param or []:
@@ -145,7 +145,8 @@ def edit_cmd(
     try:
         actions = [parse_action(op.value, given, s, bases=(None, s.base_dir))]
     except ParamsError as e:
-        where = "; ".join(f"{flags.get(f.split('.')[0], f) if f else 'edit'}: {r}" for f, r in e.problems)
+        where = "; ".join(f"{flags.get(f, flags.get(f.split('.')[0], f)) if f else 'edit'}: {r}"
+                          for f, r in e.problems)
         raise fail(f"edit {op.value}: {where}", EXIT_CONFIG) from None
     opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
     _catalog(s, paths, actions=actions, tag=op.value, class_name=class_name, mask=mask, profiles=profile,

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import BadInput
-from pipeline.settings import SettingsError, read_yaml_mapping, validation_problems
+from pipeline.settings import SettingsError, read_yaml_mapping, validation_problems, error_fields
 
 # Which layers get LoRA. ``transformer`` is kohya's default LoRA for SD 1.x (every Linear and 1x1
 # conv of the Transformer2D blocks); ``attn`` is diffusers' training example; ``all`` adds the
@@ -211,12 +211,7 @@ class TrainConfig(BaseModel):
         try:
             return cls(**kwargs)
         except ValidationError as e:
-            problems = []
-            for err in e.errors():
-                field = ".".join(str(x) for x in err["loc"])
-                msg = err["msg"].removeprefix("Value error, ")
-                problems.append((field, msg))
-            raise TrainConfigError(problems) from None
+            raise TrainConfigError(error_fields(e, "unknown option")) from None
 
 
 def default_name(tag: str) -> str:
@@ -256,8 +251,7 @@ def load_train_config(file: Path | None, overrides: dict, *, loras_root: Path, m
         return TrainConfig(**merged)
     except ValidationError as e:
         if file is None:
-            raise TrainConfigError([(".".join(str(x) for x in err["loc"]), err["msg"].removeprefix("Value error, "))
-                                    for err in e.errors()]) from None
+            raise TrainConfigError(error_fields(e, "unknown option")) from None
         problems = []
         for field, reason, line in validation_problems(e, text):
             top = field.split(".")[0]

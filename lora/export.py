@@ -18,14 +18,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.io.imageio import atomic_write_text
+from pipeline.io.imageio import atomic_write_text, atomic_path
 from pipeline.io.hashing import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,11 +108,6 @@ def peft_to_kohya(state: dict[str, "torch.Tensor"], prefix: str, alpha: float,
     return out
 
 
-def _atomic_replace_from(tmp_file: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp_file, target)
-
-
 def lora_state_dict(module: Any) -> dict[str, "torch.Tensor"]:
     """The ``default`` LoRA adapter's weights of a peft-injected module, keyed as
     ``peft.get_peft_model_state_dict`` keys them (``<module>.lora_A.weight``, adapter name removed)."""
@@ -156,12 +149,10 @@ def save_diffusers_lora(path: Path, unet_state: dict[str, "torch.Tensor"], unet_
         kwargs["text_encoder_2_lora_adapter_metadata"] = dict(te2_config or te_config or {})
     writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # save_lora_weights writes straight to its final name; write beside, then rename, so a crash
-    # never leaves a truncated LoRA where the daemon's rules point.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as d:
-        writer.save_lora_weights(d, weight_name=path.name, safe_serialization=True, **kwargs)
-        _atomic_replace_from(Path(d) / path.name, path)
+    # save_lora_weights writes straight to the name it is given; write beside, then rename, so a
+    # crash never leaves a truncated LoRA where the daemon's rules point.
+    with atomic_path(path) as tmp:
+        writer.save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **kwargs)
     return path
 
 
@@ -186,17 +177,9 @@ def save_kohya_lora(path: Path, unet_state: dict[str, "torch.Tensor"], alpha: fl
     if te2_state:
         tensors.update(peft_to_kohya(te2_state, KOHYA_TE2_PREFIX, alpha))
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kohya-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        _atomic_replace_from(Path(tmp), path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return Path(path)
 
 
 def kohya_metadata(manifest: dict[str, Any]) -> dict[str, Any]:

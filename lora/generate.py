@@ -26,6 +26,7 @@ from pipeline.models.samplers import plan_sampler
 from pipeline import PIPELINE_VERSION
 from pipeline.io.imageio import atomic_write_text, save_image
 from pipeline.io.outputs import now_iso
+from pipeline.ops.enhance import build_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.models.registry import ModelRegistry
@@ -37,13 +38,6 @@ class Generated:
     image_path: Path
     record_path: Path
     record: dict[str, Any]
-
-
-def build_prompt(template: str, tag: str | None, label: str) -> str:
-    """Fill ``{tag}`` and ``{label}``; with no tag, the empty part and its comma are dropped."""
-    text = template.replace("{tag}", tag or "").replace("{label}", label)
-    parts = [p.strip() for p in text.split(",")]
-    return ", ".join(p for p in parts if p)
 
 
 def _slug(label: str) -> str:
@@ -81,7 +75,7 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
     negative = enh.negative_prompt if negative_prompt is None else negative_prompt
     if tag is None:
         tag = next((t for t in (lora_tag(s.path) for s in loras) if t), None)
-    text = build_prompt(prompt if prompt is not None else enh.prompt_template, tag, label)
+    text = build_prompt(prompt if prompt is not None else enh.prompt_template, label, tag)
 
     pipe = registry.get("base")
     model = registry.provenance("base")

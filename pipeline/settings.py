@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from pipeline.errors import BadInput, LoraError
 
@@ -446,44 +448,174 @@ def fill_order(v: str | Sequence[str]) -> list[str]:
 FillSpec = Annotated[Union[str, list[str]], BeforeValidator(check_fill)]
 
 
-class DisplaceSettings(_Strict):
-    """Move a detected product (:mod:`pipeline.ops.displace`). Removal defaults from the seed projects:
-    empty prompt, guidance ~2, strength 1.0, mask dilated by ~20 px."""
+class FillSettings(_Strict):
+    """The hole fill shared by every operation that fills (:func:`pipeline.ops.inpaint.fill_in_order`):
+    ``displace.fill``, ``rotate.fill``. ``fill: lama`` (a name or an order) is short for
+    ``fill: {backend: lama}``; the other fields keep the section's defaults. Removal defaults from
+    the seed projects: empty prompt, guidance ~2, strength 1.0, mask dilated by ~20 px."""
 
-    fill: FillSpec = Field("sd", description="hole fill: lama (LaMa, one forward pass), sd (SD inpainting) or "
-                           "classical (OpenCV, no weights), or a fallback order such as [lama, sd, classical]; a single "
-                           "name is followed by classical")
+    backend: FillSpec = Field("sd", description="lama (LaMa, one forward pass), sd (SD inpainting) or classical "
+                              "(OpenCV, no weights), or a fallback order such as [lama, sd, classical]; a single "
+                              "name is followed by classical")
     sampler: SamplerName = Field("default", description="sd fill: " + SAMPLER_HELP)
-    steps: int = Field(30, ge=1, le=500)
-    guidance: float = Field(2.0, ge=0.0, le=50.0)
-    strength: float = Field(1.0, ge=0.0, le=1.0)
-    prompt: str = Field("", description="SD fill prompt; empty removes best")
+    steps: int = Field(30, ge=1, le=500, description="sd fill: denoising steps")
+    guidance: float = Field(2.0, ge=0.0, le=50.0, description="sd fill: classifier-free guidance")
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="sd fill: share of the schedule re-noised")
+    prompt: str = Field("", description="sd fill prompt; empty removes best")
     negative_prompt: str = ""
     resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
     crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
     lama_resolution: int = Field(1024, ge=64, le=4096, multiple_of=8, description="LaMa works on the hole's crop at "
                                  "the photo's own scale up to this long side; larger crops are scaled down to it")
     mask_dilation: int = Field(20, ge=0, le=512, description="px the hole grows beyond the product mask")
-    fill_blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole "
-                            "edge (clamped to mask_dilation)")
+    blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole edge "
+                       "(clamped to mask_dilation)")
     classical_method: Literal["ns", "telea"] = Field("ns", description="cv2.inpaint algorithm (ns keeps flat "
                                                      "backgrounds flat; telea drifts a few levels)")
     classical_radius: int = Field(5, ge=1, le=64, description="cv2.inpaint neighbourhood radius")
+    recheck: bool = Field(True, description="CLIP-check the old region after each fill and move on in the order "
+                          "while it still shows the product (needs the clip role)")
+    recheck_threshold: float = Field(0.5, ge=0.0, le=1.0, description="class probability at which it is still there")
+    retries: int = Field(2, ge=0, le=20, description="with recheck: SD re-fills with seed+1.. before the next "
+                         "backend in the order")
+
+    @property
+    def order(self) -> list[str]:
+        """The backends tried, in order (:func:`fill_order`)."""
+        return fill_order(self.backend)
+
+    @model_validator(mode="after")
+    def _some_denoising(self) -> "FillSettings":
+        # diffusers runs int(steps * strength) steps; zero would fail inside the SD fill.
+        if "sd" in self.order and int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps={self.steps} x strength={self.strength} leaves no denoising step for the sd "
+                             "fill; raise either (or use backend: classical)")
+        return self
+
+
+class SettingsDeprecation(FutureWarning):
+    """An old spelling in a settings, rules or action that still works for now (shown by default)."""
+
+
+# The flat fill keys each section had before ``fill`` became a :class:`FillSettings`, mapped to the
+# nested field; still read (with a :class:`SettingsDeprecation` warning) for one release.
+LEGACY_FILL_KEYS: dict[str, dict[str, str]] = {
+    "displace": {"sampler": "sampler", "steps": "steps", "guidance": "guidance", "strength": "strength",
+                 "prompt": "prompt", "negative_prompt": "negative_prompt", "resolution": "resolution",
+                 "crop_margin": "crop_margin", "lama_resolution": "lama_resolution",
+                 "mask_dilation": "mask_dilation", "fill_blend": "blend", "classical_method": "classical_method",
+                 "classical_radius": "classical_radius", "recheck": "recheck",
+                 "recheck_threshold": "recheck_threshold", "retries": "retries"},
+    "rotate": {"fill_sampler": "sampler", "fill_steps": "steps", "fill_guidance": "guidance",
+               "fill_strength": "strength", "fill_prompt": "prompt", "fill_negative_prompt": "negative_prompt",
+               "fill_resolution": "resolution", "fill_crop_margin": "crop_margin",
+               "fill_lama_resolution": "lama_resolution", "mask_dilation": "mask_dilation", "fill_blend": "blend",
+               "classical_method": "classical_method", "classical_radius": "classical_radius",
+               "recheck": "recheck", "recheck_threshold": "recheck_threshold", "fill_retries": "retries"},
+}
+
+
+class FillKeyConflict(ValueError):
+    """A fill field given both as an old flat key and in ``fill`` (a ValueError for pydantic)."""
+
+
+def nest_fill(section: str, data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """``data`` (a section's keys as written) with the fill in its nested form: ``fill: NAME`` or
+    ``fill: [ORDER]`` becomes ``fill: {backend: ...}`` and the section's old flat fill keys move
+    into ``fill``. Returns ``(new dict, [(old key, new dotted key)])``; the fill dict holds only
+    what was given (callers merge it over the fill in force). Raises :class:`FillKeyConflict` when
+    a value is given both ways."""
+    legacy = LEGACY_FILL_KEYS[section]
+    out = dict(data)
+    moved: list[tuple[str, str]] = []
+    fill = out.get("fill")
+    if isinstance(fill, BaseModel):
+        fill = fill.model_dump()
+    elif fill is None or isinstance(fill, (str, list, tuple)):
+        fill = {} if fill is None else {"backend": fill}
+    elif isinstance(fill, dict):
+        fill = dict(fill)
+    else:
+        return out, moved  # not a fill at all: let the model say so
+    for old, new in legacy.items():
+        if old in out:
+            if new in fill:
+                raise FillKeyConflict(f"{section}.{old} and {section}.fill.{new} both given; keep fill.{new}")
+            fill[new] = out.pop(old)
+            moved.append((old, f"fill.{new}"))
+    if fill or "fill" in out:
+        out["fill"] = fill
+    return out, moved
+
+
+def deprecation_note(where: str, section: str, old: str, new: str) -> str:
+    return f"{where}: {section}.{old} is deprecated, write {section}.{new} (the old key is read until the next release)"
+
+
+def merge_nested(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, merging nested dicts key by key (for overrides)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_nested(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class _FillSection(_Strict):
+    """A settings section with a ``fill`` (:class:`FillSettings`); takes the short and the old flat forms."""
+
+    section: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_fill(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out, moved = nest_fill(cls.section, data)
+        if "fill" in out and isinstance(out["fill"], dict):
+            # Given fields over this section's default fill (rotate's defaults differ from displace's).
+            out["fill"] = {**cls.model_fields["fill"].get_default(call_default_factory=True).model_dump(),
+                           **out["fill"]}
+        if moved:
+            sink = (info.context or {}).get("deprecated") if info.context else None
+            for old, new in moved:
+                if sink is not None:
+                    sink.append((cls.section, old, new))
+                else:
+                    warnings.warn(deprecation_note("settings", cls.section, old, new), SettingsDeprecation,
+                                  stacklevel=2)
+        return out
+
+    @field_validator("fill", mode="before", check_fields=False)
+    @classmethod
+    def _fill_shorthand(cls, v: Any) -> Any:
+        # Assignment (``section.fill = "lama"``) skips the model validator above.
+        if isinstance(v, (str, list, tuple)):
+            default = cls.model_fields["fill"].get_default(call_default_factory=True)
+            return {**default.model_dump(), "backend": v}
+        return v
+
+
+class DisplaceSettings(_FillSection):
+    """Move a detected product (:mod:`pipeline.ops.displace`): cut, fill the hole (``fill``), paste."""
+
+    section: ClassVar[str] = "displace"
+
+    fill: FillSettings = Field(default_factory=FillSettings, description="the hole fill (a backend name or order is "
+                               "short for {backend: ...})")
     feather: int = Field(3, ge=0, le=256, description="px of soft edge outside the pasted product's mask")
     harmonize_ring: int = Field(0, ge=0, le=256, description="px ring around the pasted product to re-fill; 0 = off")
     out_of_frame: Literal["clip", "refuse"] = Field("clip", description="product partly leaving the frame: clip it, "
                                                     "or refuse beyond max_outside_share")
     max_outside_share: float = Field(0.5, ge=0.0, le=1.0, description="refuse: largest share allowed out of frame")
-    recheck: bool = Field(True, description="CLIP-check the old region after filling (needs the clip role)")
-    recheck_threshold: float = Field(0.5, ge=0.0, le=1.0, description="class probability at which it is still there")
-    retries: int = Field(2, ge=0, le=20, description="SD re-fills with seed+1.. before the next backend in the order")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the sd fill (re-fills use seed+1, ...)")
 
 
-class RotateSettings(_Strict):
+class RotateSettings(_FillSection):
     """Show a detected product from another viewpoint (:mod:`pipeline.ops.rotate`). Novel-view defaults
-    from the Zero123 reference demo (guidance 3, 75 DDIM steps, eta 1, 256 px views); removal
-    defaults as for displace (SD fill, empty prompt, guidance ~2, strength 1.0, ~20 px dilation)."""
+    from the Zero123 reference demo (guidance 3, 75 DDIM steps, eta 1, 256 px views); removal of the
+    old product by the shared fill (``fill``; no CLIP re-check by default)."""
+
+    section: ClassVar[str] = "rotate"
 
     # -- the novel view (Zero123) --
     steps: int = Field(75, ge=1, le=500, description="DDIM steps of the novel-view model")
@@ -515,37 +647,11 @@ class RotateSettings(_Strict):
                                                  "(keep-box ignores this)")
     feather: int = Field(3, ge=0, le=256, description="px of soft edge outside the pasted product")
     poisson: bool = Field(False, description="Poisson-blend the new product into the background (cv2.seamlessClone)")
-    # -- removing the old product (pipeline.ops.inpaint.fill) --
-    fill: FillSpec = Field("sd", description="hole fill: lama, sd or classical, or a fallback order such as "
-                           "[lama, sd, classical]; a single name is followed by classical")
-    fill_sampler: SamplerName = Field("default", description="sd fill: " + SAMPLER_HELP)
-    fill_steps: int = Field(30, ge=1, le=500)
-    fill_guidance: float = Field(2.0, ge=0.0, le=50.0)
-    fill_strength: float = Field(1.0, ge=0.0, le=1.0)
-    fill_prompt: str = Field("", description="SD fill prompt; empty removes best")
-    fill_negative_prompt: str = ""
-    fill_resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
-    fill_crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
-    fill_lama_resolution: int = Field(1024, ge=64, le=4096, multiple_of=8, description="LaMa works on the hole's crop "
-                                      "at the photo's own scale up to this long side; larger crops are scaled down")
-    mask_dilation: int = Field(20, ge=0, le=512, description="px the hole grows beyond the old product mask")
-    fill_blend: int = Field(4, ge=0, le=256, description="px the fill fades into the original at the hole edge")
-    classical_method: Literal["ns", "telea"] = "ns"
-    classical_radius: int = Field(5, ge=1, le=64)
-    recheck: bool = Field(False, description="CLIP-check the old region after filling, as displace does, and move "
-                          "on in the fill order when it still shows the product (needs the clip role)")
-    recheck_threshold: float = Field(0.5, ge=0.0, le=1.0, description="class probability at which it is still there")
-    fill_retries: int = Field(0, ge=0, le=20, description="with recheck: SD re-fills with seed+1.. before the next "
-                              "backend in the order")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _some_fill_denoising(self) -> "RotateSettings":
-        # diffusers runs int(steps * strength) steps; zero would fail inside the SD fill.
-        if "sd" in fill_order(self.fill) and int(self.fill_steps * self.fill_strength) < 1:
-            raise ValueError(f"fill_steps={self.fill_steps} x fill_strength={self.fill_strength} leaves no "
-                             "denoising step for the sd fill; raise either (or use fill: classical)")
-        return self
+    # -- removing the old product --
+    fill: FillSettings = Field(default_factory=lambda: FillSettings(recheck=False, retries=0),
+                               description="removing the old product (a backend name or order is short for "
+                               "{backend: ...}); recheck off by default")
+    seed: int = Field(0, description="seed of the novel view and the sd fill")
 
 
 def parse_colour(v: Any) -> tuple[int, int, int]:
@@ -561,6 +667,15 @@ def parse_colour(v: Any) -> tuple[int, int, int]:
     raise ValueError(f"{v!r} is not a colour (\"#RRGGBB\" or [R, G, B] with 0..255)")
 
 
+def _colour_text(v: str) -> str:
+    parse_colour(v)
+    return v
+
+
+# A colour as written in a settings file ("#RRGGBB" or "#RGB"), checked by parse_colour.
+Colour = Annotated[str, AfterValidator(_colour_text)]
+
+
 class BackgroundSettings(_Strict):
     """Put the product on a new background (:mod:`pipeline.ops.background`). The product's own pixels
     (its mask) stay bit-identical; every other pixel is the new background, with a soft edge of
@@ -569,7 +684,7 @@ class BackgroundSettings(_Strict):
     mode: Literal["color", "transparent", "blur", "image", "generate"] = Field(
         "color", description="color: a flat colour; transparent: RGBA; blur: the original background blurred; "
         "image: a backdrop file; generate: SD inpainting of everything but the product")
-    color: str = Field("#FFFFFF", description="mode color (and the colour under transparent pixels)")
+    color: Colour = Field("#FFFFFF", description="mode color (and the colour under transparent pixels)")
     edge: int = Field(1, ge=0, le=32, description="px of soft edge outside the product mask (matte: ramp)")
     matte: Literal["ramp", "vitmatte"] = Field(
         "ramp", description="the soft edge outside the mask: ramp (a linear fall-off over `edge` px) or vitmatte "
@@ -601,12 +716,6 @@ class BackgroundSettings(_Strict):
     loras: list[str | dict[str, Any]] = Field(default_factory=list, description="generate: LoRA files")
     seed: int = 0
 
-    @field_validator("color")
-    @classmethod
-    def _colour(cls, v: str) -> str:
-        parse_colour(v)
-        return v
-
     @field_validator("prompt")
     @classmethod
     def _template(cls, v: str) -> str:
@@ -623,16 +732,10 @@ class FrameSettings(_Strict):
                                "upscaled when needed)")
     fill: float = Field(0.85, gt=0.0, le=1.0, description="product box / frame along the limiting side")
     anchor: Literal["center", "bottom", "top"] = "center"
-    pad_color: str = Field("#FFFFFF", description="padding colour")
+    pad_color: Colour = Field("#FFFFFF", description="padding colour")
     upscale: Literal["resample", "upscaler", "refuse"] = Field(
         "resample", description="product smaller than asked: resample (Lanczos), the upscaler role, or refuse")
     max_upscale: float = Field(8.0, ge=1.0, le=64.0, description="refuse scaling up more than this")
-
-    @field_validator("pad_color")
-    @classmethod
-    def _colour(cls, v: str) -> str:
-        parse_colour(v)
-        return v
 
     @field_validator("aspect")
     @classmethod
@@ -666,7 +769,7 @@ class OutputSettings(_Strict):
 class CheckSettings(_Strict):
     """A profile's compliance rules (:mod:`pipeline.ops.compliance`); None = not checked."""
 
-    background: str | None = Field(None, description="the background colour required outside the product")
+    background: Colour | None = Field(None, description="the background colour required outside the product")
     min_background_share: float = Field(0.98, ge=0.0, le=1.0, description="share of pixels outside the product "
                                         "(and its edge band) that must be exactly `background`")
     edge_band: int = Field(8, ge=0, le=64, description="px around the product not counted: its anti-aliased "
@@ -681,13 +784,6 @@ class CheckSettings(_Strict):
     srgb: bool = Field(False, description="the file must be sRGB (tagged sRGB, or untagged)")
     no_borders: bool = Field(False, description="no uniform border lines of another colour at the edges")
     max_bytes: int | None = Field(None, ge=1, description="largest file size")
-
-    @field_validator("background")
-    @classmethod
-    def _colour(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_colour(v)
-        return v
 
 
 class ProfileSettings(_Strict):
@@ -791,21 +887,61 @@ def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
     return data, text
 
 
-def validation_problems(err: ValidationError, text: str) -> list[tuple[str, str, int | None]]:
-    """Turn pydantic errors into (dotted field, reason, yaml line) triples."""
+def error_reason(e: Mapping[str, Any], unknown: str = "unknown field (check the spelling; see conf/settings.yaml "
+                 "for the known ones)") -> str:
+    """The reason of one pydantic error (an item of ``ValidationError.errors()``), without pydantic's
+    "Value error, " prefix, with the offending value when the message does not show it."""
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return unknown
+    msg = msg.removeprefix("Value error, ")
+    if "input" in e and e["type"] != "missing" and not isinstance(e["input"], (dict, BaseModel)) \
+            and repr(e["input"]) not in msg:
+        msg += f" (got {e['input']!r})"
+    return msg
+
+
+def error_loc(e: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The field path of one pydantic error, without the validator steps pydantic puts in it."""
+    return tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+
+
+def error_fields(err: ValidationError, unknown: str = "unknown field") -> list[tuple[str, str]]:
+    """``(dotted field, reason)`` for every error of ``err`` (:func:`error_loc`, :func:`error_reason`)."""
+    return [(".".join(str(x) for x in error_loc(e)), error_reason(e, unknown)) for e in err.errors()]
+
+
+def legacy_loc(loc: tuple[Any, ...], given: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """``loc`` as the user wrote it: ``(..., section, "fill", field)`` becomes ``(..., section, old
+    flat key)`` when ``given`` (the raw mapping ``loc`` points into) spelt it the old way, and
+    ``(..., section, "fill")`` for the backend of a short ``fill: NAME``."""
+    for i in range(len(loc) - 2):
+        section, fill, field = loc[i], loc[i + 1], loc[i + 2]
+        if fill != "fill" or section not in LEGACY_FILL_KEYS:
+            continue
+        node: Any = given
+        for k in loc[:i + 1]:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        if not isinstance(node, Mapping):
+            continue
+        if field == "backend" and isinstance(node.get("fill"), (str, list, tuple)):
+            return (*loc[:i + 2], *loc[i + 3:])
+        if isinstance(node.get("fill"), Mapping) and field in node["fill"]:
+            continue
+        for old, new in LEGACY_FILL_KEYS[section].items():
+            if new == field and old in node:
+                return (*loc[:i + 1], old, *loc[i + 3:])
+    return loc
+
+
+def validation_problems(err: ValidationError, text: str,
+                        given: Mapping[str, Any] | None = None) -> list[tuple[str, str, int | None]]:
+    """Turn pydantic errors into (dotted field, reason, yaml line) triples. ``given``: the mapping
+    read from ``text``, to name an old flat fill key as written (:func:`legacy_loc`)."""
     out = []
     for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        field = ".".join(str(x) for x in loc)
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see conf/settings.yaml for the known ones)"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if "input" in e and e["type"] not in ("extra_forbidden", "missing") and not isinstance(e["input"], dict) \
-                and repr(e["input"]) not in msg:
-            msg += f" (got {e['input']!r})"
-        out.append((field, msg, yaml_line(text, loc)))
+        loc = legacy_loc(error_loc(e), given)
+        out.append((".".join(str(x) for x in loc), error_reason(e), yaml_line(text, loc)))
     return out
 
 
@@ -827,10 +963,15 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         s.base_dir = Path.cwd()
         return s
     data, text = read_yaml_mapping(p)
+    deprecated: list[tuple[str, str, str]] = []
     try:
-        s = Settings.model_validate(data)
+        s = Settings.model_validate(data, context={"deprecated": deprecated})
     except ValidationError as e:
-        raise SettingsError(p, validation_problems(e, text)) from None
+        raise SettingsError(p, validation_problems(e, text, data)) from None
+    for section, old, new in deprecated:
+        line = yaml_line(text, (section, old))
+        warnings.warn(deprecation_note(f"{p}:{line}" if line else str(p), section, old, new), SettingsDeprecation,
+                      stacklevel=2)
     s.source_file = p.resolve()
     root = s.root.expanduser()
     s.base_dir = (root if root.is_absolute() else p.resolve().parent / root).resolve()

@@ -28,11 +28,12 @@ def test_plan_at_shipped_settings_cuts_only_long_stages():
     p = plan_case("enhance", "lcm", s)
     assert p["denoise"] == 3 and p["scaled"] == {} and p["params"][0].steps == 30  # lcm's own 4 x 0.75
     p = plan_case("displace", "default", s)
-    assert p["scaled"] == {"fill": (*CUT, 30)} and not p["params"][0].recheck
+    assert p["scaled"] == {"fill": (*CUT, 30)} and not p["params"][0].fill.recheck
+    assert [x.fill.steps for x in p["params"]] == list(CUT)  # strength 1.0: the steps are the denoise steps
     p = plan_case("displace", "lcm", s)
-    assert p["scaled"] == {} and p["denoise"] == 4 and p["params"][0].sampler == "lcm"
+    assert p["scaled"] == {} and p["denoise"] == 4 and p["params"][0].fill.sampler == "lcm"
     p = plan_case("rotate", "lcm", s)
-    assert p["scaled"] == {"novel_view": (*CUT, 75)} and p["params"][0].fill_sampler == "lcm"
+    assert p["scaled"] == {"novel_view": (*CUT, 75)} and p["params"][0].fill.sampler == "lcm"
 
 
 def test_bench_ops_quick_tiny_runs_and_reports(tmp_path):

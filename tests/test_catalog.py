@@ -92,7 +92,7 @@ def test_recursive_and_csv_with_overrides(tiny_dir, inputs, tmp_path):
     assert r.exit_code == 4, r.output  # A2 missing, A3 unknown class
     a1 = json.loads((out2 / "A1.json").read_text())
     assert a1["actions"][0]["options"] == {"x": 5, "y": 0, "fill": "classical"}
-    assert a1["actions"][0]["settings"]["fill"] == "classical"
+    assert a1["actions"][0]["settings"]["fill"]["backend"] == "classical"
     assert a1["actions"][0]["rule_name"] == "given actions"
     assert a1["actions"][0]["record"]["offset"] == {"dx": 5, "dy": 0}
     assert "nope.jpg" in (out2 / "failed" / "A2.json").read_text()
@@ -155,7 +155,7 @@ def test_catalog_helpers(tmp_path):
     assert split_action_text("displace x=-10% y=0; enhance seed=3") == [("displace", {"x": "-10%", "y": 0}),
                                                                        ("enhance", {"seed": 3})]
     acts = parse_action_text("displace x=-10% y=0 fill=classical", Settings())
-    assert acts[0].params.x == "-10%" and acts[0].params.settings.fill == "classical"
+    assert acts[0].params.x == "-10%" and acts[0].params.settings.fill.backend == "classical"
     with pytest.raises(ParamsError, match="unknown action"):
         parse_action_text("warp", Settings())
     with pytest.raises(ParamsError, match="fill"):

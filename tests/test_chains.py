@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from pipeline.ops.actions import OPERATIONS, Operation
-from pipeline.ops.composite import bbox, dilate, shift_mask
+from pipeline.io.composite import bbox, dilate, shift_mask
 from pipeline.detect.detector import Detection, DetectResult
 from pipeline.ops.displace import DisplaceParams
 from pipeline.run.process import Processor

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.ops.composite import (
+from pipeline.io.composite import (
     bbox,
     dilate,
     extend_edges,
@@ -17,6 +17,7 @@ from pipeline.ops.composite import (
     shift_mask,
 )
 from pipeline.ops.inpaint import CropBox, fill, plan_crop
+from pipeline.settings import FillSettings
 
 
 
@@ -191,7 +192,7 @@ def test_classical_fill_of_flat_background_is_flat():
     img = np.full((60, 80, 3), (90, 140, 60), np.uint8)
     m = disc(60, 80, 40, 30, 10)
     img[m] = (250, 20, 200)
-    out, rec = fill(Image.fromarray(img), m, "classical", dilation=5, blend=2)
+    out, rec = fill(Image.fromarray(img), m, F("classical", mask_dilation=5, blend=2))
     arr = np.asarray(out).astype(int)
     assert (arr == np.array([90, 140, 60])).all()  # Navier-Stokes: exactly flat
     assert rec["backend"] == "classical" and rec["method"] == "ns"
@@ -202,8 +203,8 @@ def test_telea_drifts_on_flat_backgrounds_which_is_why_ns_is_the_default():
     img = np.full((120, 120, 3), 200, np.uint8)
     m = disc(120, 120, 60, 60, 25)
     img[m] = 30
-    telea, _ = fill(Image.fromarray(img), m, "classical", dilation=10, method="telea")
-    ns, _ = fill(Image.fromarray(img), m, "classical", dilation=10, method="ns")
+    telea, _ = fill(Image.fromarray(img), m, F("classical", mask_dilation=10, classical_method="telea"))
+    ns, _ = fill(Image.fromarray(img), m, F("classical", mask_dilation=10, classical_method="ns"))
     assert (np.asarray(ns) == 200).all()
     assert np.abs(np.asarray(telea).astype(int) - 200).max() > 2
 
@@ -211,7 +212,7 @@ def test_telea_drifts_on_flat_backgrounds_which_is_why_ns_is_the_default():
 def test_classical_fill_changes_nothing_outside_the_dilated_mask():
     img = noise_image(50, 70, 3)
     m = disc(50, 70, 10, 45, 7)  # touches the bottom border
-    out, _ = fill(Image.fromarray(img), m, "classical", dilation=4, radius=3)
+    out, _ = fill(Image.fromarray(img), m, F("classical", mask_dilation=4, classical_radius=3))
     arr = np.asarray(out)
     outside = ~dilate(m, 4)
     assert (arr[outside] == img[outside]).all()
@@ -223,26 +224,33 @@ def test_fill_refuses_bad_arguments():
     m = np.zeros((20, 20), bool)
     m[5:8, 5:8] = True
     with pytest.raises(ValueError, match="backend"):
-        fill(img, m, "magic")
+        fill(img, m, F("classical"), backend="magic")
+    with pytest.raises(ValueError, match="fill_in_order"):
+        fill(img, m, F(["lama", "classical"]))  # one backend per call; an order is fill_in_order's
     with pytest.raises(ValueError, match="registry"):
-        fill(img, m, "sd")
+        fill(img, m, F("sd"))
     with pytest.raises(ValueError, match="RGB"):
-        fill(img.convert("RGBA"), m, "classical")
+        fill(img.convert("RGBA"), m, F("classical"))
     with pytest.raises(ValueError, match="shape"):
-        fill(img, m[:10], "classical")
-    out, rec = fill(img, np.zeros((20, 20), bool), "sd")  # nothing to fill: no model needed
+        fill(img, m[:10], F("classical"))
+    out, rec = fill(img, np.zeros((20, 20), bool), F("sd"))  # nothing to fill: no model needed
     assert (np.asarray(out) == np.asarray(img)).all() and rec["filled_pixels"] == 0
 
 
-SD = dict(steps=2, guidance=2.0, resolution=64, crop_margin=0.5)
+def F(backend, **kw):
+    """A one-backend fill, no dilation or blend unless given."""
+    return FillSettings(**{"backend": backend, "mask_dilation": 0, "blend": 0, **kw})
+
+
+SD = F("sd", steps=2, guidance=2.0, resolution=64, crop_margin=0.5, mask_dilation=6, blend=3)
 
 
 def test_sd_fill_pastes_only_inside_the_dilated_mask_and_is_deterministic(registry):
     img = noise_image(72, 100, 4)
     m = disc(72, 100, 70, 30, 9)
-    a, rec = fill(Image.fromarray(img), m, "sd", registry=registry, seed=3, dilation=6, blend=3, **SD)
-    b, _ = fill(Image.fromarray(img), m, "sd", registry=registry, seed=3, dilation=6, blend=3, **SD)
-    c, _ = fill(Image.fromarray(img), m, "sd", registry=registry, seed=4, dilation=6, blend=3, **SD)
+    a, rec = fill(Image.fromarray(img), m, SD, registry, seed=3)
+    b, _ = fill(Image.fromarray(img), m, SD, registry, seed=3)
+    c, _ = fill(Image.fromarray(img), m, SD, registry, seed=4)
     A = np.asarray(a)
     outside = ~dilate(m, 6)
     assert (A[outside] == img[outside]).all()

@@ -11,13 +11,13 @@ from pipeline.detect.detector import (
     Proposals,
     decide,
     fill_holes,
-    mask_box,
     merge_same_class,
     pad_box,
     prefilter_views,
     softmax_probs,
     split_background,
 )
+from pipeline.io.composite import bbox
 from pipeline.settings import DetectSettings, ProductClass
 
 GREY = (128, 128, 128)
@@ -71,7 +71,7 @@ class FixedProposer:
 
     def propose(self, points, *a, **k):
         self.propose_calls += 1
-        boxes = np.array([mask_box(m) or (0, 0, 0, 0) for m in self.masks], float)
+        boxes = np.array([bbox(m) or (0, 0, 0, 0) for m in self.masks], float)
         return Proposals(self.masks.copy(), boxes, np.ones(len(self.masks)))
 
 
@@ -221,7 +221,7 @@ def test_fill_holes_and_boxes():
     m[5:8, 6:9] = False
     filled = fill_holes(m)
     assert filled[6, 7] and filled.sum() == 120
-    assert mask_box(filled) == (3, 2, 15, 12)
+    assert bbox(filled) == (3, 2, 15, 12)
     assert pad_box((10, 10, 20, 20), 0.5, 25, 100) == (5, 5, 25, 25)
     assert prefilter_views(100, 50)[0] == (0, 0, 100, 50) and len(prefilter_views(100, 50)) == 6
 

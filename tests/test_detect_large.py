@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import pipeline.detect.detector as pd
-from pipeline.detect.detector import Detector, ReducedCopy, fill_holes, mask_box, square_crop
+from pipeline.detect.detector import Detector, ReducedCopy, fill_holes, square_crop
+from pipeline.io.composite import bbox
 from pipeline.settings import DetectSettings
 
 
@@ -73,7 +74,7 @@ def test_fill_holes_in_box_equals_full_frame_fill():
         own = m.copy()
         assert fill_holes(own, inplace=True) is own and np.array_equal(own, want)
         ys, xs = np.nonzero(m)
-        assert mask_box(m) == ((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else None)
+        assert bbox(m) == ((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else None)
 
 
 def test_square_crop_downscales_only_above_max_side():
@@ -168,7 +169,7 @@ def test_large_photo_detections_match_before_at_full_resolution(registry, monkey
         iou = np.count_nonzero(a.mask & b.mask) / np.count_nonzero(a.mask | b.mask)
         assert iou > 0.98, iou
         assert max(abs(u - v) for u, v in zip(a.box, b.box)) <= 0.01 * w
-        assert a.box == mask_box(a.mask)
+        assert a.box == bbox(a.mask)
 
 
 def test_48mp_photo_is_accepted_by_default(tmp_path):

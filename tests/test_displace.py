@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.ops.composite import dilate, parse_offset, shift_image, shift_mask
-from pipeline.detect.detector import Detection, mask_box
+from pipeline.io.composite import dilate, parse_offset, shift_image, shift_mask, bbox
+from pipeline.detect.detector import Detection
 from pipeline.ops.displace import ClipChecker, displace, displace_detection
 from pipeline.ops.edits import Edit, EditError
-from pipeline.settings import DisplaceSettings, SettingsError, load_settings
+from pipeline.settings import DisplaceSettings, SettingsError, load_settings, FillSettings
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 72, 96
@@ -36,11 +36,14 @@ def scene(flat=False, seed=0, **kw):
     return Image.fromarray(img, "RGB"), m
 
 
-def params(**kw):
-    base = dict(fill="classical", steps=2, resolution=64, mask_dilation=6, fill_blend=2, feather=3,
-                recheck=False, seed=0)
-    base.update(kw)
-    return DisplaceSettings(**base)
+FILL_KEYS = set(FillSettings.model_fields)
+
+
+def params(fill="classical", **kw):
+    """Displace settings for the tests; fill fields (``recheck``, ``retries``, ...) go into ``fill``."""
+    f = dict(backend=fill, steps=2, resolution=64, mask_dilation=6, blend=2, recheck=False)
+    f.update({k: kw.pop(k) for k in list(kw) if k in FILL_KEYS})
+    return DisplaceSettings(**{"feather": 3, "seed": 0, "fill": f, **kw})
 
 
 class Scripted:
@@ -63,7 +66,7 @@ def allowed_region(m, dx, dy, p):
     big[P:P + H, P:P + W] = m
     moved = np.roll(big, (dy, dx), axis=(0, 1))
     new = dilate(moved, max(p.feather, p.harmonize_ring))[P:P + H, P:P + W]
-    return dilate(m, p.mask_dilation) | new
+    return dilate(m, p.fill.mask_dilation) | new
 
 
 def check_guarantees(edit, img, m, dx, dy, p):
@@ -152,7 +155,7 @@ def test_flat_background_classical_fill_is_flat():
     edit = displace(img, m, "handbag", 45, 0, p)
     out = np.asarray(edit.image).astype(int)
     new_region = dilate(shift_mask(m, 45, 0), p.feather)
-    hole = dilate(m, p.mask_dilation) & ~new_region
+    hole = dilate(m, p.fill.mask_dilation) & ~new_region
     assert hole.sum() > 500
     assert np.abs(out[hole] - np.array(BG)).max() <= 1
     check_guarantees(edit, img, m, 45, 0, p)
@@ -213,7 +216,7 @@ def test_wholly_out_of_frame():
     edit = displace(img, m, "handbag", -W, 0, p)  # clip: the product is removed
     assert edit.record["out_of_frame"]["share_outside"] == 1.0
     assert edit.record["paste"]["pasted_pixels"] == 0 and edit.record["paste"]["blend_pixels"] == 0
-    assert (edit.edit_mask == dilate(m, p.mask_dilation)).all()
+    assert (edit.edit_mask == dilate(m, p.fill.mask_dilation)).all()
     check_guarantees(edit, img, m, -W, 0, p)
     with pytest.raises(EditError, match="100%"):
         displace(img, m, "handbag", 0, H + 5, params(out_of_frame="refuse", max_outside_share=0.99))
@@ -312,7 +315,7 @@ def test_default_clip_checker_on_tiny_models(registry):
     d = f["tries"][0]["detail"]
     assert set(d) >= {"box", "prob", "margin", "labelled", "best"}
     # the checked view is the old product box padded like detection pads a proposal
-    x0, y0, x1, y1 = mask_box(m)
+    x0, y0, x1, y1 = bbox(m)
     assert d["box"][0] <= x0 and d["box"][1] <= y0 and d["box"][2] >= x1 and d["box"][3] >= y1
     assert edit.record["models"]["clip"]["role"] == "clip"
     assert isinstance(ClipChecker(registry)(img, m, "handbag"), float)
@@ -330,7 +333,7 @@ def test_record_is_complete():
     assert set(rec["timings"]) >= {"fill", "check", "paste", "harmonize", "total"}
     assert rec["fill"]["hole_pixels"] == int(dilate(m, 6).sum())
     assert rec["edit_pixels"] == int(edit.edit_mask.sum())
-    assert rec["params"]["mask_dilation"] == 6 and rec["models"] == {}
+    assert rec["params"]["fill"]["mask_dilation"] == 6 and rec["models"] == {}
 
 
 def test_bad_arguments():
@@ -349,7 +352,7 @@ def test_bad_arguments():
 
 def test_edit_card_form_takes_a_detection():
     img, m = scene()
-    det = Detection(label="handbag", score=0.9, box=mask_box(m), mask=m)
+    det = Detection(label="handbag", score=0.9, box=bbox(m), mask=m)
     edit = displace_detection(img.convert("RGBA"), det, params(), None, dx=10, dy=0)
     assert edit.record["label"] == "handbag"
     check_guarantees(edit, img, m, 10, 0, params())
@@ -357,12 +360,17 @@ def test_edit_card_form_takes_a_detection():
 
 def test_shipped_settings_document_the_displace_defaults(tmp_path):
     assert load_settings(REPO / "conf" / "settings.yaml").displace == DisplaceSettings()
-    for text, field in [("displace:\n  out_of_frame: wrap\n", "displace.out_of_frame"),
-                        ("displace:\n  resolution: 500\n", "displace.resolution"),
-                        ("displace:\n  recheck_threshold: 2\n", "displace.recheck_threshold"),
-                        ("displace:\n  classical_method: magic\n", "displace.classical_method")]:
+    for text, field, line in [("displace:\n  out_of_frame: wrap\n", "displace.out_of_frame", 2),
+                              ("displace:\n  fill:\n    resolution: 500\n", "displace.fill.resolution", 3),
+                              ("displace:\n  fill: {recheck_threshold: 2}\n", "displace.fill.recheck_threshold", 2),
+                              ("displace:\n  seed: 1\n  fill:\n    backend: sd\n    classical_method: magic\n",
+                               "displace.fill.classical_method", 5),
+                              # the old flat keys are named as written
+                              ("displace:\n  resolution: 500\n", "displace.resolution", 2),
+                              ("displace:\n  fill: lama\n  recheck_threshold: 2\n", "displace.recheck_threshold", 3)]:
         p = tmp_path / "s.yaml"
         p.write_text(text)
         with pytest.raises(SettingsError) as ei:
             load_settings(p)
-        assert field in [f for f, _, _ in ei.value.problems]
+        assert (field, line) in [(f, n) for f, _, n in ei.value.problems]
+        assert f"{p}:{line}: {field}: " in str(ei.value)

@@ -14,8 +14,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.ops.composite import dilate
-from pipeline.detect.detector import Detection, mask_box
+from pipeline.io.composite import dilate, bbox
+from pipeline.detect.detector import Detection
 from edit_helpers import run_action
 from pipeline.ops.edits import Edit, EditError
 from pipeline.errors import ParamsError
@@ -167,7 +167,7 @@ def test_loaded_inputs_stay_exact_outside_through_run_op(registry, tiny_settings
 
 def test_edit_card_form_converts_rgba(registry):
     img, m = scene()
-    det = Detection(label="handbag", score=0.9, box=mask_box(m), mask=m)
+    det = Detection(label="handbag", score=0.9, box=bbox(m), mask=m)
     rgba = img.convert("RGBA")
     edit = enhance_detection(rgba, det, params(), registry)
     check_outside(edit, img, m, 6)
@@ -411,12 +411,13 @@ def test_loaded_loras_never_reach_other_users_of_the_unet(registry, lora_registr
     """displace/rotate fill with the same inpaint pipeline: after an enhance with a LoRA it must
     compute exactly what a pipeline that never saw a LoRA computes."""
     from pipeline.ops.inpaint import fill
+    from pipeline.settings import FillSettings
 
     img, m = scene()
     enhance(img, m, "handbag", params(), lora_registry, loras=[load_spec(loras["bag"])])
-    kw = dict(seed=1, steps=2, resolution=64, dilation=4)
-    a, _ = fill(img, m, "sd", registry=lora_registry, **kw)
-    b, _ = fill(img, m, "sd", registry=registry, **kw)
+    fs = FillSettings(backend="sd", steps=2, resolution=64, mask_dilation=4)
+    a, _ = fill(img, m, fs, lora_registry, seed=1)
+    b, _ = fill(img, m, fs, registry, seed=1)
     assert (np.asarray(a) == np.asarray(b)).all()
 
 

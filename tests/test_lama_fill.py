@@ -14,14 +14,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from pipeline.ops.composite import dilate, shift_mask
+from pipeline.io.composite import dilate, shift_mask
 from pipeline.ops.displace import displace
 from pipeline.ops.inpaint import LAMA_MULTIPLE, fill, fill_in_order, lama_inpaint, plan_crop
 from pipeline.models.registry import ModelLoadError, ModelRegistry
-from pipeline.settings import (DisplaceSettings, RotateSettings, Settings, SettingsError, fill_order,
+from pipeline.settings import (DisplaceSettings, FillSettings, RotateSettings, Settings, SettingsError, fill_order,
                                load_settings)
 
 H, W = 75, 101  # deliberately not multiples of 8
+
+
+def F(backend="sd", **kw):
+    """A fill with no dilation, blend or retries unless given (the tests name what they use)."""
+    return FillSettings(**{"backend": backend, "mask_dilation": 0, "blend": 0, "retries": 0, **kw})
 
 
 def scene(seed=0):
@@ -144,7 +149,9 @@ def test_plan_crop_native_keeps_the_photo_scale():
 @pytest.mark.parametrize("lama_resolution, scaled", [(1024, False), (32, True)])
 def test_lama_fill_changes_nothing_outside_the_dilated_hole(registry, lama_resolution, scaled):
     img, m = scene()
-    out, rec = fill(img, m, "lama", registry=registry, dilation=5, blend=2, lama_resolution=lama_resolution)
+    # below the settings' floor of 64 px (model_copy does not validate): this small scene's crop must scale
+    fs = F("lama", mask_dilation=5, blend=2).model_copy(update={"lama_resolution": lama_resolution})
+    out, rec = fill(img, m, fs, registry)
     hole = dilate(m, 5)
     src, res = np.asarray(img), np.asarray(out)
     assert (res[~hole] == src[~hole]).all()
@@ -161,8 +168,8 @@ def test_lama_fill_changes_nothing_outside_the_dilated_hole(registry, lama_resol
 
 def test_lama_fill_is_deterministic(registry):
     img, m = scene()
-    a, _ = fill(img, m, "lama", registry=registry, dilation=4)
-    b, _ = fill(img, m, "lama", registry=registry, dilation=4, seed=99)  # no randomness: the seed is unused
+    a, _ = fill(img, m, F("lama", mask_dilation=4), registry)
+    b, _ = fill(img, m, F("lama", mask_dilation=4), registry, seed=99)  # no randomness: the seed is unused
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -173,59 +180,60 @@ def test_lama_fill_is_deterministic(registry):
 def test_fill_order_forms():
     assert fill_order("lama") == ["lama", "classical"] and fill_order("classical") == ["classical"]
     assert fill_order(["lama", "sd"]) == ["lama", "sd"]
-    assert DisplaceSettings(fill=["lama", "sd", "classical"]).fill == ["lama", "sd", "classical"]
+    assert DisplaceSettings(fill=["lama", "sd", "classical"]).fill.backend == ["lama", "sd", "classical"]
     for bad, msg in [("magic", "unknown fill backend"), ([], "empty"), (["lama", "lama"], "repeats"),
-                     (["lama", "x"], "'x'"), (3, "list")]:
+                     (["lama", "x"], "'x'"), (3, "FillSettings")]:
         with pytest.raises(ValueError, match=msg):
             DisplaceSettings(fill=bad)
-    with pytest.raises(ValueError, match="fill_steps"):
-        RotateSettings(fill=["lama", "sd"], fill_steps=3, fill_strength=0.2)
-    RotateSettings(fill=["lama", "classical"], fill_steps=3, fill_strength=0.2)
+    with pytest.raises(ValueError, match="steps=3 x strength=0.2"):
+        RotateSettings(fill={"backend": ["lama", "sd"], "steps": 3, "strength": 0.2})
+    RotateSettings(fill={"backend": ["lama", "classical"], "steps": 3, "strength": 0.2})
 
 
 def test_settings_file_takes_a_list_and_names_the_field(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("displace:\n  fill: [lama, sd, classical]\nrotate:\n  fill: lama\n")
     s = load_settings(p)
-    assert s.displace.fill == ["lama", "sd", "classical"] and s.rotate.fill == "lama"
-    p.write_text("displace:\n  steps: 3\n  fill: [lama, paint]\n")
+    assert s.displace.fill.backend == ["lama", "sd", "classical"] and s.rotate.fill.backend == "lama"
+    assert s.rotate.fill.recheck is False and s.displace.fill.recheck is True  # each section's own defaults
+    p.write_text("displace:\n  seed: 3\n  fill: [lama, paint]\n")
     with pytest.raises(SettingsError) as ei:
         load_settings(p)
     (field, reason, line), = ei.value.problems
-    assert field == "displace.fill" and "'paint'" in reason and line == 3
+    assert field == "displace.fill" and "'paint'" in reason and line == 3  # named as written
 
 
 def test_first_passing_backend_wins_and_the_rest_are_not_needed(registry):
     img, m = scene()
     chk = Scripted([0.1])
-    got = fill_in_order(img, m, ["lama", "sd", "classical"], label="box", checker=chk, threshold=0.5,
-                        registry=registry, dilation=4, steps=2, resolution=64)
+    got = fill_in_order(img, m, F(["lama", "sd", "classical"], recheck_threshold=0.5, mask_dilation=4, steps=2,
+                                  resolution=64), label="box", checker=chk, registry=registry)
     r = got.record
     assert got.backend == r["used"] == "lama" and chk.calls == 1 and not r["fallback"]
     assert r["skipped"] == {"sd": "not needed: lama passed the check", "classical": "not needed: lama passed the check"}
-    alone, _ = fill(img, m, "lama", registry=registry, dilation=4)
+    alone, _ = fill(img, m, F("lama", mask_dilation=4), registry)
     assert np.array_equal(np.asarray(got.image), np.asarray(alone))
 
 
 def test_the_check_applies_to_every_backend_down_the_order(registry):
     img, m = scene()
     chk = Scripted([0.9, 0.8, 0.7, 0.2])  # lama fails, sd fails twice (retries=1), classical passes
-    got = fill_in_order(img, m, ["lama", "sd", "classical"], label="box", checker=chk, threshold=0.5, retries=1,
-                        seed=5, registry=registry, dilation=4, steps=2, resolution=64)
+    got = fill_in_order(img, m, F(["lama", "sd", "classical"], recheck_threshold=0.5, retries=1, mask_dilation=4,
+                                  steps=2, resolution=64), label="box", checker=chk, seed=5, registry=registry)
     r = got.record
     assert chk.calls == 4 and [t["backend"] for t in r["tries"]] == ["lama", "sd", "sd", "classical"]
     assert r["used"] == "classical" and r["fallback"] and r["seeds"] == [5, 6] and r["scores"] == [0.9, 0.8, 0.7, 0.2]
     assert "still looked like 'box' after 1 attempt(s)" in r["skipped"]["lama"]
     assert "after 2 attempt(s)" in r["skipped"]["sd"] and "used the classical fill" in r["fallback_reason"]
     assert not r["still_there"] and "warning" not in r
-    alone, _ = fill(img, m, "classical", dilation=4)
+    alone, _ = fill(img, m, F("classical", mask_dilation=4))
     assert np.array_equal(np.asarray(got.image), np.asarray(alone))
 
 
 def test_nothing_passes_keeps_the_last_with_a_warning(registry):
     img, m = scene()
-    got = fill_in_order(img, m, ["lama", "classical"], label="box", checker=lambda *_: 1.0, registry=registry,
-                        dilation=4)
+    got = fill_in_order(img, m, F(["lama", "classical"], mask_dilation=4), label="box", checker=lambda *_: 1.0,
+                        registry=registry)
     r = got.record
     assert r["used"] == "classical" and r["still_there"] and "box" in r["warning"] and r["attempts"] == 2
     assert "lama" in r["skipped"] and "classical" not in r["skipped"]
@@ -236,19 +244,19 @@ def test_unavailable_model_is_skipped_in_a_list_and_an_error_alone(tiny_settings
 
     reg = registry_with(tiny_settings, inpaint_fill=ModelSource(path=tmp_path / "missing.pt"))
     img, m = scene()
-    got = fill_in_order(img, m, ["lama", "classical"], label="box", registry=reg, dilation=4)
+    got = fill_in_order(img, m, F(["lama", "classical"], mask_dilation=4), label="box", registry=reg)
     assert got.backend == "classical" and got.record["fallback"]
     assert got.record["skipped"]["lama"].startswith("model unavailable: local path does not exist")
     with pytest.raises(ModelLoadError, match="inpaint_fill"):
-        fill_in_order(img, m, "lama", label="box", registry=reg, dilation=4)
+        fill_in_order(img, m, F("lama", mask_dilation=4), label="box", registry=reg)
     with pytest.raises(ModelLoadError):
-        fill_in_order(img, m, ["lama"], label="box", registry=reg, dilation=4)
+        fill_in_order(img, m, F(["lama"], mask_dilation=4), label="box", registry=reg)
     # without any registry: skipped in a list, a ValueError alone
-    got = fill_in_order(img, m, ["lama", "sd", "classical"], label="box", dilation=4)
+    got = fill_in_order(img, m, F(["lama", "sd", "classical"], mask_dilation=4), label="box")
     assert got.backend == "classical" and set(got.record["skipped"]) == {"lama", "sd"}
     assert "needs a model registry" in got.record["skipped"]["lama"]
     with pytest.raises(ValueError, match="registry"):
-        fill_in_order(img, m, "lama", label="box", dilation=4)
+        fill_in_order(img, m, F("lama", mask_dilation=4), label="box")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +265,7 @@ def test_unavailable_model_is_skipped_in_a_list_and_an_error_alone(tiny_settings
 
 def test_displace_with_lama_keeps_every_pixel_outside_old_and_new_regions(registry):
     img, m = scene()
-    p = DisplaceSettings(fill="lama", recheck=False, mask_dilation=5, fill_blend=2, feather=3, harmonize_ring=2)
+    p = DisplaceSettings(fill=F("lama", recheck=False, mask_dilation=5, blend=2), feather=3, harmonize_ring=2)
     e = displace(img, m, "box", 30, 8, p, registry=registry)
     src, out = np.asarray(img), np.asarray(e.image)
     allowed = dilate(m, 5) | dilate(shift_mask(m, 30, 8), 3)
@@ -277,8 +285,8 @@ def test_rotate_with_a_lama_order_and_recheck(registry):
     img, m = scene()
     view = Image.new("RGB", (64, 64), "white")
     view.paste((30, 60, 200), (20, 16, 44, 48))
-    p = RotateSettings(fill=["lama", "classical"], recheck=True, upscale="off", matte_refine=False, steps=2,
-                       view_size=64, mask_dilation=5, fill_blend=2)
+    p = RotateSettings(fill=F(["lama", "classical"], recheck=True, mask_dilation=5, blend=2), upscale="off",
+                       matte_refine=False, steps=2, view_size=64)
     e = rotate(img, m, "box", 20.0, 0.0, p, registry, view_fn=lambda *a, **k: view)
     f = e.record["fill"]
     assert f["checker"] == "clip" and f["tries"][0]["backend"] == "lama" and "score" in f["tries"][0]
@@ -308,7 +316,7 @@ def test_run_displace_fill_lama_on_the_tiny_set(tiny_dir, tmp_path):
     res = np.asarray(Image.open(out / "scene-displace.png").convert("RGB"))
     s = load_settings(tiny_dir / "settings.yaml").displace
     m = mask > 0
-    allowed = dilate(m, s.mask_dilation) | dilate(shift_mask(m, 120, -20), max(s.feather, s.harmonize_ring))
+    allowed = dilate(m, s.fill.mask_dilation) | dilate(shift_mask(m, 120, -20), max(s.feather, s.harmonize_ring))
     assert np.array_equal(res[~allowed], src[~allowed])
     rec = json.loads((out / "scene-displace.json").read_text())
     f = rec["actions"][0]["record"]["fill"]
@@ -346,7 +354,7 @@ def test_rules_take_a_fill_order(tmp_path):
     rs = load_rules(rules(["lama", "classical"]), Settings())
     (action,), _ = rs.plan([type("D", (), {"label": "handbag", "score": 0.9, "mask": np.ones((4, 4), bool)})()],
                            (4, 4))
-    assert action.action.params.settings.fill == ["lama", "classical"]
+    assert action.action.params.settings.fill.backend == ["lama", "classical"]
     with pytest.raises(SettingsError) as ei:
         load_rules(rules(["lama", "paint"]), Settings())
     assert any("fill" in f and "'paint'" in r for f, r, _ in ei.value.problems)
@@ -373,7 +381,7 @@ def test_fill_bench_times_every_backend_and_extrapolates_sd(tiny_dir):
     assert set(r["cases"]) == {"lama", "sd@1", "sd@2", "classical", "sd (extrapolated)"}
     assert all(len(r["cases"][c]["runs_s"]) == 1 for c in ("lama", "sd@1", "sd@2", "classical"))
     ex = r["cases"]["sd (extrapolated)"]
-    assert ex["extrapolated"] and ex["steps"] == DisplaceSettings().steps
+    assert ex["extrapolated"] and ex["steps"] == DisplaceSettings().fill.steps
     assert ex["median_s"] == pytest.approx(ex["fixed_s"] + ex["steps"] * ex["per_step_s"])
     assert r["ratios"]["sd/lama"]["value"] == pytest.approx(ex["median_s"] / r["cases"]["lama"]["median_s"])
     assert "extrapolated" in r["context"]["sd_cost_how"] and r["cases"]["lama"]["scale"] == 1.0

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from pipeline.ops.background import trimap, vitmatte_alpha
-from pipeline.ops.composite import dilate, extend_edges, feather_alpha, paste
+from pipeline.io.composite import dilate, extend_edges, feather_alpha, paste
 from pipeline.settings import BackgroundSettings
 from tests.edit_helpers import run_action
 from tests.test_shop import _arr, _scene

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.ops.composite import bbox, dilate
+from pipeline.io.composite import bbox, dilate
 from pipeline.ops.edits import EditError
 from pipeline.ops.matte import matte, rough_mask
 from pipeline.models.registry import ModelRegistry
@@ -54,9 +54,9 @@ class StandIn:
         return Image.fromarray(a, "RGB")
 
 
-def params(**kw):
-    base = dict(steps=2, view_size=64, fill="classical", upscale="off", matte_refine=False, mask_dilation=6,
-                fill_blend=2, feather=3, fill_resolution=64, seed=0)
+def params(fill="classical", **kw):
+    base = dict(steps=2, view_size=64, upscale="off", matte_refine=False, feather=3, seed=0,
+                fill=dict(backend=fill, mask_dilation=6, blend=2, resolution=64))
     base.update(kw)
     return RotateSettings(**base)
 
@@ -93,7 +93,7 @@ def check_guarantees(edit, img, m, p):
     box = np.zeros((H, W), bool)
     box[max(0, nb[1]):max(0, nb[3]), max(0, nb[0]):max(0, nb[2])] = True
     ring = max(p.feather, 2 * p.matte_edge + 1) + 2
-    allowed = dilate(m, p.mask_dilation) | dilate(box, ring)
+    allowed = dilate(m, p.fill.mask_dilation) | dilate(box, ring)
     assert not (edit.edit_mask & ~allowed).any()
     assert edit.record["edit_pixels"] == int(edit.edit_mask.sum())
     json.dumps(edit.record)
@@ -439,9 +439,9 @@ def test_run_op_rotate_writes_outputs_and_warnings(tiny_settings, registry, tmp_
 
 
 def test_rotate_settings_validation():
-    with pytest.raises(ValueError, match="fill_steps=3 x fill_strength=0.2"):
-        RotateSettings(fill="sd", fill_steps=3, fill_strength=0.2)
-    RotateSettings(fill="classical", fill_steps=3, fill_strength=0.2)
+    with pytest.raises(ValueError, match="steps=3 x strength=0.2"):
+        RotateSettings(fill={"backend": "sd", "steps": 3, "strength": 0.2})
+    RotateSettings(fill={"backend": "classical", "steps": 3, "strength": 0.2})
     for bad in (dict(max_polar=120), dict(radius=0.7), dict(view_size=100), dict(anchor="left"),
                 dict(upscale="yes"), dict(eta=2.0)):
         with pytest.raises(ValueError):

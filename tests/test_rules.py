@@ -44,7 +44,7 @@ RULES = {
 def plan_for(rules, dets):
     rs = rules_from_dict(rules, S)
     actions, matches = rs.plan(dets, (10, 10))
-    return [(a.rule_name, a.action.params.x, a.action.params.settings.fill, a.label) for a in actions], matches
+    return [(a.rule_name, a.action.params.x, a.action.params.settings.fill.backend, a.label) for a in actions], matches
 
 
 def test_first_match_wins():

@@ -13,7 +13,7 @@ from pipeline.ops.inpaint import fill
 from pipeline.models.lora_weights import load_spec
 from pipeline.models.registry import ModelRegistry
 from pipeline.models.samplers import ACCEL_ROLES, SAMPLERS, plan_sampler
-from pipeline.settings import EnhanceSettings, load_settings
+from pipeline.settings import EnhanceSettings, load_settings, FillSettings
 
 from helpers.loras import make_diffusers_lora
 
@@ -107,10 +107,11 @@ def test_acceleration_weight_is_its_own(tiny_dir):
 @pytest.mark.parametrize("sampler", FEW)
 def test_sd_fill_with_sampler(registry, sampler):
     img, m = scene(1)
-    out, rec = fill(img, m, "sd", registry=registry, steps=3, guidance=2.0, resolution=64, sampler=sampler)
+    fs = FillSettings(backend="sd", steps=3, guidance=2.0, resolution=64, sampler=sampler, mask_dilation=0, blend=0)
+    out, rec = fill(img, m, fs, registry)
     assert rec["sampler"]["sampler"] == sampler and rec["sampler"]["scheduler"] == SCHEDULERS[sampler]
     assert rec["steps"] == 2 and rec["sampler"]["acceleration"]["role"] == ACCEL_ROLES[sampler]
-    base, brec = fill(img, m, "sd", registry=registry, steps=2, guidance=2.0, resolution=64)
+    base, brec = fill(img, m, fs.model_copy(update={"steps": 2, "sampler": "default"}), registry)
     assert brec["sampler"]["sampler"] == "default" and brec["sampler"]["acceleration"] is None
     assert np.asarray(out).tobytes() != np.asarray(base).tobytes()
     # outside the hole (no dilation) nothing changed
@@ -121,8 +122,8 @@ def test_sampler_in_rules_and_settings(tiny_settings):
     from pipeline.settings import DisplaceSettings, RotateSettings
 
     assert EnhanceSettings().sampler == "default"
-    assert DisplaceSettings(sampler="lcm").sampler == "lcm"
-    assert RotateSettings(fill_sampler="hyper").fill_sampler == "hyper"
+    assert DisplaceSettings(fill={"sampler": "lcm"}).fill.sampler == "lcm"
+    assert RotateSettings(fill={"sampler": "hyper"}).fill.sampler == "hyper"
     with pytest.raises(Exception):
         EnhanceSettings(sampler="euler")
 
@@ -139,6 +140,9 @@ def _cli_scene(tmp_path):
 @pytest.mark.parametrize("op,extra,path", [
     ("enhance", [], ("sampler",)),
     ("displace", ["--x", "30", "--fill", "sd"], ("fill", "tries", 0, "fill", "sampler")),
+    # --sampler reaches rotate's fill (fill.sampler), not its novel view; --param reaches a fill field
+    ("rotate", ["--azimuth", "20", "--fill", "sd", "--param", "fill.steps=3", "--param", "upscale=off"],
+     ("fill", "tries", 0, "fill", "sampler")),
 ])
 def test_cli_run_op_sampler(tiny_dir, tmp_path, op, extra, path):
     import json
@@ -166,10 +170,11 @@ def test_cli_run_bad_sampler_names_flag(tiny_dir, tmp_path):
     from cli.app import app
 
     _cli_scene(tmp_path)
-    r = CliRunner().invoke(app, ["edit", "enhance", str(tmp_path / "p.png"), "--class", "handbag",
-                                 "--sampler", "euler", "--mask", str(tmp_path / "m.png"),
-                                 "--config", str(tiny_dir / "settings.yaml")])
-    assert r.exit_code == 2 and "--sampler" in r.output
+    for op in ("enhance", "displace"):
+        r = CliRunner().invoke(app, ["edit", op, str(tmp_path / "p.png"), "--class", "handbag",
+                                     "--sampler", "euler", "--mask", str(tmp_path / "m.png"),
+                                     "--config", str(tiny_dir / "settings.yaml")])
+        assert r.exit_code == 2 and "--sampler" in r.output, r.output
 
 
 @pytest.mark.parametrize("sampler", FEW)

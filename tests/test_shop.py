@@ -342,7 +342,7 @@ def test_frame_then_displace_chain_passes_qa_through_the_size_change(tiny_settin
     proc = Processor(s, rules_from_dict({"classes": [{"name": "box"}], "rules": []}, s), registry=object(),
                      detector=object())
     acts = [parse_action("frame", {"aspect": "1:1", "fill": 0.5}, s),
-            parse_action("displace", {"x": 10, "y": 0, "fill": "classical", "recheck": False}, s)]
+            parse_action("displace", {"x": 10, "y": 0, "fill": {"backend": "classical", "recheck": False}}, s)]
     rec = proc.process(scene, tmp_path / "o", stem="c", actions=acts, mask=mask_path, product_class="box")
     assert rec["status"] == "edited", rec.get("error")
     assert rec["qa"]["passed"] and {c["name"] for c in rec["qa"]["checks"]} >= {"geometry", "moved_product_identical"}

@@ -13,3 +13,16 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: Path) -> str:
+    """:func:`file_sha256`, remembered per (resolved path, size, mtime) so a long-running process
+    (the daemon) hashes an unchanged file (a LoRA) once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]

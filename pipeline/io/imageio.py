@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -725,30 +725,44 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 
 def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Run ``write(fh)`` into a hidden temp file beside ``target``, then rename it over ``target``.
+    """Run ``write(fh)`` into a hidden temp file beside ``target``, then rename it over ``target``
+    (:func:`atomic_path`)."""
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A hidden temp path beside ``path`` for a writer that wants a file name (safetensors, torch,
+    diffusers); on a clean exit the file is fsynced, given the permissions a plain ``open()``
+    would, and renamed over ``path``; on an error it is removed and ``path`` is untouched.
 
     The temp file lives in the same folder so ``os.replace`` is a same-filesystem atomic rename:
     readers see either the old file or the complete new one, never a partial write.
     """
+    target = Path(os.fspath(path))
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     mode = _new_file_mode(target)
     fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
+        yield Path(tmp_name)
+        fd = os.open(tmp_name, os.O_RDONLY)
+        try:
             # mkstemp creates 0600; give the result the permissions a plain open() would.
             if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
+                os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
     _fsync_dir(parent)
-    return target
 
 
 def _new_file_mode(target: Path) -> int:

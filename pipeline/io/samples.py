@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,30 +29,35 @@ def _draw_shoe(d: ImageDraw.ImageDraw, w: int, h: int, upper: object, sole: obje
     d.rectangle((w // 6, 3 * h // 4, 5 * w // 6, 5 * h // 6), fill=sole)
 
 
-def handbag(w: int = 640, h: int = 480) -> Image.Image:
-    img = _backdrop(w, h, 1)
-    _draw_handbag(ImageDraw.Draw(img), w, h, (120, 60, 30), (90, 45, 20))
+def _photo(draw: Callable[..., None], w: int, h: int, seed: int, *colours: object) -> Image.Image:
+    img = _backdrop(w, h, seed)
+    draw(ImageDraw.Draw(img), w, h, *colours)
     return img
+
+
+def _mask(draw: Callable[..., None], w: int, h: int) -> Image.Image:
+    """The product's exact mask (mode L, 255 = product), drawn with the photo's shapes."""
+    m = Image.new("L", (w, h), 0)
+    draw(ImageDraw.Draw(m), w, h, 255, 255)
+    return m
+
+
+def handbag(w: int = 640, h: int = 480) -> Image.Image:
+    return _photo(_draw_handbag, w, h, 1, (120, 60, 30), (90, 45, 20))
 
 
 def handbag_mask(w: int = 640, h: int = 480) -> Image.Image:
     """The handbag's exact mask (mode L, 255 = product), drawn with the same shapes."""
-    m = Image.new("L", (w, h), 0)
-    _draw_handbag(ImageDraw.Draw(m), w, h, 255, 255)
-    return m
+    return _mask(_draw_handbag, w, h)
 
 
 def shoe(w: int = 720, h: int = 400) -> Image.Image:
-    img = _backdrop(w, h, 2)
-    _draw_shoe(ImageDraw.Draw(img), w, h, (30, 30, 160), (240, 240, 240))
-    return img
+    return _photo(_draw_shoe, w, h, 2, (30, 30, 160), (240, 240, 240))
 
 
 def shoe_mask(w: int = 720, h: int = 400) -> Image.Image:
     """The shoe's exact mask (mode L, 255 = product)."""
-    m = Image.new("L", (w, h), 0)
-    _draw_shoe(ImageDraw.Draw(m), w, h, 255, 255)
-    return m
+    return _mask(_draw_shoe, w, h)
 
 
 def write_shop_samples(folder: Path) -> tuple[list[tuple[Path, str]], Path]:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import ModelLoadError
 from pipeline.io.hashing import file_sha256
 from pipeline.io.imageio import atomic_write_text
+from pipeline.settings import error_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.settings import ModelSource
@@ -107,9 +108,8 @@ def read_lock(path: Path) -> ModelsLock:
     try:
         return ModelsLock.model_validate_json(text)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise LockFileError(f"{path}: not a models lock file ({where}: {first['msg']}); "
+        where, reason = error_fields(e)[0]
+        raise LockFileError(f"{path}: not a models lock file ({where}: {reason}); "
                             "delete it and run `product-studio models pull` to write it again") from None
 
 

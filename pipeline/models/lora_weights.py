@@ -19,7 +19,6 @@ check LoRA entries when a settings file is read.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -32,28 +31,13 @@ from typing import Any, Iterable, Sequence
 from pipeline.errors import LoraError
 from pipeline.settings import MAX_LORA_WEIGHT as MAX_WEIGHT, split_entry, split_spec
 from pipeline.models.families import check_lora, family_of_config
+from pipeline.io.hashing import cached_file_sha256
 
-__all__ = ["LoraAdapters", "LoraError", "LoraSpec", "MAX_WEIGHT", "check_unique", "file_sha256", "load_spec",
+__all__ = ["LoraAdapters", "LoraError", "LoraSpec", "MAX_WEIGHT", "check_unique", "load_spec",
            "parse_lora", "split_entry", "split_spec"]
 
 LORA_SUFFIX = ".safetensors"
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of the file, remembered per (path, size, mtime) so a daemon hashes a LoRA once."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(1 << 20):
-                h.update(b)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
-
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -117,7 +101,7 @@ def load_spec(path: str | os.PathLike, weight: float = 1.0) -> LoraSpec:
         raise LoraError(f"LoRA file {p}: only {LORA_SUFFIX} files are loaded (pickled .ckpt/.pt/.bin files can "
                         "run code when opened; convert it to safetensors)")
     fmt, comps = _inspect(p)
-    return LoraSpec(p.resolve(), float(weight), file_sha256(p), fmt, comps)
+    return LoraSpec(p.resolve(), float(weight), cached_file_sha256(p), fmt, comps)
 
 
 def parse_lora(text: Any, bases: Sequence[str | os.PathLike | None] = (None,)) -> LoraSpec:

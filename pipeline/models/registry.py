@@ -24,7 +24,6 @@ import functools
 import gc
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -33,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
-from pipeline.errors import ModelLoadError  # noqa: F401 - re-exported (pipeline.models.registry.ModelLoadError)
-from pipeline.io.hashing import file_sha256  # noqa: F401 - re-exported
+from pipeline.errors import ModelLoadError
+from pipeline.io.hashing import file_sha256
+from pipeline.io.imageio import atomic_path
 from pipeline.settings import ROLES, ModelSource, Settings
 from pipeline.models.allocator import keep_freed_memory
 from pipeline.models.hub import (KNOWN_SHA256, LockEntry, LockFileError, cached_commit, fetch_plan,
@@ -627,10 +627,8 @@ class ModelRegistry:
         if not create:
             return None
         state = _torch_load_state(pth)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         return target
 
     # ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Few-step samplers for the SD 1.5 inpaint role: a distilled acceleration LoRA plus its scheduler.
 
-``sampler`` in a diffusion settings section (``enhance``, ``displace``, ``rotate.fill_sampler``) is one of:
+``sampler`` in a diffusion settings section (``enhance``, ``displace.fill``, ``rotate.fill``) is one of:
 
 - ``default``: the section's own steps and guidance with the pipeline's own scheduler (as before).
 - ``lcm``: LCM-LoRA (``latent-consistency/lcm-lora-sdv1-5``, role ``lcm_lora``) with diffusers'

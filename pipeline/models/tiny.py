@@ -508,8 +508,8 @@ def tiny_settings_dict(out: Path, family: str = "sd15", nested: bool = False) ->
         "samplers": {"lcm": {"steps": 2, "guidance": 1.0}, "tcd": {"steps": 2, "guidance": 0.0, "eta": 0.3},
                      "hyper": {"steps": 2, "guidance": 0.0}},
         "enhance": {"steps": 2, "resolution": 64},
-        "displace": {"steps": 2, "resolution": 64},
-        "rotate": {"steps": 2, "view_size": 64, "fill_resolution": 64},
+        "displace": {"fill": {"steps": 2, "resolution": 64}},
+        "rotate": {"steps": 2, "view_size": 64, "fill": {"resolution": 64}},
     }
 
 

@@ -12,11 +12,12 @@ Adding an operation: write its params model and its function, add one line to ``
 from __future__ import annotations
 
 import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from pipeline.ops.background import BackgroundParams, run_background
 from pipeline.ops.displace import DisplaceParams, run_displace
@@ -25,6 +26,7 @@ from pipeline.ops.enhance import EnhanceParams, run_enhance
 from pipeline.errors import ParamsError
 from pipeline.ops.frame import FrameParams, run_frame
 from pipeline.ops.rotate import RotateParams, run_rotate
+from pipeline.settings import LEGACY_FILL_KEYS, FillKeyConflict, SettingsDeprecation, deprecation_note, error_loc, error_reason, legacy_loc, merge_nested, nest_fill
 
 
 @dataclass(frozen=True)
@@ -93,50 +95,91 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def _problems(err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[tuple[str, str]]:
-    out = []
-    for e in err.errors():
-        loc = (*prefix, *(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-"))))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown parameter"
-        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], (dict, BaseModel)) \
-                and repr(e["input"]) not in msg:
-            msg += f" (got {e['input']!r})"
-        out.append((".".join(str(x) for x in loc), msg))
-    return out
+def _problems(err: ValidationError, section: str = "", given: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(dotted field, reason) per error; an old flat fill key in ``given`` is named as written."""
+    return [(".".join(str(x) for x in legacy_loc((section, *error_loc(e)), {section: given or {}})[1:]),
+             error_reason(e, "unknown parameter")) for e in err.errors()]
+
+
+def _nested(section: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Section overrides as written -> nested: dotted keys (``fill.steps=10``, from flags and CSV
+    cells) become dicts; a fill section's ``fill: NAME`` and old flat fill keys go into ``fill``."""
+    out: dict[str, Any] = {}
+    for k, v in given.items():
+        if "." in k:
+            head, *rest = k.split(".")
+            node = out.setdefault(head, {})
+            if not isinstance(node, dict):
+                node = out[head] = {"backend": node} if head == "fill" else {}
+            for part in rest[:-1]:
+                node = node.setdefault(part, {})
+            node[rest[-1]] = v
+        elif k == "fill" and isinstance(out.get("fill"), dict) and not isinstance(v, dict):
+            out["fill"]["backend"] = v
+        else:
+            out[k] = merge_nested(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    if section in LEGACY_FILL_KEYS:
+        return nest_fill(section, out)
+    return out, []
+
+
+def merge_given(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Options ``over`` on top of ``base`` (a rule's action over the rule file's defaults): nested
+    mappings merge key by key; ``fill: NAME`` facing a fill mapping counts as ``{backend: NAME}``."""
+    def as_map(v: Any) -> Any:
+        return {"backend": v} if isinstance(v, (str, list, tuple)) else v
+
+    b, o = dict(base), dict(over)
+    if isinstance(b.get("fill"), dict) or isinstance(o.get("fill"), dict):
+        if "fill" in b and "fill" in o:
+            b["fill"], o["fill"] = as_map(b["fill"]), as_map(o["fill"])
+    return merge_nested(b, o)
 
 
 def parse_action(op: str, given: Mapping[str, Any] | None, settings: Any, *,
-                 bases: Sequence[str | Path | None] = (None,)) -> Action:
+                 bases: Sequence[str | Path | None] = (None,),
+                 on_deprecated: Callable[[str, str], None] | None = None) -> Action:
     """Validate ``given`` (the options as written: rule file, flags or a CSV cell) for ``op``.
 
     Keys are the operation's own fields or fields of its settings section (overrides for this
     action). ``bases``: where a relative file (a LoRA) is looked up, in order; None = the working
-    directory. Raises :class:`ParamsError` naming every bad field, before any model is loaded."""
+    directory. Dotted keys reach into a nested field (``fill.steps``); an old flat fill key
+    (``steps`` for displace, ``fill_steps`` for rotate) still works and is reported to
+    ``on_deprecated(old, new)``, by default as a :class:`SettingsDeprecation` warning.
+    Raises :class:`ParamsError` naming every bad field, before any model is loaded."""
     spec = OPERATIONS.get(op)
     if spec is None:
         raise ParamsError(None, [("", f"unknown action {op!r} (known: {', '.join(OPS)})")])
     given = {k: v for k, v in (given or {}).items() if v is not None}
-    section_now = getattr(settings, spec.params.section)
+    section_name = spec.params.section
+    section_now = getattr(settings, section_name)
     section_model = type(section_now)
     own = set(spec.own_fields)
     problems: list[tuple[str, str]] = []
     own_vals, section_vals = {}, {}
+    legacy = LEGACY_FILL_KEYS.get(section_name, {})
     for k, v in given.items():
         if k in own:
             own_vals[k] = v
-        elif k in section_model.model_fields and k != "classes":
+        elif (k.split(".")[0] in section_model.model_fields or k in legacy) and k != "classes":
             section_vals[k] = v
         else:
             known = sorted({*own, *section_model.model_fields} - {"classes"})
             problems.append((k, f"unknown parameter for {op} (known: {', '.join(known)})"))
     section = None
     try:
-        section = section_model.model_validate({**section_now.model_dump(), **section_vals}) if section_vals \
+        nested, moved = _nested(section_name, section_vals)
+        for old, new in moved:
+            if on_deprecated is not None:
+                on_deprecated(old, new)
+            else:
+                warnings.warn(deprecation_note(op, section_name, old, new), SettingsDeprecation, stacklevel=2)
+        section = section_model.model_validate(merge_nested(section_now.model_dump(), nested)) if section_vals \
             else section_now
+    except FillKeyConflict as e:
+        problems.append(("fill", str(e)))
     except ValidationError as e:
-        problems.extend(_problems(e))
+        problems.extend(_problems(e, section_name, section_vals))
     if section is not None:
         try:
             params = spec.params.model_validate({**own_vals, "settings": section}, context={"bases": tuple(bases)})

@@ -2,8 +2,8 @@
 
 The product is its mask (detection or a mask file). Every pixel of the mask keeps the input's
 exact bytes; every other pixel is the new background, with an ``edge`` px soft band just outside
-the mask in which the product's own edge colours (:func:`pipeline.ops.composite.extend_edges`) fade
-into the background (:func:`pipeline.ops.composite.feather_alpha`), so no old surroundings come along.
+the mask in which the product's own edge colours (:func:`pipeline.io.composite.extend_edges`) fade
+into the background (:func:`pipeline.io.composite.feather_alpha`), so no old surroundings come along.
 ``Edit.edit_mask`` is therefore everything but the product.
 
 Backgrounds: ``color`` (flat), ``transparent`` (the colour under an alpha channel: 0 outside the
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.ops.composite import bbox, dilate, extend_edges, feather_alpha, paste, shift_mask
+from pipeline.io.composite import bbox, dilate, extend_edges, feather_alpha, paste, shift_mask
 from pipeline.ops.edits import Edit, EditContext, EditError, OpParams
 from pipeline.settings import BackgroundSettings, EnhanceSettings, parse_colour
 from pipeline.ops.enhance import enhance

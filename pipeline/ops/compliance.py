@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.io.imageio import colour_space, load_image
-from pipeline.ops.composite import bbox, dilate
+from pipeline.io.composite import bbox, dilate
 from pipeline.settings import CheckSettings, parse_colour
 
 

@@ -6,12 +6,12 @@ Steps for one product (image RGB, mask HxW bool at full resolution, offset (dx, 
    them, plus a feathered ramp *outside* the mask made of the product's edge colours extended
    outwards, so the pasted product is bit-identical to the source inside its mask and none of its
    old surroundings come along.
-2. **Fill the hole**: the mask dilated by ``mask_dilation`` is filled with background by the
+2. **Fill the hole**: the mask dilated by ``fill.mask_dilation`` is filled with background by the
    configured backend (:func:`pipeline.ops.inpaint.fill`: ``lama`` on a crop at the photo's scale,
    ``sd`` inpainting on a crop, or ``classical`` OpenCV ``cv2.inpaint``).
 3. **Check and fall back** (:func:`pipeline.ops.inpaint.fill_in_order`): a checker looks at the old
    region of every fill, whatever its backend. If it still looks like the product (SD can paint a
-   new object into a hole), SD is retried with seeds ``seed+1, seed+2, ...`` up to ``retries``
+   new object into a hole), SD is retried with seeds ``seed+1, seed+2, ...`` up to ``fill.retries``
    times, then the next backend of the fill order is tried (``fill: sd`` is ``[sd, classical]``);
    the record says which backend filled and why the others were not used.
 4. **Paste** the cut product at the new place, clipped at the frame (``out_of_frame: clip``) or
@@ -34,18 +34,18 @@ from PIL import Image
 
 from pydantic import field_validator
 
-from pipeline.ops.composite import dilate, extend_edges, feather_alpha, parse_offset, paste, shift_image, shift_mask
-from pipeline.ops.edits import Edit, EditContext, EditError, Moved, OpParams
+from pipeline.io.composite import dilate, extend_edges, feather_alpha, parse_offset, paste, shift_image, shift_mask, bbox
+from pipeline.ops.edits import Edit, EditContext, EditError, Moved, OpParams, checked_product_mask
 from pipeline.ops.inpaint import BACKEND_ROLES, fill, fill_in_order
-from pipeline.settings import DisplaceSettings, ProductClass, fill_order
-from pipeline.detect.detector import Detector, decide, mask_box, pad_box
+from pipeline.settings import DisplaceSettings, ProductClass
+from pipeline.detect.detector import Detector, decide, pad_box
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.detect.detector import Detection
     from pipeline.models.registry import ModelRegistry
 
 # checker(filled image PIL RGB, old product mask HxW bool, label) -> score; a score at or above
-# ``DisplaceSettings.recheck_threshold`` means "the product (or a look-alike) is still there".
+# ``FillSettings.recheck_threshold`` means "the product (or a look-alike) is still there".
 Checker = Callable[[Image.Image, np.ndarray, str], float]
 
 __all__ = ["Checker", "ClipChecker", "DisplaceParams", "displace", "displace_detection", "run_displace"]
@@ -75,7 +75,7 @@ class ClipChecker:
             classes = [*classes, ProductClass(name=label)]
         names = [c.name for c in classes]
         W, H = image.size
-        box = mask_box(region_mask)
+        box = bbox(region_mask)
         if box is None:
             return 0.0
         view = pad_box(box, self.cfg.context_pad, W, H)
@@ -92,19 +92,10 @@ class ClipChecker:
 
 
 def _validate(image: Image.Image, mask: np.ndarray, dx: Any, dy: Any) -> np.ndarray:
-    if not isinstance(image, Image.Image) or image.mode != "RGB":
-        raise ValueError(f"displace expects a PIL RGB image, got {getattr(image, 'mode', type(image).__name__)}"
-                         " (convert first)")
-    W, H = image.size
-    m = np.asarray(mask)
-    if m.shape != (H, W):
-        raise ValueError(f"product mask shape {m.shape} does not match the image ({H}, {W})")
+    m = checked_product_mask(image, mask, "displace", "move")
     for name, v in (("dx", dx), ("dy", dy)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"{name} must be a whole number of pixels, got {v!r} (see composite.parse_offset)")
-    m = m.astype(bool, copy=False)
-    if not m.any():
-        raise EditError("displace: the product mask is empty; nothing to move")
     return m
 
 
@@ -122,8 +113,8 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
     ``displace`` settings. ``registry``: needed for the ``lama`` and ``sd`` fills and the default
     CLIP checker.
     ``checker``: ``checker(filled_image, old_mask, label) -> float`` (score >=
-    ``params.recheck_threshold`` means still there); an injected checker is always used, else a
-    :class:`ClipChecker` when a registry is given and ``params.recheck`` is on, else no check.
+    ``params.fill.recheck_threshold`` means still there); an injected checker is always used, else a
+    :class:`ClipChecker` when a registry is given and ``params.fill.recheck`` is on, else no check.
     ``classes``: the product classes the CLIP checker scores against (default: ``detect.classes``).
 
     Returns an :class:`Edit`: the new image, the mask of every pixel that may differ, and the
@@ -144,8 +135,9 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         out = image.copy()
         return Edit(out, np.zeros((H, W), bool), m.copy(), record)
 
-    order = fill_order(params.fill)
-    if isinstance(params.fill, str) and order[0] in BACKEND_ROLES and registry is None:
+    fs = params.fill
+    order = fs.order
+    if isinstance(fs.backend, str) and order[0] in BACKEND_ROLES and registry is None:
         raise ValueError(f"displace with fill '{order[0]}' needs a model registry (role '{BACKEND_ROLES[order[0]]}')")
 
     # -- out-of-frame policy, decided before any expensive work ----------------------------------
@@ -169,23 +161,16 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
     src_new = shift_image(extend_edges(src, m, params.feather), dx, dy, 0)
 
     # -- fill the hole, check, retry, fall back ---------------------------------------------------
-    if checker is None and params.recheck and registry is not None:
+    if checker is None and fs.recheck and registry is not None:
         checker = ClipChecker(registry, classes)
     checker_name = None if checker is None else ("clip" if isinstance(checker, ClipChecker) else "custom")
-    fill_kw = dict(registry=registry, steps=params.steps, guidance=params.guidance, strength=params.strength,
-                   sampler=params.sampler,
-                   prompt=params.prompt, negative_prompt=params.negative_prompt, resolution=params.resolution,
-                   crop_margin=params.crop_margin, radius=params.classical_radius,
-                   method=params.classical_method, lama_resolution=params.lama_resolution)
-    got = fill_in_order(image, m, params.fill, label=label, checker=checker, threshold=params.recheck_threshold,
-                        retries=params.retries, seed=params.seed, dilation=params.mask_dilation,
-                        blend=params.fill_blend, **fill_kw)
+    got = fill_in_order(image, m, fs, label=label, checker=checker, seed=params.seed, registry=registry)
     filled, used = got.image, got.backend
     timings: dict[str, float] = {"fill": got.fill_seconds, "check": got.check_seconds}
     attempts = got.record["tries"]
-    hole = dilate(m, params.mask_dilation)
-    record["fill"] = {**got.record, "checker": checker_name, "recheck_threshold": params.recheck_threshold,
-                      "dilation": params.mask_dilation, "hole_pixels": int(hole.sum())}
+    hole = dilate(m, fs.mask_dilation)
+    record["fill"] = {**got.record, "checker": checker_name, "recheck_threshold": fs.recheck_threshold,
+                      "dilation": fs.mask_dilation, "hole_pixels": int(hole.sum())}
 
     # -- paste the product at its new place --------------------------------------------------------
     t0 = time.perf_counter()
@@ -201,8 +186,8 @@ def displace(image: Image.Image, mask: np.ndarray, label: str, dx: int, dy: int,
         t0 = time.perf_counter()
         ring_mask = dilate(new_mask, params.harmonize_ring) & ~new_mask
         seed = got.seed if used == "sd" else params.seed
-        harmonised, hrec = fill(Image.fromarray(out, "RGB"), ring_mask, used, seed=seed, dilation=0, blend=0,
-                                **fill_kw)
+        ring_fill = fs.model_copy(update={"mask_dilation": 0, "blend": 0})
+        harmonised, hrec = fill(Image.fromarray(out, "RGB"), ring_mask, ring_fill, registry, seed=seed, backend=used)
         out = np.asarray(harmonised)
         timings["harmonize"] = time.perf_counter() - t0
         record["harmonize"] = {"ring": params.harmonize_ring, "backend": used, "fill": hrec}
@@ -241,7 +226,7 @@ class DisplaceParams(OpParams):
     settings section (``fill``, ``feather``, ``out_of_frame``, ...) may be overridden per action.
 
     ``x``/``y``: whole pixels (``162``, ``"-40"``) or a fraction of the image's width / height
-    (``0.1``, ``"-10%"``), see :func:`pipeline.ops.composite.parse_offset`; resolved per image."""
+    (``0.1``, ``"-10%"``), see :func:`pipeline.io.composite.parse_offset`; resolved per image."""
 
     section = "displace"
     x: int | float | str = 0

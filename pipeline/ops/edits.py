@@ -26,6 +26,23 @@ class EditError(BadInput):
     beyond the allowed share). ``str()`` is the full, human-readable message."""
 
 
+def checked_product_mask(image: Image.Image, mask: np.ndarray, op: str, verb: str) -> np.ndarray:
+    """The product mask of an edit's input as HxW bool, after checking the input: ``image`` a PIL
+    ``"RGB"`` image (ValueError otherwise: the caller converts), ``mask`` HxW matching it
+    (ValueError) and not empty (:class:`EditError` "``op``: ... nothing to ``verb``")."""
+    if not isinstance(image, Image.Image) or image.mode != "RGB":
+        raise ValueError(f"{op} expects a PIL RGB image, got {getattr(image, 'mode', type(image).__name__)} "
+                         "(convert first)")
+    W, H = image.size
+    m = np.asarray(mask)
+    if m.shape != (H, W):
+        raise ValueError(f"product mask shape {m.shape} does not match the image ({H}, {W})")
+    m = m.astype(bool, copy=False)
+    if not m.any():
+        raise EditError(f"{op}: the product mask is empty; nothing to {verb}")
+    return m
+
+
 class OpParams(BaseModel):
     """Base of every operation's parameters. A subclass declares the operation's own fields (e.g.
     displace's ``x``, ``y``) and ``settings``, the operation's settings section with this action's

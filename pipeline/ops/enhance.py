@@ -22,7 +22,7 @@ Steps for one product (image PIL RGB, mask HxW bool at full resolution):
    gives the same noise on every device.
 5. **Paste**: the result, resized back to the crop, is blended into the input only inside the
    region: alpha 1 on the product mask, fading over ``mask_feather`` px towards the region's edge,
-   0 outside (:func:`pipeline.ops.composite.inner_feather_alpha`, :func:`pipeline.ops.composite.paste`).
+   0 outside (:func:`pipeline.io.composite.inner_feather_alpha`, :func:`pipeline.io.composite.paste`).
 
 GPU memory: the registry loads the inpaint pipeline and ControlNet in fp16 (or bf16) on CUDA with
 SDPA attention (diffusers' default on torch 2), and applies model CPU offload and VAE tiling from
@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BeforeValidator, ValidationInfo, field_validator
 
-from pipeline.ops.composite import bbox, dilate, inner_feather_alpha, paste
+from pipeline.io.composite import bbox, dilate, inner_feather_alpha, paste
 from pipeline.ops.edits import Edit, EditContext, EditError, OpParams
 from pipeline.ops.inpaint import CropBox, plan_crop
 from pipeline.models.lora_weights import LoraError, LoraSpec, check_unique, parse_lora
@@ -105,10 +105,10 @@ def controlnet_pipeline(registry: "ModelRegistry") -> Any:
 # Parameters
 
 
-def build_prompt(template: str, label: str, tag: str = "") -> str:
-    """Fill ``{tag}`` and ``{label}`` and drop empty comma-separated items, so an empty tag leaves
-    no stray ``", "``. Other text (braces included) is kept as written."""
-    text = template.replace("{tag}", tag.strip()).replace("{label}", label.strip())
+def build_prompt(template: str, label: str, tag: str | None = "") -> str:
+    """Fill ``{tag}`` and ``{label}`` and drop empty comma-separated items, so an empty (or None)
+    tag leaves no stray ``", "``. Other text (braces included) is kept as written."""
+    text = template.replace("{tag}", (tag or "").strip()).replace("{label}", label.strip())
     if "," not in text:
         return text.strip()
     return ", ".join(p.strip() for p in text.split(",") if p.strip())

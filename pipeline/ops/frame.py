@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.ops.composite import bbox
+from pipeline.io.composite import bbox
 from pipeline.ops.edits import Edit, EditContext, EditError, OpParams
 from pipeline.ops.geometry import Transform
 from pipeline.settings import FrameSettings, parse_colour

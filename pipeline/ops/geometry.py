@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pipeline.ops.composite import dilate
+from pipeline.io.composite import dilate
 
 # Pillow's Lanczos kernel reaches 3 source pixels either side (scaled by 1/scale when shrinking).
 _LANCZOS_SUPPORT = 3.0

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.ops.composite import bbox, dilate, inner_feather_alpha, paste
-from pipeline.settings import FILL_BACKENDS, fill_order
+from pipeline.io.composite import bbox, dilate, inner_feather_alpha, paste
+from pipeline.settings import FILL_BACKENDS, FillSettings
 from pipeline.models.registry import ModelLoadError
 from pipeline.models.samplers import plan_sampler, sampling
 
@@ -249,25 +249,31 @@ def _classical(rgb: np.ndarray, hole: np.ndarray, radius: int, method: str) -> n
     return out
 
 
-def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "ModelRegistry | None" = None,
-         seed: int = 0, steps: int = 30, guidance: float = 2.0, strength: float = 1.0, prompt: str = "",
-         negative_prompt: str = "", resolution: int = 512, dilation: int = 0, crop_margin: float = 0.5,
-         radius: int = 5, method: str = "ns", blend: int = 0,
-         lama_resolution: int = 1024, sampler: str = "default") -> tuple[Image.Image, dict[str, Any]]:
-    """Fill ``dilate(mask, dilation)`` with plausible background.
+def fill(image: Image.Image, mask: np.ndarray, settings: FillSettings, registry: "ModelRegistry | None" = None, *,
+         seed: int = 0, backend: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """Fill ``dilate(mask, settings.mask_dilation)`` with plausible background, by one backend.
 
     ``image``: PIL ``"RGB"`` (callers convert RGBA etc. first). ``mask``: HxW bool, the region
-    to replace (e.g. the object to remove). ``backend``: ``"lama"`` (needs ``registry``; crop
-    at the photo's scale up to ``lama_resolution`` long side), ``"sd"`` (needs ``registry``) or
-    ``"classical"`` (``method`` ``"ns"`` or ``"telea"``, neighbourhood ``radius`` px).
-    ``blend``: inner feather in pixels, clamped to ``dilation``, over which generated pixels fade
-    into the original ones at the edge of the dilated mask. ``sampler`` (sd): ``default`` runs
-    ``steps`` and ``guidance``; ``lcm``/``tcd``/``hyper`` their own (:mod:`pipeline.models.samplers`).
+    to replace (e.g. the object to remove). ``settings``: the fill (:class:`FillSettings`).
+    ``backend``: the backend to run; None: ``settings.backend``, which must then be one name (an
+    order is :func:`fill_in_order`'s). ``"lama"`` (needs ``registry``; crop at the photo's scale
+    up to ``lama_resolution`` long side), ``"sd"`` (needs ``registry``; ``seed``, ``sampler``:
+    ``default`` runs ``steps`` and ``guidance``, ``lcm``/``tcd``/``hyper`` their own, see
+    :mod:`pipeline.models.samplers`) or ``"classical"`` (``classical_method`` ``"ns"`` or ``"telea"``,
+    neighbourhood ``classical_radius`` px). ``blend``: inner feather in pixels, clamped to
+    ``mask_dilation``, over which generated pixels fade into the original ones at the edge of the
+    dilated mask.
 
-    Returns ``(filled PIL RGB image, record)``. Pixels outside ``dilate(mask, dilation)`` are
+    Returns ``(filled PIL RGB image, record)``. Pixels outside ``dilate(mask, mask_dilation)`` are
     bit-identical to ``image``; pixels in ``mask`` come wholly from the backend. The record holds
     backend, seed and sampler settings (sd), crop and scale (sd, lama), mask sizes and the time taken.
     """
+    if backend is None:
+        if not isinstance(settings.backend, str):
+            raise ValueError(f"fill runs one backend; {settings.backend} is an order (use fill_in_order)")
+        backend = settings.backend
+    s = settings
+    dilation, crop_margin = s.mask_dilation, s.crop_margin
     if backend not in BACKENDS:
         raise ValueError(f"unknown fill backend {backend!r} (one of: {', '.join(BACKENDS)})")
     if image.mode != "RGB":
@@ -286,42 +292,41 @@ def fill(image: Image.Image, mask: np.ndarray, backend: str, *, registry: "Model
         return image.copy(), rec
     rgb = np.asarray(image)
     if backend == "classical":
-        generated = _classical(rgb, hole, radius, method)
-        rec.update(method=method, radius=int(radius))
+        generated = _classical(rgb, hole, s.classical_radius, s.classical_method)
+        rec.update(method=s.classical_method, radius=int(s.classical_radius))
     elif backend == "lama":
         if registry is None:
             raise ValueError("the 'lama' fill backend needs a model registry (role 'inpaint_fill')")
-        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=lama_resolution, native=True)
+        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=s.lama_resolution, native=True)
         work = lama_inpaint(registry.get("inpaint_fill"), crop.to_work(image), crop.mask_to_work(hole),
                             device=registry.runtime.device)
         generated = rgb.copy()
         crop.crop_array(generated)[...] = np.asarray(crop.from_work(work))
         cw, ch = crop.size
-        rec.update(lama_resolution=int(lama_resolution), crop_margin=float(crop_margin), crop=crop.to_record(),
+        rec.update(lama_resolution=int(s.lama_resolution), crop_margin=float(crop_margin), crop=crop.to_record(),
                    scale=1.0 if crop.work_size == crop.size else round(crop.work_w / cw, 4),
                    padded_size=[crop.work_w + (-crop.work_w) % LAMA_MULTIPLE,
                                 crop.work_h + (-crop.work_h) % LAMA_MULTIPLE])
     else:
         if registry is None:
             raise ValueError("the 'sd' fill backend needs a model registry (role 'inpaint')")
-        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=resolution)
+        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=s.resolution)
         # The inpaint role's UNet is shared with enhance, which switches LoRA adapters on it for
         # one generation: its lock keeps this fill from ever running with them on.
-        plan = plan_sampler(sampler, steps, guidance, registry.settings.samplers)
+        plan = plan_sampler(s.sampler, s.steps, s.guidance, registry.settings.samplers)
         with registry.lock("inpaint"):
             pipe = registry.get("inpaint")
             with sampling(registry, pipe, plan) as srec:
                 work = sd_inpaint(pipe, crop.to_work(image), crop.mask_to_work(hole), seed=seed,
-                                  steps=plan.steps, guidance=plan.guidance, strength=strength, prompt=prompt,
-                                  negative_prompt=negative_prompt, eta=plan.eta)
+                                  steps=plan.steps, guidance=plan.guidance, strength=s.strength, prompt=s.prompt,
+                                  negative_prompt=s.negative_prompt, eta=plan.eta)
         generated = rgb.copy()
         crop.crop_array(generated)[...] = np.asarray(crop.from_work(work))
         srec.pop("loras", None)
-        rec.update(seed=int(seed), steps=int(plan.steps), guidance=float(plan.guidance), strength=float(strength),
-                   sampler=srec,
-                   prompt=prompt, negative_prompt=negative_prompt, resolution=int(resolution),
+        rec.update(seed=int(seed), steps=int(plan.steps), guidance=float(plan.guidance), strength=float(s.strength),
+                   sampler=srec, prompt=s.prompt, negative_prompt=s.negative_prompt, resolution=int(s.resolution),
                    crop_margin=float(crop_margin), crop=crop.to_record())
-    blend = max(0, min(int(blend), int(dilation)))
+    blend = max(0, min(int(s.blend), int(dilation)))
     alpha = inner_feather_alpha(hole, blend, core=m)
     out = paste(rgb, generated, alpha)
     rec["blend"] = blend
@@ -365,30 +370,32 @@ def _load_error(backend: str, registry: "ModelRegistry | None") -> Exception | N
     return None
 
 
-def fill_in_order(image: Image.Image, mask: np.ndarray, spec: str | Sequence[str], *, label: str,
-                  checker: Checker | None = None, threshold: float = 0.5, retries: int = 0, seed: int = 0,
-                  registry: "ModelRegistry | None" = None, **fill_kw: Any) -> FillOutcome:
-    """Fill ``mask`` (HxW bool) trying the backends of ``spec`` in order; the first result that
-    passes the check wins.
+def fill_in_order(image: Image.Image, mask: np.ndarray, settings: FillSettings, *, label: str,
+                  checker: Checker | None = None, seed: int = 0,
+                  registry: "ModelRegistry | None" = None) -> FillOutcome:
+    """Fill ``mask`` (HxW bool) trying the backends of ``settings.backend`` in order; the first
+    result that passes the check wins.
 
-    ``spec``: a backend name or a list (see :func:`pipeline.settings.fill_order`: a single name
-    is followed by ``classical``). ``checker``: scores each result on ``mask`` for ``label``; a
-    score at or above ``threshold`` fails the result (it applies to every backend). Without a
-    checker the first backend that runs wins. ``sd`` is tried ``retries + 1`` times with seeds
+    ``settings``: the fill; its ``backend`` is a name or a list (see
+    :func:`pipeline.settings.fill_order`: a single name is followed by ``classical``).
+    ``checker``: scores each result on ``mask`` for ``label``; a score at or above
+    ``settings.recheck_threshold`` fails the result (it applies to every backend). The caller
+    decides whether to check (``settings.recheck``). Without a
+    checker the first backend that runs wins. ``sd`` is tried ``settings.retries + 1`` times with seeds
     ``seed, seed+1, ...``; ``lama`` and ``classical`` are deterministic and tried once.
     A backend whose model cannot be loaded is skipped (the reason recorded) when the order was
     given as a list and another backend is left to try or was tried; with a single name the
     :class:`~pipeline.models.registry.ModelLoadError` (or ValueError without a registry) propagates.
     When no result passes, the last one is kept and the record carries a warning.
-    ``fill_kw``: passed to :func:`fill` (dilation, blend, steps, ...).
 
-    The record: ``requested`` (``spec``), ``order``, ``used``, ``fallback`` (something before
+    The record: ``requested`` (``settings.backend``), ``order``, ``used``, ``fallback`` (something before
     ``used`` was skipped or failed), ``fallback_reason``, ``skipped`` (every other backend of the
     order with why), ``attempts``, ``seeds`` (sd), ``scores`` (one per checked fill; empty without a
     checker), ``still_there``, ``tries`` (one
     entry per fill: backend, seed, fill record, score) and ``warning`` when nothing passed.
     """
-    order = fill_order(spec)
+    spec, threshold, retries = settings.backend, settings.recheck_threshold, settings.retries
+    order = settings.order
     explicit = not isinstance(spec, str)
     t_fill = t_check = 0.0
     tries: list[dict[str, Any]] = []
@@ -411,7 +418,7 @@ def fill_in_order(image: Image.Image, mask: np.ndarray, spec: str | Sequence[str
         scores: list[float] = []
         for s in seeds:
             t0 = time.perf_counter()
-            filled, frec = fill(image, mask, backend, registry=registry, seed=s, **fill_kw)
+            filled, frec = fill(image, mask, settings, registry, seed=s, backend=backend)
             t_fill += time.perf_counter() - t0
             entry: dict[str, Any] = {"backend": backend, "seed": s if backend == "sd" else None, "fill": frec}
             still = False

@@ -15,7 +15,7 @@ Steps (all on the view, at its own resolution):
 4. **Alpha** with a clean edge: 1 inside the mask eroded by ``edge`` px, 0 outside the mask
    dilated by ``edge`` px, and in the band between a smooth ramp (a box-filtered mask), so the
    edge is soft but never reaches farther than ``edge`` px. ``rgb`` is the view with the band's
-   colours replaced by the nearest interior colours (:func:`pipeline.ops.composite.extend_edges`):
+   colours replaced by the nearest interior colours (:func:`pipeline.io.composite.extend_edges`):
    the anti-aliased edge pixels of the view are blends with white, and pasting them onto a
    darker backdrop would draw a white fringe.
 """
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from pipeline.ops.composite import bbox, dilate, extend_edges
+from pipeline.io.composite import bbox, dilate, extend_edges
 from pipeline.detect.detector import fill_holes
 
 if TYPE_CHECKING:  # pragma: no cover

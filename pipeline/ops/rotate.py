@@ -15,8 +15,8 @@ Steps for one product (image RGB, mask HxW bool at full resolution, a relative c
    enlarged onto the photo), then **matte** it (:func:`pipeline.matte.matte`: foreground against
    the white background, refined with SAM on the view, clean alpha edge, decontaminated colours).
 5. **Remove the old product** with the shared fill (:func:`pipeline.ops.inpaint.fill_in_order`: ``lama``,
-   ``sd`` or ``classical``, or a fallback order with an optional CLIP re-check, ``recheck``) over
-   the mask dilated by ``mask_dilation``.
+   ``sd`` or ``classical``, or a fallback order with an optional CLIP re-check, ``fill.recheck``) over
+   the mask dilated by ``fill.mask_dilation``.
 6. **Composite** at the old box (:func:`place_box`): anchored bottom-centre (or centre, or fitted
    inside the old box), scaled to the old product's height (or width); alpha 1 on the new
    product, a feathered ramp of its own edge colours outside it; optionally Poisson-blended
@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
-from pydantic import ValidationInfo, field_validator
+from pydantic import ValidationError, ValidationInfo, field_validator
 
-from pipeline.ops.composite import bbox, dilate, extend_edges, feather_alpha, paste
-from pipeline.ops.edits import Edit, EditContext, EditError, OpParams
+from pipeline.io.composite import bbox, dilate, extend_edges, feather_alpha, paste
+from pipeline.ops.edits import Edit, EditContext, EditError, OpParams, checked_product_mask
 from pipeline.ops.inpaint import BACKEND_ROLES, fill_in_order
 from pipeline.models.pose import check_pose
-from pipeline.settings import RotateSettings, check_fill, fill_order
+from pipeline.settings import RotateSettings, error_reason
 from pipeline.ops.matte import clean_mask, matte, rough_mask
 from pipeline.ops.displace import ClipChecker
 from pipeline.ops.upscale import upscale, upscale_factor
@@ -230,20 +230,6 @@ def segment_only(image: Image.Image, mask: np.ndarray, label: str) -> Edit:
     return Edit(image.copy(), np.zeros((H, W), bool), m.copy(), record)
 
 
-def _validate(image: Image.Image, mask: np.ndarray) -> np.ndarray:
-    if not isinstance(image, Image.Image) or image.mode != "RGB":
-        raise ValueError(f"rotate expects a PIL RGB image, got {getattr(image, 'mode', type(image).__name__)} "
-                         "(convert first)")
-    W, H = image.size
-    m = np.asarray(mask)
-    if m.shape != (H, W):
-        raise ValueError(f"product mask shape {m.shape} does not match the image ({H}, {W})")
-    m = m.astype(bool, copy=False)
-    if not m.any():
-        raise EditError("rotate: the product mask is empty; nothing to rotate")
-    return m
-
-
 def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, polar: float, params: RotateSettings,
            registry: "ModelRegistry | None", *, seed: int | None = None, fill: str | None = None,
            view_fn: ViewFn | None = None) -> Edit:
@@ -255,7 +241,7 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     ``registry``: the model registry (novel_view, upscaler, sam, inpaint roles; also the settings
     whose licence rules apply); may be None only with an injected ``view_fn``, ``fill
     "classical"``, and no upscaling or SAM refinement wanted. ``seed``: overrides ``params.seed``
-    (novel view and SD fill). ``fill``: overrides ``params.fill``. ``view_fn``: a stand-in for the
+    (novel view and SD fill). ``fill``: overrides ``params.fill.backend``. ``view_fn``: a stand-in for the
     novel-view model (tests).
 
     Returns an :class:`Edit`. Raises ValueError for out-of-range angles or bad arguments and
@@ -264,15 +250,17 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     from pipeline.models.novel_view import pose_embedding
 
     t_start = time.perf_counter()
-    m = _validate(image, mask)
+    m = checked_product_mask(image, mask, "rotate", "rotate")
     check_pose(polar, azimuth, params.radius, max_polar=params.max_polar)
     azimuth, polar = float(azimuth), float(polar)
     seed = params.seed if seed is None else int(seed)
-    try:
-        spec = check_fill(params.fill if fill is None else fill)
-    except ValueError as e:
-        raise ValueError(f"rotate: {e}") from None
-    order = fill_order(spec)
+    fs = params.fill
+    if fill is not None:
+        try:
+            fs = params.fill.model_validate({**params.fill.model_dump(), "backend": fill})
+        except ValidationError as e:
+            raise ValueError(f"rotate: {error_reason(e.errors()[0])}") from None
+    spec, order = fs.backend, fs.order
     backend = order[0]
     W, H = image.size
     warnings: list[str] = []
@@ -285,7 +273,7 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
     roles = [r for r, wanted in (("novel_view", view_fn is None), ("upscaler", params.upscale != "off"),
                                  ("sam", use_sam)) if wanted]
     roles += [BACKEND_ROLES[b] for b in order if b in BACKEND_ROLES]
-    if params.recheck:
+    if fs.recheck:
         roles.append("clip")
     if registry is None and (view_fn is None or (isinstance(spec, str) and backend in BACKEND_ROLES)):
         raise ValueError("rotate needs a model registry (roles: novel_view"
@@ -368,22 +356,15 @@ def rotate(image: Image.Image, mask: np.ndarray, label: str, azimuth: float, pol
 
     # -- remove the old product ----------------------------------------------------------------------
     checker = None
-    if params.recheck and registry is not None:
+    if fs.recheck and registry is not None:
         checker = ClipChecker(registry)
-    got = fill_in_order(image, m, spec, label=label, checker=checker, threshold=params.recheck_threshold,
-                        retries=params.fill_retries, seed=seed, registry=registry, steps=params.fill_steps,
-                        sampler=params.fill_sampler,
-                        guidance=params.fill_guidance, strength=params.fill_strength, prompt=params.fill_prompt,
-                        negative_prompt=params.fill_negative_prompt, resolution=params.fill_resolution,
-                        dilation=params.mask_dilation, crop_margin=params.fill_crop_margin,
-                        radius=params.classical_radius, method=params.classical_method, blend=params.fill_blend,
-                        lama_resolution=params.fill_lama_resolution)
+    got = fill_in_order(image, m, fs, label=label, checker=checker, seed=seed, registry=registry)
     filled = got.image
     timings["fill"] = got.fill_seconds
     timings["check"] = got.check_seconds
-    hole = dilate(m, params.mask_dilation)
+    hole = dilate(m, fs.mask_dilation)
     record["fill"] = {**got.record, "checker": "clip" if checker is not None else None,
-                      "dilation": params.mask_dilation, "hole_pixels": int(hole.sum()),
+                      "dilation": fs.mask_dilation, "hole_pixels": int(hole.sum()),
                       "detail": got.record["tries"][-1]["fill"]}
     if got.record.get("warning"):
         warnings.append(got.record["warning"])

@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline import PIPELINE_VERSION
 from pipeline.ops.actions import Action
-from pipeline.ops.composite import bbox
+from pipeline.io.composite import bbox
 from pipeline.detect.detector import DetectResult, Detection, Detector
 from pipeline.ops.edits import EditContext, EditError
 from pipeline.errors import BadInput, ParamsError, QAFailed

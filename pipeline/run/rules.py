@@ -16,15 +16,16 @@ LoRA file, ...
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.ops.actions import Action, OPS as ACTIONS, chain_problems, parse_action
+from pipeline.ops.actions import Action, OPS as ACTIONS, chain_problems, parse_action, merge_given
 from pipeline.errors import ParamsError
-from pipeline.settings import ProductClass, Settings, SettingsError, read_yaml_mapping, validation_problems, yaml_line
+from pipeline.settings import ProductClass, Settings, SettingsError, read_yaml_mapping, validation_problems, yaml_line, SettingsDeprecation, deprecation_note
 from pipeline.ops.profiles import all_profiles
 
 
@@ -224,9 +225,16 @@ def _resolve(rf: RulesFile, path: Path | None, text: str, settings: Settings, ba
     def add(loc: tuple[Any, ...], reason: str) -> None:
         problems.append((".".join(map(str, loc)), reason, yaml_line(text, loc)))
 
+    def deprecated(op: str, where: tuple[Any, ...]) -> Callable[[str, str], None]:
+        def note(old: str, new: str) -> None:
+            line = yaml_line(text, (*where, old))
+            warnings.warn(deprecation_note(f"{path or '<rules>'}:{line}" if line else str(path or "<rules>"), op, old,
+                                           new), SettingsDeprecation, stacklevel=2)
+        return note
+
     def parse(op: str, given: dict[str, Any], where: tuple[Any, ...]) -> Action | None:
         try:
-            return parse_action(op, given, settings, bases=(base,))
+            return parse_action(op, given, settings, bases=(base,), on_deprecated=deprecated(op, where))
         except ParamsError as e:
             for f, reason in e.problems:
                 add((*where, *[int(x) if x.isdigit() else x for x in f.split(".") if x]), reason)
@@ -249,7 +257,7 @@ def _resolve(rf: RulesFile, path: Path | None, text: str, settings: Settings, ba
         for ai, a in enumerate(rule.actions):
             (op, params), = a.items()
             where = ("rules", ri, "actions", ai, op)
-            merged = {**(rf.defaults.get(op) or {}), **(params or {})}
+            merged = merge_given(rf.defaults.get(op) or {}, params or {})
             if op == "rotate" and merged.get("azimuth") is None and merged.get("polar") is None:
                 add(where, "rotate needs azimuth and/or polar")
             act = parse(op, merged, where)

@@ -44,7 +44,10 @@ def _bool_mask(mask: np.ndarray) -> np.ndarray:
 
 def bbox(mask: np.ndarray, pad: int = 0) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of the True pixels grown by ``pad`` on each side and clipped to the mask;
-    x1/y1 exclusive. None for an empty mask."""
+    x1/y1 exclusive. None for an empty mask.
+
+    From row and column projections: ``np.nonzero`` would allocate 16 bytes per true pixel
+    (150 MB for a product filling a fifth of a 48 MP photo)."""
     m = _bool_mask(mask)
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
     if not len(rows):

@@ -25,7 +25,6 @@ every later event.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -39,6 +38,7 @@ from typing import Callable, NamedTuple
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from daemon.logs import log_event
+from pipeline.io.hashing import file_sha256
 from pipeline.io.imageio import is_image_name, looks_incomplete
 
 _JUNK_NAMES = {"thumbs.db", "desktop.ini", "icon\r", "ehthumbs.db"}
@@ -70,17 +70,6 @@ class Sig(NamedTuple):
 
 def sig_of(st: os.stat_result) -> Sig:
     return Sig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-
-def hash_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass
@@ -277,7 +266,7 @@ class Intake:
                 step = min(max(self.settle, 0.25), remaining)
                 cand.since = self.clock() - self.settle + step
                 return
-        sha = hash_file(path)
+        sha = file_sha256(path)
         try:
             after = sig_of(os.lstat(path))
         except FileNotFoundError:

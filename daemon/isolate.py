@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from daemon.classify import is_fatal, is_permanent
 from daemon.logs import configure_logging, get_logger
+from pipeline.io.imageio import atomic_write_bytes
 from pipeline.run.deaths import describe_exit
 
 __all__ = ["ChildAbandoned", "ChildDied", "ChildError", "ChildJob", "ChildRun", "Isolation", "RulesChanged"]
@@ -202,14 +203,12 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _write_result(folder: Path, result: dict) -> None:
-    tmp = folder / "result.pickle.tmp"
     try:
         data = pickle.dumps(result)
     except Exception:
         result = {k: v for k, v in result.items() if k != "exc"}
         data = pickle.dumps(result)
-    tmp.write_bytes(data)
-    os.replace(tmp, folder / "result.pickle")
+    atomic_write_bytes(folder / "result.pickle", data)
 
 
 def child_main(folder: Path) -> int:

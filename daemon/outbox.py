@@ -17,13 +17,12 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.intake import hash_file
-from pipeline.io.imageio import atomic_write_text
+from pipeline.io.hashing import file_sha256
+from pipeline.io.imageio import atomic_path, atomic_write_text
 from pipeline.io.outputs import stem_for, write_failure
 
 __all__ = ["OUTCOME_STATE", "STATE_OUTCOME", "OutboxWriter", "annotate_failure", "archive_target",
@@ -66,7 +65,7 @@ def archive_target(archive: Path, name: str, sha256: str) -> Path:
             return c
         # A copy of this very content (an earlier crash mid-move) may be replaced.
         try:
-            if c.is_file() and not c.is_symlink() and hash_file(c) == sha256:
+            if c.is_file() and not c.is_symlink() and file_sha256(c) == sha256:
                 return c
         except OSError:
             continue
@@ -83,20 +82,9 @@ def move_file(src: Path, dst: Path) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        shutil.copystat(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    shutil.copystat(src, dst)  # after the rename: atomic_path gives the file a fresh file's mode
     os.unlink(src)
 
 

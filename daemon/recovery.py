@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from daemon.intake import hash_file
 from daemon.ledger import Ledger
 from daemon.logs import log_event
 from daemon.outbox import STATE_OUTCOME, OutboxWriter
+from pipeline.io.hashing import file_sha256
 
 __all__ = ["recover", "remove_stale_temps"]
 
@@ -39,7 +39,7 @@ def recover(ledger: Ledger, writer: OutboxWriter, log: logging.Logger, temp_fold
         src = Path(row.source)
         if os.path.lexists(src):
             try:
-                if hash_file(src) != row.sha256:
+                if file_sha256(src) != row.sha256:
                     ledger.set_disposition(row.id, "gone")
                     continue
             except OSError:

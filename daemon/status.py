@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from daemon.config import inbox_key
 from daemon.ledger import read_summary
 from daemon.lock import lock_holder
+from pipeline.io.imageio import atomic_write_text
 
 
 def _iso(t: float | None) -> str | None:
@@ -97,18 +97,7 @@ class StatusBoard:
         snap = self.snapshot()
         with self._lock:
             self.dirty = False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(snap, indent=2, default=str) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_text(path, json.dumps(snap, indent=2, default=str) + "\n")
 
 
 def read_status_files(ledger: Path, inbox: Path | None = None) -> list[dict[str, Any]]:

@@ -53,7 +53,6 @@ from typing import Any, Callable, Protocol
 
 from daemon.classify import describe, is_fatal, is_permanent
 from daemon.config import DaemonSettings
-from daemon.intake import hash_file
 from daemon.isolate import ChildAbandoned, ChildDied, ChildRun, Isolation
 from daemon.ledger import Ledger, Row
 from daemon.logs import log_event
@@ -62,6 +61,7 @@ from daemon.rules_watch import rules_hash_of
 from daemon.status import StatusBoard
 from pipeline.run.deaths import death_message, exhausted
 from pipeline.errors import internal_error_message
+from pipeline.io.hashing import file_sha256
 from pipeline.models.registry import free_memory
 
 __all__ = ["Processor", "RetryPolicy", "Worker", "WorkerContext", "WorkerEvents"]
@@ -322,7 +322,7 @@ class Worker:
             return
         t = time.perf_counter()
         try:
-            sha = hash_file(src)
+            sha = file_sha256(src)
         except OSError as e:
             self._transient(row, e)
             return

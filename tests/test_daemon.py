@@ -444,9 +444,9 @@ def test_rows_left_running_by_a_crash_are_resumed(env):
     # Simulate a crash mid-image and one before the input was archived.
     (env.inbox / "b.png").write_bytes(png_bytes(2))
     led = Ledger(env.outbox / ".ledger.sqlite3").open()
-    from daemon.intake import hash_file
+    from pipeline.io.hashing import file_sha256
 
-    row = led.add(sha256=hash_file(env.inbox / "b.png"), rules_hash="none", version=PIPELINE_VERSION,
+    row = led.add(sha256=file_sha256(env.inbox / "b.png"), rules_hash="none", version=PIPELINE_VERSION,
                   source=str(env.inbox / "b.png"), name="b.png", size=1, stem_candidates=iter(["b"]))
     led.claim("none")
     led.close()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.intake import Intake, hash_file
+from daemon.intake import Intake
+from pipeline.io.hashing import file_sha256
 from daemon.ledger import Ledger
 from daemon.metrics import NullMetrics
 from daemon.observer import ObserverSupervisor
@@ -197,7 +198,7 @@ def test_junk_partials_symlinks_and_special_files_are_never_taken(tmp_path, capl
         intake.scan()
         clk.advance(1.0)
         intake.tick()
-    assert taken == [("real.png", hash_file(inbox / "real.png"))]
+    assert taken == [("real.png", file_sha256(inbox / "real.png"))]
     listed = {i["name"]: i["reason"] for i in intake.ignored_list()}
     assert set(listed) == set(junk) | {"link.png", "pipe.png", "notes.txt"}
     assert listed["link.png"].startswith("symlink") and listed["pipe.png"].startswith("not a regular file")

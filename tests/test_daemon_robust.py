@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.intake import Intake, hash_file
+from daemon.intake import Intake
+from pipeline.io.hashing import file_sha256
 from daemon.ledger import _SCHEMA, Ledger
 from daemon.status import gather_status
 from helpers import png_bytes, time_limit, wait_for
@@ -45,7 +46,7 @@ def env(tmp_path):
 
 def interrupted_row(env: Env, name: str) -> str:
     """A ledger row for inbox/NAME left ``running``, as a daemon killed mid-image leaves it."""
-    sha = hash_file(env.inbox / name)
+    sha = file_sha256(env.inbox / name)
     led = Ledger(env.outbox / ".ledger.sqlite3").open()
     led.add(sha256=sha, rules_hash="none", version=PIPELINE_VERSION, source=str(env.inbox / name), name=name,
             size=1, stem_candidates=iter([Path(name).stem]))

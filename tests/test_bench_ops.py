@@ -70,6 +70,9 @@ def test_bench_ops_quick_tiny_runs_and_reports(tmp_path):
     assert scaled  # the tiny set's stages longer than MEASURED_STEPS
     for name, sc in scaled:
         assert sc["measured_steps"] == 2 and sc["per_step_s"] > 0 and sc["shipped_steps"] > 2, name
+        assert sc["per_step_cpu_s"] >= 0, name
+    for name, c in res["cases"].items():
+        assert c["cpu_s"] > 0 and c["estimate_cpu_s"] >= c["cpu_s"], name
     assert res["cases"]["enhance lcm"]["scheduler"] == "LCMScheduler"
     assert res["cases"]["enhance lcm"]["acceleration"]["role"] == "lcm_lora"
     assert res["cases"]["displace default"]["acceleration"] is None

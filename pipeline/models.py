@@ -582,7 +582,7 @@ class ModelRegistry:
                 entry = None
             if entry is not None:
                 info["revision"] = entry.commit
-        if role in self._cache:
+        if role in self._cache and ROLE_INFO[role][0] != "lora":  # a LoRA runs in its UNet's dtype
             info["dtype"] = self.role_dtype(role)
         return info
 
@@ -594,7 +594,7 @@ class ModelRegistry:
         if role == "sam":
             return sam_dtype(obj)
         if ROLE_INFO[role][0] == "lora":
-            return "float32"  # applied to the UNet's layers in the UNet's dtype; see verify() for the file's
+            return self.verify(role)["dtype"]  # the file's; applied, it runs in the UNet's dtype
         parts: dict[str, str] = {}
         for name in ("unet", "controlnet", "text_encoder", "image_encoder", "cc_projection", "vae", "model"):
             m = getattr(obj, name, None)

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
                     help="images per kind for warm (default 4 product and 40 no-product images; 2 and 12 with "
                          "--quick) and for daemon (default 200; 100 with --quick)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                    help="ops: runtime.dtype of the models (default auto: the product's choice, bf16 diffusion "
+                         "models on a CPU with native bf16, fp16 on CUDA)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                     help=f"where results.json and results.md go (default {DEFAULT_OUT}/)")
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON report to PATH")

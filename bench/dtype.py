@@ -45,10 +45,9 @@ def bf16_support(device: "Any") -> tuple[bool, str]:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, "" if ok else "this GPU has no bf16 support"
-    from bench.report import cpu_flags
+    from pipeline.models.registry import cpu_native_bf16  # the product's own probe (runtime.dtype: auto)
 
-    flags = cpu_flags()
-    native = {"avx512_bf16", "amx_bf16"} & flags
+    native = cpu_native_bf16()
     mkldnn = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
     if native and (mkldnn is None or mkldnn()):
         return True, ""

@@ -84,22 +84,29 @@ def case_params(case: str, base: EnhanceSettings | None = None, steps: int = STE
 def sd1_unet_vae(in_channels: int, unet_size: int, vae_size: int) -> tuple[Any, Any]:
     """A full-size SD 1.x UNet (``in_channels`` inputs, 768-d cross-attention, ``unet_size``
     latent side) and VAE (``vae_size`` px), random weights from the current torch seed."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     # UNet2DConditionModel()'s defaults are SD 1.x's blocks.
     unet = UNet2DConditionModel(sample_size=unet_size, in_channels=in_channels, out_channels=4,
                                 cross_attention_dim=768)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=vae_size,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)
-    return unet, vae
+    return unet, sd1_vae(vae_size)
+
+
+def sd1_vae(size: int) -> Any:
+    """A full-size SD 1.x VAE (``size`` px), random weights from the current torch seed."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=size,
+                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4)
 
 
 def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "auto",
                         roles: tuple[str, ...] = ("inpaint", "controlnet_depth", "depth")) -> ModelRegistry:
     """Registry holding full-size random-weight SD 1.5 inpainting, ControlNet depth and Depth
     Anything V2 Small (never a checkpoint, never the Hub), in ``dtype`` (``auto``: the product's
-    choice, fp16 on CUDA and fp32 on the CPU). ``roles=("inpaint",)`` builds the SD inpainting
+    choice, see pipeline.models.registry.resolve_runtime: the SD models in its
+    diffusion dtype, Depth Anything in its general dtype). ``roles=("inpaint",)`` builds the SD inpainting
     pipeline only (the fill benchmark)."""
     import torch
     from diffusers import (
@@ -138,7 +145,7 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
     pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                           scheduler=DDIMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
                                           feature_extractor=CLIPImageProcessor(), requires_safety_checker=False)
-    pipe.to(device=rt.device, dtype=rt.dtype)
+    pipe.to(device=rt.device, dtype=rt.diffusion_dtype)
     pipe.set_progress_bar_config(disable=True)
     registry.put("inpaint", pipe)
     if "controlnet_depth" not in roles and "depth" not in roles:
@@ -146,7 +153,7 @@ def build_full_registry(device: str = "auto", seed: int = SEED, dtype: str = "au
 
     torch.manual_seed(seed + 1)
     cn = ControlNetModel(in_channels=4, conditioning_channels=3, cross_attention_dim=768)
-    registry.put("controlnet_depth", cn.to(device=rt.device, dtype=rt.dtype).eval())
+    registry.put("controlnet_depth", cn.to(device=rt.device, dtype=rt.diffusion_dtype).eval())
 
     torch.manual_seed(seed + 2)
     depth_cfg = DepthAnythingConfig(
@@ -242,7 +249,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
         "models": models,
         "device": str(registry.runtime.device) + (f" ({torch.cuda.get_device_name(registry.runtime.device)})"
                                                   if registry.runtime.device.type == "cuda" else ""),
-        "dtype": str(registry.runtime.dtype).replace("torch.", ""),
+        "dtype": registry.role_dtype("inpaint"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

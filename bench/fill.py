@@ -187,7 +187,7 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
         "models": models,
         "device": str(registry.runtime.device) + (f" ({torch.cuda.get_device_name(registry.runtime.device)})"
                                                   if registry.runtime.device.type == "cuda" else ""),
-        "dtype": f"lama float32, sd {str(registry.runtime.dtype).replace('torch.', '')}",
+        "dtype": f"lama float32, sd {registry.role_dtype('inpaint')}",
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "image_size": [W, H], "hole_box": [int(x0), int(y0), int(x1), int(y1)],

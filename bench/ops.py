@@ -9,13 +9,18 @@ encoder; one rank-64 acceleration LoRA per few-step sampler on the UNet's attent
 feed-forward layers, loaded unfused through the registry's adapters as the product runs it).
 Cost does not depend on the weights' values.
 
-**Cut and scaled.** A shipped default run is minutes per photo on a CPU. Where a stage runs more
-denoising steps than ``CUT[1]``, the case runs twice, at ``CUT[0]`` and ``CUT[1]`` steps of that
-stage; the stage's per-step cost is the difference over the step difference, and the estimate is
-the ``CUT[1]`` run's total plus that per-step cost times the steps left. The few-step samplers'
+**Cut and scaled.** A shipped default run is minutes per photo on a CPU. A stage that runs more
+denoising steps than ``MEASURED_STEPS`` runs at ``MEASURED_STEPS`` instead, once; a forward
+pre-hook on its UNet timestamps every denoising step, and the stage's per-step cost is the median
+interval between consecutive steps' UNet calls (UNet, ControlNet, scheduler: one whole step). The
+estimate is the run's total plus that per-step cost times the steps left. The few-step samplers'
 enhance and fill run at their shipped step counts (nothing scaled). Rotate's novel view (75 DDIM
 steps, Zero123; the sampler does not apply to it) is scaled alike in every rotate case. The
-results say which stages were scaled from which step counts.
+results say which stages were scaled from what.
+
+Each operation first runs once untimed at one denoising step (every case then finds its kernels,
+buffers and the depth model warm). Models are built once: Zero123's UNet shares the inpainting
+UNet's weights (all but its 8-channel input convolution), which changes no cost.
 
 Bench-only changes to the shipped settings, all said in the notes: displace ``recheck: false``
 (no CLIP model in the bench; so no retries), rotate ``upscale: off`` and ``matte_refine: false``
@@ -45,7 +50,7 @@ from pipeline.settings import Settings
 OPS = ("enhance", "displace", "rotate")
 QUICK_SAMPLERS = ("default", "lcm")
 ALL_SAMPLERS = ("default", "lcm", "tcd", "hyper")
-CUT = (1, 3)  # denoising steps of a scaled stage: measured at both, extrapolated from them
+MEASURED_STEPS = 2  # denoising steps a scaled stage runs; per-step cost from the intervals between them
 DEFAULT_SIZE = (1024, 768)
 TINY_SIZE = (128, 96)
 GOAL = 5.0
@@ -68,29 +73,37 @@ def _write_accel_lora(unet: Any, out_file: Path, seed: int, rank: int = ACCEL_RA
 
 def _full_novel_view(registry: ModelRegistry, seed: int = 3) -> None:
     import torch
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from pipeline.models.registry import NovelViewComponents
     from pipeline.models.novel_view_layout import CCProjection
     from pipeline.models.tiny import SD15_SCHEDULER
-    from bench.enhance import sd1_unet_vae
+    from bench.enhance import sd1_vae
 
     rt = registry.runtime
     torch.manual_seed(seed)
     # Zero123-XL: SD 1.x UNet blocks with 8 input channels (latents + image latents), 768-d context.
-    unet, vae = sd1_unet_vae(8, 32, 256)
+    # Built on the meta device and given the inpainting UNet's tensors (all but conv_in): no second
+    # 860M-parameter random init, no second copy in memory; cost does not depend on the values.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=32, in_channels=8, out_channels=4, cross_attention_dim=768)
+    shared = {k: v for k, v in registry.get("inpaint").unet.state_dict().items() if not k.startswith("conv_in.")}
+    unet.load_state_dict(shared, strict=False, assign=True)
+    unet.conv_in = torch.nn.Conv2d(8, unet.conv_in.out_channels, kernel_size=3, padding=1)
+    vae = sd1_vae(256)
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
                                                          num_hidden_layers=24, num_attention_heads=16,
                                                          image_size=224, patch_size=14, projection_dim=768))
-    place = lambda m: m.to(device=rt.device, dtype=rt.dtype).eval()  # noqa: E731
+    place = lambda m: m.to(device=rt.device, dtype=rt.diffusion_dtype).eval()  # noqa: E731
     registry.put("novel_view", NovelViewComponents(
         vae=place(vae), image_encoder=place(enc), unet=place(unet),
         scheduler=DDIMScheduler.from_config(SD15_SCHEDULER), feature_extractor=CLIPImageProcessor(),
         cc_projection=place(CCProjection(772, 768))))
 
 
-def build_registry(device: str, work: Path, samplers: tuple[str, ...], tiny_dir: Path | None) -> ModelRegistry:
+def build_registry(device: str, work: Path, samplers: tuple[str, ...], tiny_dir: Path | None,
+                   dtype: str | None = None) -> ModelRegistry:
     """Full-size random weights (or the tiny set in ``tiny_dir``) for every role the cases use."""
     from pipeline.models.lora_weights import load_spec
     from pipeline.models.samplers import ACCEL_ROLES
@@ -100,6 +113,8 @@ def build_registry(device: str, work: Path, samplers: tuple[str, ...], tiny_dir:
 
         s = load_settings(tiny_dir / "settings.yaml")
         s.runtime.device = device
+        if dtype is not None:  # else the tiny set's own (float32)
+            s.runtime.dtype = dtype
         reg = ModelRegistry(s)
         for role in ("inpaint", "controlnet_depth", "depth", "novel_view",
                      *(ACCEL_ROLES[x] for x in samplers if x != "default")):
@@ -107,7 +122,7 @@ def build_registry(device: str, work: Path, samplers: tuple[str, ...], tiny_dir:
         return reg
     from bench.enhance import build_full_registry
 
-    reg = build_full_registry(device)
+    reg = build_full_registry(device, dtype=dtype or "auto")
     unet = reg.get("inpaint").unet
     for i, name in enumerate(x for x in samplers if x != "default"):
         f = _write_accel_lora(unet, work / ACCEL_ROLES[name] / "pytorch_lora_weights.safetensors", seed=20 + i)
@@ -132,43 +147,76 @@ def _denoise(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-def plan_case(op: str, sampler: str, settings: Settings) -> dict[str, Any]:
-    """The settings of one case and its scaled stages: ``{"params": [settings per run],
-    "scaled": {stage: (n_a, n_b, n_full)}}`` (one run when nothing is scaled)."""
+def plan_case(op: str, sampler: str, settings: Settings, measured: int = MEASURED_STEPS) -> dict[str, Any]:
+    """The settings of one case's one run and its scaled stages: ``{"params": settings,
+    "scaled": {stage: (n_measured, n_full)}, "denoise": the fill's / generation's full steps}``."""
     sp = settings.samplers
     if op == "enhance":
         e = settings.enhance.model_copy(update={"sampler": sampler})
         full = _denoise(e.steps if sampler == "default" else getattr(sp, sampler).steps, e.strength)
-        if sampler != "default" or full <= CUT[1]:
-            return {"params": [e], "scaled": {}, "denoise": full}
-        runs = [e.model_copy(update={"steps": _steps_for(n, e.strength)}) for n in CUT]
-        return {"params": runs, "scaled": {"generate": (*CUT, full)}, "denoise": full}
+        if sampler != "default" or full <= measured:
+            return {"params": e, "scaled": {}, "denoise": full}
+        return {"params": e.model_copy(update={"steps": _steps_for(measured, e.strength)}),
+                "scaled": {"generate": (measured, full)}, "denoise": full}
     if op == "displace":
         f = settings.displace.fill.model_copy(update={"sampler": sampler, "backend": "sd", "recheck": False})
         d = settings.displace.model_copy(update={"fill": f})
         full = _denoise(f.steps if sampler == "default" else getattr(sp, sampler).steps, f.strength)
-        if sampler != "default" or full <= CUT[1]:
-            return {"params": [d], "scaled": {}, "denoise": full}
-        runs = [d.model_copy(update={"fill": f.model_copy(update={"steps": _steps_for(n, f.strength)})})
-                for n in CUT]
-        return {"params": runs, "scaled": {"fill": (*CUT, full)}, "denoise": full}
+        if sampler != "default" or full <= measured:
+            return {"params": d, "scaled": {}, "denoise": full}
+        return {"params": d.model_copy(update={"fill": f.model_copy(update={"steps": _steps_for(measured, f.strength)})}),
+                "scaled": {"fill": (measured, full)}, "denoise": full}
     if op == "rotate":
         f = settings.rotate.fill.model_copy(update={"sampler": sampler, "backend": "sd"})
         r = settings.rotate.model_copy(update={"fill": f, "upscale": "off", "matte_refine": False})
         fill_full = _denoise(f.steps if sampler == "default" else getattr(sp, sampler).steps, f.strength)
-        scaled: dict[str, tuple[int, int, int]] = {}
-        upd: list[dict[str, Any]] = [{}, {}]
-        if r.steps > CUT[1]:
-            scaled["novel_view"] = (*CUT, r.steps)
-            for u, n in zip(upd, CUT):
-                u["steps"] = n
-        if sampler == "default" and fill_full > CUT[1]:
-            scaled["fill"] = (*CUT, fill_full)
-            for u, n in zip(upd, CUT):
-                u["fill"] = f.model_copy(update={"steps": _steps_for(n, f.strength)})
-        runs = [r.model_copy(update=u) for u in upd] if scaled else [r]
-        return {"params": runs, "scaled": scaled, "denoise": fill_full}
+        scaled: dict[str, tuple[int, int]] = {}
+        upd: dict[str, Any] = {}
+        if r.steps > measured:
+            scaled["novel_view"] = (measured, r.steps)
+            upd["steps"] = measured
+        if sampler == "default" and fill_full > measured:
+            scaled["fill"] = (measured, fill_full)
+            upd["fill"] = f.model_copy(update={"steps": _steps_for(measured, f.strength)})
+        return {"params": r.model_copy(update=upd), "scaled": scaled, "denoise": fill_full}
     raise ValueError(f"unknown operation {op!r}")
+
+
+class StepClock:
+    """Forward pre-hooks on UNets, one name per UNet (``{"generate": inpaint_unet}``): the time of
+    every call, so a run's per-step cost is read off the steps it ran. One UNet call is one
+    denoising step (classifier-free guidance batches both passes into one call)."""
+
+    def __init__(self, unets: dict[str, Any]):
+        self.unets = unets
+        self.times: dict[str, list[float]] = {k: [] for k in unets}
+        # The process's CPU time (all threads) at the same calls: far less disturbed than wall
+        # time when other processes share the CPU.
+        self.cpu: dict[str, list[float]] = {k: [] for k in unets}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "StepClock":
+        def stamp(wall: list[float], cpu: list[float]) -> Callable[..., None]:
+            def hook(*_a: Any) -> None:  # returns None: a pre-hook's return value would replace the input
+                wall.append(time.perf_counter())
+                cpu.append(time.process_time())
+            return hook
+
+        for name, unet in self.unets.items():
+            self._handles.append(unet.register_forward_pre_hook(stamp(self.times[name], self.cpu[name])))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def per_step(self, name: str, cpu: bool = False) -> float | None:
+        """Median interval between consecutive calls of ``name``'s UNet, in wall seconds or (``cpu``)
+        the process's CPU seconds (None: fewer than 2 calls)."""
+        t = (self.cpu if cpu else self.times)[name]
+        gaps = [b - a for a, b in zip(t, t[1:])]
+        return float(np.median(gaps)) if gaps else None
 
 
 def product_mask(width: int, height: int) -> np.ndarray:
@@ -198,12 +246,24 @@ def _sampler_record(op: str, rec: dict[str, Any]) -> dict[str, Any]:
     return tries[-1]["fill"]["sampler"]
 
 
+def _unets(registry: ModelRegistry, op: str) -> dict[str, Any]:
+    """The UNets whose steps an operation's scaled stages count (see :class:`StepClock`)."""
+    inpaint = registry.get("inpaint").unet
+    if op == "enhance":
+        return {"generate": inpaint}
+    if op == "displace":
+        return {"fill": inpaint}
+    return {"fill": inpaint, "novel_view": registry.get("novel_view").unet}
+
+
 def run_ops(*, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto", samplers: tuple[str, ...] = ALL_SAMPLERS,
-            ops: tuple[str, ...] = OPS, tiny_dir: str | Path | None = None,
+            ops: tuple[str, ...] = OPS, tiny_dir: str | Path | None = None, dtype: str | None = None,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every (operation, sampler) case once (twice where a stage is scaled) and return the
-    result dict: ``cases[op][sampler]`` with measured runs, the estimate at shipped settings,
-    stages, peak memory and the sampler record; ``ratios`` ``op default/lcm``."""
+    """Run every (operation, sampler) case once and return the result dict: ``cases[op][sampler]``
+    with the measured run, the estimate at shipped settings (scaled stages: per-step cost from
+    :class:`StepClock`), stages, peak memory and the sampler record; ``ratios`` ``op default/lcm``.
+    ``dtype``: ``runtime.dtype`` (None: ``auto``, the product's choice, bf16 diffusion models on a
+    CPU with native bf16; the tiny set: its own settings, float32)."""
     import torch
 
     say = log or (lambda _m: None)
@@ -211,79 +271,91 @@ def run_ops(*, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto", sampl
     settings = Settings()
     with tempfile.TemporaryDirectory(prefix="bench-ops-") as work:
         say("building models (full-size random weights)" if tiny_dir is None else "loading the tiny set")
-        registry = build_registry(device, Path(work), samplers, Path(tiny_dir) if tiny_dir else None)
+        registry = build_registry(device, Path(work), samplers, Path(tiny_dir) if tiny_dir else None, dtype=dtype)
+        build_s = time.perf_counter() - t_start
+        say(f"  built in {build_s:.0f} s; diffusion models in {registry.role_dtype('inpaint')}")
         if tiny_dir is not None:
             settings = registry.settings
         W, H = size
         image = Image.fromarray(synthetic_image(W, H), "RGB")
         mask = product_mask(W, H)
         cases: dict[str, dict[str, Any]] = {}
+        warmup_s: dict[str, float] = {}
         for op in ops:
             cases[op] = {}
             # One untimed 1-step run per operation first: every case then finds its per-shape
             # kernels and buffers warm, so the first case timed pays no first-call set-up.
             say(f"  {op}: warm-up")
-            _run_op(op, plan_case(op, samplers[0], settings)["params"][0], image, mask, registry)
+            t0 = time.perf_counter()
+            _run_op(op, plan_case(op, samplers[0], settings, measured=1)["params"], image, mask, registry)
+            warmup_s[op] = time.perf_counter() - t0
             for sampler in samplers:
                 plan = plan_case(op, sampler, settings)
                 mem = PeakMemory(registry.runtime.device)
-                runs = []
-                for params in plan["params"]:
-                    with mem:
-                        t0 = time.perf_counter()
-                        edit = _run_op(op, params, image, mask, registry)
-                        if registry.runtime.device.type == "cuda":
-                            torch.cuda.synchronize(registry.runtime.device)
-                        dt = time.perf_counter() - t0
-                    runs.append({"seconds": dt, "timings": dict(edit.record.get("timings", {}))})
-                last = runs[-1]
-                estimate = last["seconds"]
+                with mem, StepClock(_unets(registry, op)) as clock:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    edit = _run_op(op, plan["params"], image, mask, registry)
+                    if registry.runtime.device.type == "cuda":
+                        torch.cuda.synchronize(registry.runtime.device)
+                    dt, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+                estimate, estimate_cpu = dt, cpu_s
                 per_step: dict[str, float] = {}
-                for stage, (na, nb, nfull) in plan["scaled"].items():
-                    a, b = runs[0]["timings"].get(stage, 0.0), runs[-1]["timings"].get(stage, 0.0)
-                    per_step[stage] = max(0.0, (b - a) / (nb - na))
-                    estimate += per_step[stage] * (nfull - nb)
+                per_step_cpu: dict[str, float] = {}
+                for stage, (n, nfull) in plan["scaled"].items():
+                    ps = clock.per_step(stage)
+                    if ps is None:
+                        raise RuntimeError(f"{op} {sampler}: stage {stage} ran fewer than 2 UNet steps; cannot scale")
+                    per_step[stage] = ps
+                    per_step_cpu[stage] = clock.per_step(stage, cpu=True) or 0.0
+                    estimate += ps * (nfull - n)
+                    estimate_cpu += per_step_cpu[stage] * (nfull - n)
                 srec = _sampler_record(op, edit.record)
-                measured = [r["seconds"] for r in runs]
-                scaled_txt = "; ".join(f"{k} measured at {a} and {b} steps, scaled to {n}"
-                                       for k, (a, b, n) in plan["scaled"].items())
+                scaled_txt = "; ".join(f"{k} run at {a} steps, scaled to {n} at {per_step[k]:.2f} s per step"
+                                       for k, (a, n) in plan["scaled"].items())
+                dtype_used = registry.role_dtype("inpaint")
                 cases[op][sampler] = {
-                    "estimate_s": estimate, "measured_s": measured,
-                    # report.py's case table: the runs as measured (cut runs included)
-                    "runs_s": measured, "min_s": min(measured), "median_s": float(np.median(measured)),
-                    "max_s": max(measured),
+                    "estimate_s": estimate, "measured_s": [dt],
+                    # the same in the process's CPU seconds (all threads): robust to a shared CPU
+                    "cpu_s": cpu_s, "estimate_cpu_s": estimate_cpu,
+                    # report.py's case table: the run as measured (cut runs included)
+                    "runs_s": [dt], "min_s": dt, "median_s": dt, "max_s": dt,
                     "measures": f"{op}, sampler {sampler} ({srec['scheduler']}, {plan['denoise']} denoising steps, "
-                                f"guidance {srec['guidance']:g}): {estimate:.1f} s per photo at shipped settings"
-                                + (f" ({scaled_txt})" if scaled_txt else " (not scaled)"),
-                    "scaled": {k: {"measured_at_steps": [a, b], "shipped_steps": n, "per_step_s": per_step[k]}
-                               for k, (a, b, n) in plan["scaled"].items()},
-                    "stages": last["timings"], "denoise_steps": plan["denoise"],
-                    "scheduler": srec["scheduler"], "guidance": srec["guidance"],
+                                f"guidance {srec['guidance']:g}, {dtype_used}): {estimate:.1f} s per photo at "
+                                "shipped settings" + (f" ({scaled_txt})" if scaled_txt else " (not scaled)"),
+                    "scaled": {k: {"measured_steps": a, "shipped_steps": n, "per_step_s": per_step[k],
+                                   "per_step_cpu_s": per_step_cpu[k]}
+                               for k, (a, n) in plan["scaled"].items()},
+                    "stages": edit.record.get("timings", {}), "denoise_steps": plan["denoise"],
+                    "scheduler": srec["scheduler"], "guidance": srec["guidance"], "dtype": dtype_used,
                     "acceleration": None if not srec.get("acceleration") else
                     {k: srec["acceleration"].get(k) for k in ("role", "sha256", "weight")},
                     **mem.record(),
                 }
-                say(f"  {op:<8} {sampler:<7} {estimate:9.2f} s per photo"
+                say(f"  {op:<8} {sampler:<7} {estimate:9.2f} s per photo (ran {dt:.1f} s)"
                     + (" (scaled)" if plan["scaled"] else ""))
     ratios = {}
     for op in ops:
         if "default" in cases[op] and "lcm" in cases[op]:
             v = cases[op]["default"]["estimate_s"] / max(cases[op]["lcm"]["estimate_s"], 1e-9)
             goal = GOAL if op in ("enhance", "displace") else None
-            ratios[f"{op} default/lcm"] = {"value": v, "goal": goal, "met": None if goal is None else v >= goal}
+            vc = cases[op]["default"]["estimate_cpu_s"] / max(cases[op]["lcm"]["estimate_cpu_s"], 1e-9)
+            ratios[f"{op} default/lcm"] = {"value": v, "goal": goal, "met": None if goal is None else v >= goal,
+                                           "cpu_value": vc}
+    rt = registry.runtime
     context = {
         "models": "tiny random-weight set" if tiny_dir else ("full-size random weights: SD 1.5 inpainting, ControlNet "
                                                              "depth, Depth Anything V2 Small, Zero123 (CLIP ViT-L/14 "
                                                              f"image encoder), rank-{ACCEL_RANK} acceleration LoRAs"),
-        "device": str(registry.runtime.device) + (f" ({torch.cuda.get_device_name(registry.runtime.device)})"
-                                                  if registry.runtime.device.type == "cuda" else ""),
-        "dtype": str(registry.runtime.dtype).replace("torch.", ""),
+        "device": str(rt.device) + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.device.type == "cuda" else ""),
+        "dtype": f"diffusion models {registry.role_dtype('inpaint')}, depth {registry.role_dtype('depth')} "
+                 f"(runtime.dtype {registry.settings.runtime.dtype})",
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "image_size": [W, H],
-        "malloc": malloc_mode(), "total_s": time.perf_counter() - t_start,
+        "malloc": malloc_mode(), "build_s": build_s, "warmup_s": warmup_s,
+        "total_s": time.perf_counter() - t_start,
         "notes": [
-            f"one photo {W}x{H}, shipped settings; stages with more than {CUT[1]} denoising steps measured at "
-            f"{CUT[0]} and {CUT[1]} steps and scaled by the measured per-step cost (see `scaled`)",
+            f"one photo {W}x{H}, shipped settings; stages with more than {MEASURED_STEPS} denoising steps run at "
+            f"{MEASURED_STEPS} and scaled by their per-step cost, timed inside the run at the UNet (see `scaled`)",
             "bench-only: displace recheck off (no CLIP model); rotate upscale off and matte_refine off (no "
             "upscaler or SAM model); fill sd; rotate's novel view (Zero123, 75 DDIM steps) is scaled in every case",
         ],
@@ -298,33 +370,38 @@ def render(result: dict[str, Any], console: Any = None) -> None:
 
     con = console or Console(width=160)
     t = Table(title="ops: seconds per photo at shipped settings (estimate; scaled stages marked)")
-    for col in ("operation", "sampler", "scheduler", "steps", "guidance", "s per photo", "photos/h", "measured s",
-                "peak RSS MiB"):
-        t.add_column(col, justify="left" if col in ("operation", "sampler", "scheduler") else "right")
+    for col in ("operation", "sampler", "scheduler", "dtype", "steps", "guidance", "s per photo", "photos/h",
+                "measured s", "CPU s per photo", "peak RSS MiB"):
+        t.add_column(col, justify="left" if col in ("operation", "sampler", "scheduler", "dtype") else "right")
     for name, c in result["cases"].items():
         op, s = name.split(" ", 1)
         est = c["estimate_s"]
-        t.add_row(op, s, c["scheduler"], str(c["denoise_steps"]), f"{c['guidance']:g}",
+        t.add_row(op, s, c["scheduler"], c.get("dtype", "-"), str(c["denoise_steps"]), f"{c['guidance']:g}",
                   f"{est:.1f}" + ("*" if c["scaled"] else ""), f"{3600 / est:.0f}" if est > 0 else "-",
-                  ", ".join(f"{x:.1f}" for x in c["measured_s"]), f"{c['peak_rss_mib']:.0f}")
+                  ", ".join(f"{x:.1f}" for x in c["measured_s"]),
+                  f"{c['estimate_cpu_s']:.1f}" if "estimate_cpu_s" in c else "-", f"{c['peak_rss_mib']:.0f}")
     con.print(t)
     for name, v in result["ratios"].items():
         goal = "" if v["goal"] is None else f" (goal >= {v['goal']:g}: {'met' if v['met'] else 'NOT met'})"
-        con.print(f"{name}: {v['value']:.1f}x{goal}")
+        cpu = f"; in CPU seconds {v['cpu_value']:.1f}x" if "cpu_value" in v else ""
+        con.print(f"{name}: {v['value']:.1f}x{goal}{cpu}")
     ctx = result["context"]
     con.print(f"context: {ctx['models']}; {ctx['device']} {ctx['dtype']}, {ctx['cpu_count']} CPUs, "
-              f"{ctx['torch_threads']} threads; total {ctx['total_s']:.0f} s. " + " ".join(ctx["notes"]))
+              f"{ctx['torch_threads']} threads; models built in {ctx.get('build_s', 0):.0f} s; "
+              f"total {ctx['total_s']:.0f} s. " + " ".join(ctx["notes"]))
 
 
 def run_from_options(opts: Any) -> dict[str, Any]:
-    """``python -m bench ops``: ``--quick`` runs default and lcm only; ``--tiny`` the tiny set."""
+    """``python -m bench ops``: ``--quick`` runs default and lcm only; ``--tiny`` the tiny set;
+    ``--dtype`` the models' ``runtime.dtype`` (default ``auto``, the product's choice)."""
     from rich.console import Console
 
     err = Console(stderr=True)
     quick = getattr(opts, "quick", False)
     samplers = QUICK_SAMPLERS if quick else ALL_SAMPLERS
     size = opts.size or (TINY_SIZE if opts.tiny else DEFAULT_SIZE)
-    common = dict(size=size, device=opts.device, samplers=samplers, log=lambda m: err.print(m, highlight=False))
+    common = dict(size=size, device=opts.device, samplers=samplers, dtype=getattr(opts, "dtype", None),
+                  log=lambda m: err.print(m, highlight=False))
     if opts.tiny:
         from pipeline.models.tiny import make_tiny_set
 

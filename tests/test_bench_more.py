@@ -108,7 +108,7 @@ def test_dtype_bench_clip(monkeypatch):
     _check_cases(res)
     assert set(res["cases"]) == {"clip_fp32", "clip_bf16"} and "clip fp32/bf16" in res["ratios"]
     # Without native bf16 the benchmark refuses rather than timing an emulation.
-    monkeypatch.setattr("bench.report.cpu_flags", lambda: set())
+    monkeypatch.setattr("pipeline.models.registry.cpu_native_bf16", lambda: False)
     assert bd.bf16_support(dev)[0] is False
 
 

@@ -187,7 +187,9 @@ def _family_name(pipe: Any) -> str:
 def _runtime_record(registry: "ModelRegistry", pipe: Any) -> dict[str, Any]:
     rt = registry.runtime
     procs = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
-    return {"device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", ""), "offload": rt.offload,
+    # The dtype the generation ran in (the diffusion dtype, see pipeline.models.registry.Runtime), per component
+    # where they differ: registry.role_dtype("inpaint").
+    return {"device": str(rt.device), "dtype": registry.role_dtype("inpaint"), "offload": rt.offload,
             "vae_tiling": bool(registry.settings.runtime.vae_tiling), "attention": sorted(procs)}
 
 

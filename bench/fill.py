@@ -119,7 +119,7 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the cases side by side and return the result dict (see the module docstring).
 
-    ``sd_steps``: None runs SD at the shipped ``displace.steps``; two step counts run SD at each
+    ``sd_steps``: None runs SD at the shipped ``displace.fill.steps``; two step counts run SD at each
     (once per round) and extrapolate the shipped cost from them.
     """
     import torch

@@ -964,8 +964,9 @@ class ModelRegistry:
             if role == "inpaint":
                 # The family's native size vs the configured work sizes (the presets set them).
                 st = self.settings
-                sizes = {"enhance.resolution": st.enhance.resolution, "displace.resolution": st.displace.resolution,
-                         "rotate.fill_resolution": st.rotate.fill_resolution}
+                sizes = {"enhance.resolution": st.enhance.resolution,
+                         "displace.fill.resolution": st.displace.fill.resolution,
+                         "rotate.fill.resolution": st.rotate.fill.resolution}
                 off = [f"{k} {v}" for k, v in sizes.items() if v != fam.resolution]
                 if off:
                     extra["note"] = (f"{fam.title} works natively at {fam.resolution} px; configured: "

@@ -108,7 +108,7 @@ def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_pa
     assert rec["pipeline"] == want and rec["family"] == family and rec["controlnet"] is True
 
     r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "handbag", "--x", "40",
-                            "--mask", str(tmp_path / "m.png"), "--fill", "sd", "--param", "recheck=false",
+                            "--mask", str(tmp_path / "m.png"), "--fill", "sd", "--param", "fill.recheck=false",
                             "--out", str(tmp_path / "d"), "--config", cfg])
     assert r.exit_code == 0, r.output
     res = np.asarray(Image.open(tmp_path / "d" / "p-displace.png").convert("RGB"))
@@ -123,7 +123,7 @@ def test_rotate_with_sdxl_fill(fam_dir, tmp_path):
     src = _scene(tmp_path)
     r = runner.invoke(app, ["edit", "rotate", str(tmp_path / "p.png"), "--class", "handbag",
                             "--mask", str(tmp_path / "m.png"), "--azimuth", "30", "--polar", "0", "--fill", "sd",
-                            "--param", "recheck=false", "--out", str(tmp_path / "r"),
+                            "--param", "fill.recheck=false", "--out", str(tmp_path / "r"),
                             "--config", _cfg(fam_dir, "sdxl")])
     assert r.exit_code == 0, r.output
     res = np.asarray(Image.open(tmp_path / "r" / "p-rotate.png").convert("RGB"))

@@ -302,6 +302,7 @@ def test_depth_conditions_the_controlnet(tiny_settings, monkeypatch):
     has zero convolutions after its condition embedding and on its outputs (no effect at all), so
     this one gets random ones."""
     import pipeline.ops.depth
+    import pipeline.ops.enhance  # enhance looks depth_map up in its own namespace
     from pipeline.models.registry import ModelRegistry
 
     reg = ModelRegistry(tiny_settings)
@@ -320,13 +321,13 @@ def test_depth_conditions_the_controlnet(tiny_settings, monkeypatch):
         seen.append((crop.size, d.size, d.mode))
         return d
 
-    monkeypatch.setattr(pipeline.ops.depth, "depth_map", spy)
+    monkeypatch.setattr(pipeline.ops.enhance, "depth_map", spy)
     a = np.asarray(enhance(img, m, "handbag", params(), reg).image)
     assert seen == [((64, 64), (64, 64), "RGB")]  # the work crop's depth, at the work size
     b = np.asarray(enhance(img, m, "handbag", params(controlnet_scale=2.0), reg).image)
     off = np.asarray(enhance(img, m, "handbag", params(controlnet_scale=0.0), reg).image)
     plain = np.asarray(enhance(img, m, "handbag", params(controlnet=False), reg).image)
-    monkeypatch.setattr(pipeline.ops.depth, "depth_map", lambda crop, registry: Image.new("RGB", crop.size, (255,) * 3))
+    monkeypatch.setattr(pipeline.ops.enhance, "depth_map", lambda crop, registry: Image.new("RGB", crop.size, (255,) * 3))
     flat = np.asarray(enhance(img, m, "handbag", params(), reg).image)
     assert not (a == b).all() and not (a == flat).all() and not (a == off).all()
     assert np.abs(off.astype(int) - plain.astype(int)).max() <= 1  # scale 0: just the inpainting model

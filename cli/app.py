@@ -224,6 +224,10 @@ def _detect_table(outcomes) -> "Any":
     return t
 
 
+# detect.proposals values (pipeline.settings.DetectSettings.proposals), kept here so --help imports nothing heavy.
+PROPOSAL_MODES = ("guided", "everything", "grounded", "clipseg", "sam3")
+
+
 def run_detection(settings, inputs: list[Path], out: Path, classes: Optional[str], proposals: Optional[str],
                   prefilter: Optional[bool]) -> list:
     """Detect over ``inputs`` writing to ``out``; prints progress and the table. Returns outcomes."""
@@ -253,7 +257,7 @@ def detect_cmd(
     images: List[Path] = typer.Argument(..., help="image files or folders (their images, not recursive)"),
     classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names (default: all configured)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: <outbox>/detect)"),
-    proposals: Optional[str] = typer.Option(None, "--proposals", help="guided | everything (default: settings)"),
+    proposals: Optional[str] = typer.Option(None, "--proposals", help="guided | everything | grounded | clipseg | sam3 (default: settings)"),
     prefilter: Optional[bool] = typer.Option(None, "--prefilter/--no-prefilter", help="cheap CLIP skip before SAM"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
@@ -261,8 +265,8 @@ def detect_cmd(
     with reason and best scores), NAME.maskN.LABEL.png per detection and NAME.overlay.png.
 
     Exit 0 when every input was processed (skipped counts as processed), 4 if any input failed."""
-    if proposals not in (None, "guided", "everything"):
-        raise fail(f"--proposals must be guided or everything, not {proposals!r}", EXIT_CONFIG)
+    if proposals not in (None, *PROPOSAL_MODES):
+        raise fail(f"--proposals must be one of {', '.join(PROPOSAL_MODES)}, not {proposals!r}", EXIT_CONFIG)
     s = load_settings_or_exit(config)
     out_dir = out or s.resolve_path(s.paths.outbox) / "detect"
     outcomes = run_detection(s, images, out_dir, classes, proposals, prefilter)

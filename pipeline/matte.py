@@ -93,9 +93,18 @@ def _sam_refine(rgb: np.ndarray, rough: np.ndarray, registry: "ModelRegistry", p
     import torch
     from segment_anything import SamPredictor
 
+    from pipeline.detect_fronts import HFSamBundle, HFSamProposer
+
     H, W = rough.shape
     x0, y0, x1, y1 = bbox(rough, pad=pad)
-    predictor = SamPredictor(registry.get("sam").model)
+    bundle = registry.get("sam")
+    if isinstance(bundle, HFSamBundle):  # a transformers segmenter: its single box mask
+        prop = HFSamProposer(bundle, registry.runtime.device)
+        prop.set_image(np.ascontiguousarray(rgb))
+        cand = prop.propose_boxes(np.array([[x0, y0, x1, y1]], np.float32))
+        m = prop.full_mask(cand.logits[:1])
+        return m, _iou(m, rough)
+    predictor = SamPredictor(bundle.model)
     with torch.inference_mode():
         predictor.set_image(np.ascontiguousarray(rgb), image_format="RGB")
         # SAM's box convention: x0, y0, x1, y1 inclusive pixel coordinates.

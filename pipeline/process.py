@@ -101,8 +101,8 @@ class Processor:
         from pipeline.samples import handbag
 
         t0 = time.perf_counter()
-        self.registry.get("clip")
-        self.registry.get("sam")
+        for role in self.detector.model_roles(prefilter=False):
+            self.registry.get(role)
         t1 = time.perf_counter()
         self.detector.detect(handbag(640, 480), self.rules.classes, prefilter=False)
         return {"load": round(t1 - t0, 3), "detect": round(time.perf_counter() - t1, 3)}
@@ -182,7 +182,8 @@ class Processor:
         if detect_only:
             return write_detect_outputs(outbox, stem, loaded, result, {
                 **base, "timings": timings, "classes": [c.model_dump() for c in cls],
-                "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else []})
+                "models": [self.registry.provenance(r) for r in self.detector.model_roles(**detect_options)]
+                if mask is None else []})
         if result.skipped:
             return write_detect_outputs(outbox, stem, loaded, result, {**base, "timings": timings})
 
@@ -288,7 +289,8 @@ class Processor:
             "profiles": profile_records,
             "checks_passed": all(p["check"]["passed"] for p in profile_records) if profile_records else None,
             "edit_pixels": int(edit_mask.sum()),
-            "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else [],
+            "models": [self.registry.provenance(r) for r in self.detector.model_roles(**detect_options)]
+            if mask is None else [],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         return write_record(outbox, stem, record)

@@ -741,7 +741,7 @@ class Detector:
             g = self.registry.get("grounding")
             prompts = [p for c in classes for p in (c.name, *c.prompts)]
             boxes, box_scores = grounded_boxes(g, self._view(rgb_img, reduced), prompts, self.cfg.box_threshold,
-                                               self.registry.runtime.device)
+                                               self.registry.runtime.device, self.cfg.max_boxes)
             boxes = boxes * (W / self._view(rgb_img, reduced).size[0])
             res.timings["grounding"] = time.perf_counter() - t1
             res.grounding = {"boxes": len(boxes), "best_box_score": round(float(box_scores.max()), 4) if len(boxes) else 0.0}
@@ -832,7 +832,7 @@ class Detector:
         W, H = rgb_img.size
         names = [c.name for c in classes]
         per_class = sam3_instances(self.registry.get("sam3"), rgb_img, names, self.cfg.sam3_threshold,
-                                   self.registry.runtime.device)
+                                   self.registry.runtime.device, top_k=2 * self.cfg.max_per_class)
         res.timings["sam3"] = time.perf_counter() - t1
         res.presence = {n: round(r.presence, 4) for n, r in zip(names, per_class)}
         for n, r in zip(names, per_class):

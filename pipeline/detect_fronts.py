@@ -198,10 +198,12 @@ def _family(model: Any) -> str:
 
 
 def grounded_boxes(bundle: Any, image: Image.Image, prompts: Sequence[str], threshold: float,
-                   device: "torch.device") -> tuple[np.ndarray, np.ndarray]:
+                   device: "torch.device", max_boxes: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Zero-shot detector boxes for ``prompts`` on an RGB ``image`` -> ([N, 4] float x0, y0, x1, y1
-    in the image's pixels, clipped to it; [N] detector scores in [0, 1]). The detector's own labels
-    are not used: CLIP re-scores every box's crop against all classes and the background."""
+    in the image's pixels, clipped to it; [N] detector scores in [0, 1]), N <= ``max_boxes``: the
+    best after class-agnostic box NMS (IoU 0.5; the detector answers once per prompt, often with
+    the same box). The detector's own labels are not used: CLIP re-scores every box's crop against
+    all classes and the background."""
     import torch
 
     model, proc = bundle.model, bundle.processor
@@ -228,8 +230,15 @@ def grounded_boxes(bundle: Any, image: Image.Image, prompts: Sequence[str], thre
     boxes = res["boxes"].float().cpu().numpy().reshape(-1, 4)
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, W)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, H)
+    scores = res["scores"].float().cpu().numpy().reshape(-1)
     ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
-    return boxes[ok], res["scores"].float().cpu().numpy()[ok]
+    boxes, scores = boxes[ok], scores[ok]
+    if len(boxes) > 1:
+        from torchvision.ops import nms
+
+        keep = nms(torch.as_tensor(boxes), torch.as_tensor(scores), 0.5).numpy()[:max_boxes]
+        boxes, scores = boxes[keep], scores[keep]
+    return boxes, scores
 
 
 def heatmap_peaks(heat: np.ndarray, threshold: float, k: int, min_dist: int = 2) -> list[tuple[int, int, float]]:
@@ -286,9 +295,10 @@ class Sam3Class:
 
 
 def sam3_instances(bundle: Any, image: Image.Image, prompts: Sequence[str], threshold: float,
-                   device: "torch.device") -> list[Sam3Class]:
+                   device: "torch.device", top_k: int = 10) -> list[Sam3Class]:
     """SAM 3 per class prompt on one RGB image: the vision features once, then the DETR decoder and
-    mask head once per prompt. Instances scoring below ``threshold`` are dropped."""
+    mask head once per prompt. Instances scoring below ``threshold`` are dropped, and of the rest
+    only the ``top_k`` best are upsampled to the photo's size (SAM 3 has 200 queries)."""
     import torch
 
     model, proc = bundle.model, bundle.processor
@@ -301,7 +311,10 @@ def sam3_instances(bundle: Any, image: Image.Image, prompts: Sequence[str], thre
             text = proc(text=p, return_tensors="pt").to(device)
             o = model(vision_embeds=vision, input_ids=text["input_ids"], attention_mask=text.get("attention_mask"))
             presence = float(o.presence_logits.float().sigmoid().reshape(-1)[0]) if o.presence_logits is not None else 1.0
-            r = proc.post_process_instance_segmentation(o, threshold=threshold, mask_threshold=0.5,
+            # the instance scores as the image processor computes them (detection x presence)
+            scores = o.pred_logits.float().sigmoid().reshape(-1) * presence
+            kth = float(scores.topk(min(top_k, len(scores))).values[-1]) if len(scores) else 0.0
+            r = proc.post_process_instance_segmentation(o, threshold=max(threshold, kth - 1e-6), mask_threshold=0.5,
                                                         target_sizes=[(H, W)])[0]
             masks = r["masks"].bool().cpu().numpy().reshape(-1, H, W)
             out.append(Sam3Class(masks, r["boxes"].float().cpu().numpy().reshape(-1, 4),

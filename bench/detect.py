@@ -358,7 +358,7 @@ def _peak_rss_mib() -> float:
 def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto",
                tiny_dir: str | Path | None = None, points_per_side: int | None = None,
                slow_baseline_s: float = SLOW_BASELINE_S, warm_floor: bool = True, front_ends: bool = True,
-               front_repeats: int = 1, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               front_repeats: int = 1, front_warm: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case side by side and return the result dict (see the module docstring).
 
     ``tiny_dir``: use that tiny model set instead of full-size random weights (smoke runs; its
@@ -426,7 +426,7 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
             say("building full-size random-weight front-end models ...")
             front_models = full_front_models(log=say)
         say("front-ends and segmenters")
-        fronts = run_front_ends(registry, bench.image, front_models, bench.scorer, front_repeats, say)
+        fronts = run_front_ends(registry, bench.image, front_models, bench.scorer, front_repeats, say, front_warm)
         front_params = {"sam-vit-b (segment-anything)": _params(registry.get("sam").model),
                         "clip-vit-b-32": _params(registry.get("clip").model),
                         **{k: _params(v.model) for k, v in front_models.items()}}
@@ -439,7 +439,7 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
         "baseline_model/ours_skip": ratio(baseline_model, med["ours_skip"], SKIP_GOAL),
         "baseline_model/ours_product": ratio(baseline_model, med["ours_product"], PRODUCT_GOAL),
     }
-    products = {c: v["median_s"] for c, v in fronts.items() if v["path"] == "product"}
+    products = {c: v["median_s"] for c, v in fronts.items() if v["path"] == "product" and "median_s" in v}
     for c, v in products.items():
         ratios[f"ours_product/{c}"] = ratio(med["ours_product"], v, None)
     if products:
@@ -478,8 +478,8 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
     if fronts:
         context["front_model_parameters"] = front_params
         context["notes"].append(
-            f"Front-ends: {len(fronts)} cases after ours_product, {front_repeats} timed run(s) each (product cases "
-            "after a warm-up); product cases run with the CLIP prefilter on and every gate open; skip cases with "
+            f"Front-ends: {len(fronts)} cases after ours_product, {front_repeats} timed run(s) each "
+            f"({'product cases after a warm-up' if front_warm else 'no warm-up: first calls included'}); product cases run with the CLIP prefilter on and every gate open; skip cases with "
             "the prefilter off and the mode's own gate shut (with the prefilter on, every mode skips as ours_skip).")
     for name, label in (("baseline_model/ours_skip", "baseline lower bound / ours_skip"),
                         ("baseline_model/ours_product", "baseline lower bound / ours_product")):
@@ -532,6 +532,9 @@ def render(result: dict[str, Any], console: Any = None) -> None:
         for col in ("case", "path", "median s", "vs ours_product", "stages (median s)", "peak RSS MiB"):
             f.add_column(col, justify="right" if col in ("median s", "vs ours_product", "peak RSS MiB") else "left")
         for name, c in result["front_ends"].items():
+            if "error" in c:
+                f.add_row(name, c["path"], "failed", "", c["error"][:120], "")
+                continue
             f.add_row(name, c["path"], f"{c['median_s']:.3f}", f"{pr['median_s'] / c['median_s']:.1f}x",
                       stages(c), f"{c.get('peak_rss_mib', 0) or 0:.0f}")
         con.print(f)
@@ -562,7 +565,7 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     if quick:
         # The baseline runs once (its models are warm from the other cases), the floor without a
         # warm-up (its models and shapes are warm from ours_product).
-        common.update(slow_baseline_s=0.0, warm_floor=False)
+        common.update(slow_baseline_s=0.0, warm_floor=False, front_warm=False)
     result = run_with_models(opts.tiny, ["clip", "sam", "grounding", "clipseg", "sam3"], run_detect, **common)
     render(result)
     return result
@@ -590,7 +593,9 @@ FRONT_SKIP = (
     ("skip:grounded:owlv2-base", "grounded", None, "owlv2-base"),
     ("skip:grounded:gdino-tiny", "grounded", None, "gdino-tiny"),
     ("skip:clipseg", "clipseg", None, "clipseg-rd64"),
-    ("skip:sam3", "sam3", None, "sam3"),
+    # SAM 3 has no cheaper gate of its own: its presence score comes out of the same vision encoder
+    # and per-class decoders as its product path (only the masks' upsampling is saved), so its skip
+    # costs about its product case; not timed separately (its encoder is minutes on a shared CPU).
 )
 FRONT_ROLE = {"grounded": "grounding", "clipseg": "clipseg", "sam3": "sam3"}
 
@@ -704,25 +709,47 @@ class FrontBench:
 
 
 def run_front_ends(registry: ModelRegistry, image: Image.Image, models: dict[str, Any], scorer: ClipScorer,
-                   repeats: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Every front-end case: one warm-up for the product cases (the skip cases reuse their warm
-    models and shapes), then ``repeats`` interleaved timed runs. Returns ``{case: record}``."""
+                   repeats: int, say: Callable[[str], None], warm: bool = True) -> dict[str, Any]:
+    """Every front-end case: with ``warm``, one warm-up for the product cases (the skip cases reuse
+    their warm models and shapes), then ``repeats`` interleaved timed runs. Returns ``{case: record}``; a case
+    that fails (a model or path problem) is recorded with its error and dropped from later rounds,
+    so it never costs the figures of the others."""
     fb = FrontBench(registry, image, models, scorer)
     names = list(fb.cases)
     mem = {c: PeakMemory(fb.device) for c in names}
+    times: dict[str, list[float]] = {c: [] for c in names}
+    details: dict[str, list[Any]] = {c: [] for c in names}
+    errors: dict[str, str] = {}
 
-    def run(case: str, warmup: bool) -> tuple[float, dict[str, Any]]:
-        with mem[case]:
-            t0 = time.perf_counter()
-            out = fb.run(case)
-            dt = time.perf_counter() - t0
-        say(f"  {case:<34} {dt:9.3f} s")
-        return dt, out
+    def run(case: str, counted: bool) -> None:
+        if case in errors:
+            return
+        try:
+            with mem[case]:
+                t0 = time.perf_counter()
+                out = fb.run(case)
+                dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded and reported; the other cases go on
+            errors[case] = f"{type(e).__name__}: {e}"
+            say(f"  {case:<34} FAILED {errors[case][:200]}")
+            return
+        say(f"  {case:<34} {dt:9.3f} s" + ("" if counted else " (warm-up)"))
+        if counted:
+            times[case].append(dt)
+            details[case].append(out)
 
-    rounds = Rounds(names, run, repeats=repeats, warm=[c for c in names if fb.cases[c][2]], say=say)
-    out = {}
+    for c in names:
+        if warm and fb.cases[c][2]:
+            run(c, False)
+    for _ in range(repeats):
+        for c in names:
+            run(c, True)
+    out: dict[str, Any] = {}
     for c in names:
         det, mode, product = fb.cases[c]
-        out[c] = {**_median_details(rounds.details[c]), **stats(rounds.times[c]), "mode": mode,
-                  "path": "product" if product else "skip (prefilter off)", **mem[c].record()}
+        path = "product" if product else "skip (prefilter off)"
+        if c in errors:
+            out[c] = {"mode": mode, "path": path, "error": errors[c]}
+            continue
+        out[c] = {**_median_details(details[c]), **stats(times[c]), "mode": mode, "path": path, **mem[c].record()}
     return out

@@ -767,7 +767,7 @@ class Detector:
             res.heatmap = {n: round(float(h.max()), 4) for n, h in zip(prompts, heat)}
             if not len(pts):
                 res.proposals, res.skipped = 0, True
-                res.reason = (f"no product: no CLIPSeg heatmap reached {self.cfg.heatmap_threshold} "
+                res.reason = (f"no product: no CLIPSeg heatmap above {self.cfg.heatmap_threshold} "
                               f"(best: {_fmt_scores(res.heatmap)})")
                 res.timings["total"] = time.perf_counter() - t0
                 return res

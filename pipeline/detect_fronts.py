@@ -242,13 +242,13 @@ def grounded_boxes(bundle: Any, image: Image.Image, prompts: Sequence[str], thre
 
 
 def heatmap_peaks(heat: np.ndarray, threshold: float, k: int, min_dist: int = 2) -> list[tuple[int, int, float]]:
-    """Local maxima of one ``[h, w]`` float heatmap in [0, 1] at or above ``threshold``: up to ``k``
+    """Local maxima of one ``[h, w]`` float heatmap in [0, 1] above ``threshold``: up to ``k``
     (row, col, value), best first, at least ``min_dist`` cells apart (3x3 neighbourhood maxima)."""
     h, w = heat.shape
     padded = np.pad(heat, 1, mode="constant", constant_values=-np.inf)
     neigh = np.stack([padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)]).max(axis=0)
-    rows, cols = np.nonzero((heat >= neigh) & (heat >= threshold))
+    rows, cols = np.nonzero((heat >= neigh) & (heat > threshold))
     order = np.argsort(-heat[rows, cols], kind="stable")
     peaks: list[tuple[int, int, float]] = []
     for i in order:
@@ -263,7 +263,7 @@ def heatmap_peaks(heat: np.ndarray, threshold: float, k: int, min_dist: int = 2)
 def clipseg_points(bundle: Any, image: Image.Image, prompts: Sequence[str], threshold: float, k: int,
                    device: "torch.device") -> tuple[np.ndarray, np.ndarray]:
     """CLIPSeg heatmaps (sigmoid of its logits) for each prompt, one batch -> ([P, 2] float x, y peak
-    points in the image's pixels, [C, h, w] heatmaps). Up to ``k`` peaks per prompt at or above
+    points in the image's pixels, [C, h, w] heatmaps). Up to ``k`` peaks per prompt above
     ``threshold``; CLIPSeg resizes (squashes) the photo to its square input, so a heatmap cell maps
     back by the photo's own x and y scale."""
     import torch

@@ -294,7 +294,7 @@ class DetectSettings(_Strict):
     box_threshold: float = Field(0.25, ge=0.0, le=1.0, description="grounded: detector box score to keep a box")
     max_boxes: int = Field(16, ge=1, le=256, description="grounded: most boxes (best detector scores after box NMS) "
                            "decoded by SAM and classified by CLIP")
-    heatmap_threshold: float = Field(0.4, ge=0.0, le=1.0, description="clipseg: heatmap value for a peak")
+    heatmap_threshold: float = Field(0.4, ge=0.0, le=1.0, description="clipseg: a peak must be above this heatmap value")
     heatmap_peaks: int = Field(3, ge=1, le=64, description="clipseg: most peaks (SAM point prompts) per class")
     sam3_threshold: float = Field(0.5, ge=0.0, le=1.0, description="sam3: instance score (detection x presence)")
     presence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="sam3: an image whose presence score is "

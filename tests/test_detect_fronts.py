@@ -152,4 +152,4 @@ def test_heatmap_peaks_known_exactly():
     heat[1, 1], heat[1, 2], heat[5, 6], heat[6, 1] = 0.9, 0.8, 0.7, 0.3
     assert heatmap_peaks(heat, 0.5, 5) == [(1, 1, pytest.approx(0.9)), (5, 6, pytest.approx(0.7))]
     assert heatmap_peaks(heat, 0.2, 1) == [(1, 1, pytest.approx(0.9))]
-    assert heatmap_peaks(heat, 0.95, 5) == []
+    assert heatmap_peaks(heat, 0.95, 5) == [] and heatmap_peaks(heat, 0.9, 5) == []

@@ -421,6 +421,28 @@ def make_grounding(out: Path) -> None:
     Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok).save_pretrained(out)
 
 
+def make_grounding_dino(out: Path) -> None:
+    """transformers GroundingDinoForObjectDetection + GroundingDinoProcessor (Swin backbone, BERT
+    text side), the layout of IDEA-Research/grounding-dino-tiny: the ``grounding`` role's other family."""
+    from transformers import (GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
+                              GroundingDinoProcessor)
+
+    tok = _bert_tokenizer()
+    tok.model_max_length = 256
+    cfg = GroundingDinoConfig(
+        backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                             window_size=4, out_indices=[2, 3, 4], image_size=64),
+        text_config=dict(model_type="bert", vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=20, encoder_n_points=2, decoder_n_points=2,
+        num_feature_levels=4)
+    _seeded(26)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(out)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                           tokenizer=tok).save_pretrained(out)
+
+
 def make_clipseg(out: Path) -> None:
     """transformers CLIPSegForImageSegmentation + CLIPSegProcessor, the layout of
     CIDAS/clipseg-rd64-refined (``detect.proposals: clipseg``)."""
@@ -528,9 +550,11 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 # Other families a role can be pointed at, written next to the default ones when the role is built
 # (point models.<role>.path at the folder; tests and `python -m bench detect` do): the ``sam`` role
-# from a transformers SAM or SAM 2.1 repo instead of a segment-anything checkpoint.
+# from a transformers SAM or SAM 2.1 repo instead of a segment-anything checkpoint, and the
+# ``grounding`` role as Grounding DINO instead of OWLv2.
 ALTERNATIVES: dict[str, list[tuple[str, Callable[[Path], None]]]] = {
     "sam": [("sam_hf", make_sam_hf), ("sam2_hf", make_sam2_hf)],
+    "grounding": [("grounding_dino", make_grounding_dino)],
 }
 
 

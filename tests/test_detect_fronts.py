@@ -22,12 +22,15 @@ runner = CliRunner()
 GREY = (128, 128, 128)
 
 
-def _variant(tiny_dir: Path, tmp_path: Path, sam: str | None = None, **detect) -> Path:
+def _variant(tiny_dir: Path, tmp_path: Path, sam: str | None = None, grounding: str | None = None,
+             **detect) -> Path:
     data = yaml.safe_load((tiny_dir / "settings.yaml").read_text())
     data["root"] = str(tiny_dir)
     data["detect"].update(detect)
     if sam is not None:
         data["models"]["sam"] = {"path": sam, "licence": "tiny random weights (tests/demo only)"}
+    if grounding is not None:
+        data["models"]["grounding"] = {"path": grounding, "licence": "tiny random weights (tests/demo only)"}
     p = tmp_path / "settings.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
@@ -66,6 +69,18 @@ def test_cli_detect_each_front_end_writes_masks_and_records(tiny_dir, tmp_path, 
         assert [m["role"] for m in rec["models"]] == ["clip", "sam3"]  # no SAM, no CLIP re-scoring
     if mode == "grounded":
         assert rec["detect"]["grounding"]["boxes"] > 0
+
+
+def test_cli_detect_grounded_with_grounding_dino(tiny_dir, tmp_path):
+    cfg = _variant(tiny_dir, tmp_path, grounding="grounding_dino")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["detect", str(_photo(tmp_path)), "--out", str(out), "--config", str(cfg),
+                            "--proposals", "grounded"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "bag.json").read_text())
+    assert rec["status"] == "detected" and rec["detect"]["grounding"]["boxes"] > 0
+    assert rec["detect"]["detections"] and all((out / d["mask_file"]).is_file() for d in rec["detect"]["detections"])
+    assert rec["detect"]["grounding"]["boxes"] <= 16  # detect.max_boxes after box NMS
 
 
 def test_cli_rejects_unknown_proposals(tiny_dir, tmp_path):

@@ -8,6 +8,8 @@ Flow for one image (RGB, any size, EXIF orientation already applied by :mod:`pip
 2. **Proposals**: ``guided`` computes SAM's image embedding once and decodes masks only for
    point prompts inside the views where CLIP saw a class (tens of prompts instead of SAM
    "everything"'s 32x32 = 1024); ``everything`` runs segment-anything's automatic mask generator.
+   The text-grounded modes (``grounded``, ``clipseg``, ``sam3``) live in :mod:`pipeline.detect_fronts`;
+   ``sam3`` returns labelled instances itself and skips step 3.
 3. **Classification**: every proposal's box, padded with context, is cropped from the original
    image (background kept: a masked-out crop can still "look like" the class) and all crops go
    through CLIP in one batch. Softmax over classes *and* background prompts; a proposal is

@@ -350,8 +350,8 @@ def _peak_rss_mib() -> float:
 
 def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: str = "auto",
                tiny_dir: str | Path | None = None, points_per_side: int | None = None,
-               slow_baseline_s: float = SLOW_BASELINE_S, warm_floor: bool = True,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               slow_baseline_s: float = SLOW_BASELINE_S, warm_floor: bool = True, front_ends: bool = True,
+               front_repeats: int = 1, front_warm: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every case side by side and return the result dict (see the module docstring).
 
     ``tiny_dir``: use that tiny model set instead of full-size random weights (smoke runs; its
@@ -411,6 +411,20 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
         value = num / den if den > 0 else float("inf")
         return {"value": value, "goal": goal, "met": None if goal is None else value >= goal}
 
+    fronts: dict[str, Any] = {}
+    if front_ends:
+        if tiny_dir is not None:
+            front_models = tiny_front_models(tiny_dir, registry)
+        else:
+            say("building full-size random-weight front-end models ...")
+            front_models = full_front_models(log=say)
+        say("front-ends and segmenters")
+        fronts = run_front_ends(registry, bench.image, front_models, bench.scorer, front_repeats, say, front_warm)
+        front_params = {"sam-vit-b (segment-anything)": _params(registry.get("sam").model),
+                        "clip-vit-b-32": _params(registry.get("clip").model),
+                        **{k: _params(v.model) for k, v in front_models.items()}}
+        del front_models
+
     ratios = {
         "baseline/ours_skip": ratio(med["baseline"], med["ours_skip"], SKIP_GOAL),
         "baseline/ours_product": ratio(med["baseline"], med["ours_product"], PRODUCT_GOAL),
@@ -418,6 +432,14 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
         "baseline_model/ours_skip": ratio(baseline_model, med["ours_skip"], SKIP_GOAL),
         "baseline_model/ours_product": ratio(baseline_model, med["ours_product"], PRODUCT_GOAL),
     }
+    products = {c: v["median_s"] for c, v in fronts.items() if v["path"] == "product" and "median_s" in v}
+    for c, v in products.items():
+        ratios[f"ours_product/{c}"] = ratio(med["ours_product"], v, None)
+    if products:
+        best = min(products, key=products.get)
+        ratios["ours_product/fastest_front_end"] = {
+            **ratio(med["ours_product"], products[best], FRONT_GOAL),
+            "label": f"today's guided SAM ViT-B / fastest product case ({best})"}
     context = {
         "models": models,
         "device": str(bench.device) + (f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""),
@@ -446,10 +468,16 @@ def run_detect(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device
             "the least its work could cost.",
         ],
     }
+    if fronts:
+        context["front_model_parameters"] = front_params
+        context["notes"].append(
+            f"Front-ends: {len(fronts)} cases after ours_product, {front_repeats} timed run(s) each "
+            f"({'product cases after a warm-up' if front_warm else 'no warm-up: first calls included'}); product cases run with the CLIP prefilter on and every gate open; skip cases with "
+            "the prefilter off and the mode's own gate shut (with the prefilter on, every mode skips as ours_skip).")
     for name, label in (("baseline_model/ours_skip", "baseline lower bound / ours_skip"),
                         ("baseline_model/ours_product", "baseline lower bound / ours_product")):
         ratios[name]["label"] = label
-    return {"benchmark": "detect", "context": context, "cases": cases, "ratios": ratios}
+    return {"benchmark": "detect", "context": context, "cases": cases, "ratios": ratios, "front_ends": fronts}
 
 
 def render(result: dict[str, Any], console: Any = None) -> None:
@@ -492,6 +520,17 @@ def render(result: dict[str, Any], console: Any = None) -> None:
         goal = "" if v["goal"] is None else f">= {v['goal']:g}"
         r.add_row(labels.get(name, name), f"{v['value']:.1f}x", goal, met)
     con.print(r)
+    if result.get("front_ends"):
+        f = Table(title="front-ends and segmenters (median s; product path vs today's guided SAM ViT-B)")
+        for col in ("case", "path", "median s", "vs ours_product", "stages (median s)", "peak RSS MiB"):
+            f.add_column(col, justify="right" if col in ("median s", "vs ours_product", "peak RSS MiB") else "left")
+        for name, c in result["front_ends"].items():
+            if "error" in c:
+                f.add_row(name, c["path"], "failed", "", c["error"][:120], "")
+                continue
+            f.add_row(name, c["path"], f"{c['median_s']:.3f}", f"{pr['median_s'] / c['median_s']:.1f}x",
+                      stages(c), f"{c.get('peak_rss_mib', 0) or 0:.0f}")
+        con.print(f)
     con.print("* lower bound: baseline encode + decode + classify, without the mask generator's post-processing "
               "(RLE/NMS), which random-weight noise masks inflate; with real weights the baseline would also "
               f"classify far more than {bl['masks']} mask(s).")
@@ -526,7 +565,191 @@ def run_from_options(opts: Any) -> dict[str, Any]:
     if quick:
         # The baseline runs once (its models are warm from the other cases), the floor without a
         # warm-up (its models and shapes are warm from ours_product).
-        common.update(slow_baseline_s=0.0, warm_floor=False)
-    result = run_with_models(opts.tiny, ["clip", "sam"], run_detect, **common)
+        common.update(slow_baseline_s=0.0, warm_floor=False, front_warm=False)
+    result = run_with_models(opts.tiny, ["clip", "sam", "grounding", "clipseg", "sam3"], run_detect, **common)
     render(result)
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Detection front-ends and segmenters (detect.proposals grounded | clipseg | sam3; the sam role from
+# a transformers SAM 2.1 repo), side by side with today's guided SAM ViT-B (``ours_product``).
+
+FRONT_GOAL = 5.0
+# (case, proposals mode, segmenter, text front-end model); segmenter "vit_b" is segment-anything's
+# SAM ViT-B (today's), "sam2.1-tiny" transformers' Sam2Model at sam2.1-hiera-tiny's size.
+FRONT_PRODUCT = (
+    ("guided+sam2.1-tiny", "guided", "sam2.1-tiny", None),
+    ("grounded:owlv2-base+vit_b", "grounded", "vit_b", "owlv2-base"),
+    ("grounded:gdino-tiny+vit_b", "grounded", "vit_b", "gdino-tiny"),
+    ("grounded:gdino-tiny+sam2.1-tiny", "grounded", "sam2.1-tiny", "gdino-tiny"),
+    ("clipseg+vit_b", "clipseg", "vit_b", "clipseg-rd64"),
+    ("clipseg+sam2.1-tiny", "clipseg", "sam2.1-tiny", "clipseg-rd64"),
+    ("sam3", "sam3", None, "sam3"),
+)
+# The mode's own "no product" decision with the CLIP prefilter off (with it on, every mode skips
+# exactly as ``ours_skip`` does, before any of these models runs).
+FRONT_SKIP = (
+    ("skip:grounded:owlv2-base", "grounded", None, "owlv2-base"),
+    ("skip:grounded:gdino-tiny", "grounded", None, "gdino-tiny"),
+    ("skip:clipseg", "clipseg", None, "clipseg-rd64"),
+    # SAM 3 has no cheaper gate of its own: its presence score comes out of the same vision encoder
+    # and per-class decoders as its product path (only the masks' upsampling is saved), so its skip
+    # costs about its product case; not timed separately (its encoder is minutes on a shared CPU).
+)
+FRONT_ROLE = {"grounded": "grounding", "clipseg": "clipseg", "sam3": "sam3"}
+
+
+def full_front_models(seed: int = SEED, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Full-size random-weight front-end models with their processors, at the published checkpoints'
+    sizes: SAM 2.1 hiera-tiny (``Sam2Config()``, 1024 px), OWLv2 base patch16 at 960 px,
+    Grounding DINO tiny (``GroundingDinoConfig()``: Swin-T + BERT-base, 800 px short side),
+    CLIPSeg rd64 (ViT-B/16, 352 px) and SAM 3 (``Sam3Config()``, 1008 px). Only the vocabularies
+    follow the small offline tokenizers (text runs once per class prompt, a small share)."""
+    import torch
+    from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, GroundingDinoConfig,
+                              GroundingDinoForObjectDetection, GroundingDinoImageProcessor, GroundingDinoProcessor,
+                              Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor, Sam2Config,
+                              Sam2ImageProcessor, Sam2Model, Sam2Processor, Sam3Config, Sam3ImageProcessor, Sam3Model,
+                              Sam3Processor, ViTImageProcessor)
+
+    from pipeline.models.registry import HFSamBundle
+    from pipeline.models.registry import HFBundle
+    from pipeline.models.tiny import _bert_tokenizer, _clip_tokenizer
+
+    say = log or (lambda _m: None)
+    out: dict[str, Any] = {}
+    torch.manual_seed(seed + 10)
+    say("  SAM 2.1 hiera-tiny ...")
+    out["sam2.1-tiny"] = HFSamBundle(Sam2Model(Sam2Config()).eval(), Sam2Processor(Sam2ImageProcessor()), "sam2")
+    say("  OWLv2 base patch16 (960 px) ...")
+    out["owlv2-base"] = HFBundle(Owlv2ForObjectDetection(Owlv2Config(vision_config={"image_size": 960})).eval(),
+                                 Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 960, "width": 960}),
+                                                tokenizer=_clip_tokenizer(specials_last=True, max_length=16)))
+    say("  Grounding DINO tiny ...")
+    bert = _bert_tokenizer()
+    bert.model_max_length = 256
+    out["gdino-tiny"] = HFBundle(GroundingDinoForObjectDetection(GroundingDinoConfig()).eval(),
+                                 GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(), tokenizer=bert))
+    say("  CLIPSeg rd64 (ViT-B/16, 352 px) ...")
+    out["clipseg-rd64"] = HFBundle(
+        CLIPSegForImageSegmentation(CLIPSegConfig(vision_config={"patch_size": 16})).eval(),
+        CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 352, "width": 352},
+                                                           image_mean=[0.485, 0.456, 0.406],
+                                                           image_std=[0.229, 0.224, 0.225]),
+                         tokenizer=_clip_tokenizer(specials_last=True)))
+    say("  SAM 3 (1008 px) ...")
+    out["sam3"] = HFBundle(Sam3Model(Sam3Config()).eval(),
+                           Sam3Processor(image_processor=Sam3ImageProcessor(),
+                                         tokenizer=_clip_tokenizer(specials_last=True, max_length=32)))
+    return out
+
+
+def _params(module: Any) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def tiny_front_models(tiny_dir: str | Path, registry: ModelRegistry) -> dict[str, Any]:
+    """The tiny set's front-end roles (OWLv2 layout for grounding) and its SAM 2.1 alternative."""
+    from pipeline.settings import ModelSource
+
+    s = registry.settings.model_copy(deep=True)
+    s.models.sam = ModelSource(path=Path(tiny_dir) / "sam2_hf")
+    out = {"sam2.1-tiny": ModelRegistry(s).get("sam")}
+    names = {"grounding": "owlv2-base", "clipseg": "clipseg-rd64", "sam3": "sam3"}
+    for role, name in names.items():
+        if registry.status(role).available:
+            out[name] = registry.get(role)
+    return out
+
+
+def front_settings(product: bool) -> DetectSettings:
+    """Product: every gate open (random weights still run each path to the end). Skip: prefilter off
+    and the mode's own gate shut (no box, peak or presence can reach 1.0)."""
+    if product:
+        return product_settings().model_copy(update={"box_threshold": 0.0, "heatmap_threshold": 0.0,
+                                                     "sam3_threshold": 0.0, "presence_threshold": 0.0})
+    return skip_settings().model_copy(update={"prefilter": False, "box_threshold": 1.0, "heatmap_threshold": 1.0,
+                                              "presence_threshold": 1.0})
+
+
+class FrontBench:
+    """One Detector per front-end case over the same image, CLIP and SAM ViT-B as ``DetectBench``."""
+
+    def __init__(self, registry: ModelRegistry, image: Image.Image, models: dict[str, Any], scorer: ClipScorer):
+        from pipeline.detect.fronts import HFSamProposer
+
+        self.image = image
+        self.device = registry.runtime.device
+        self.cases: dict[str, tuple[Detector, str, bool]] = {}
+        for product, table in ((True, FRONT_PRODUCT), (False, FRONT_SKIP)):
+            for name, mode, seg, front in table:
+                if (front is not None and front not in models) or (seg not in (None, "vit_b") and seg not in models):
+                    continue
+                reg = ModelRegistry(registry.settings)
+                reg.put("clip", registry.get("clip"))
+                if mode != "sam3":
+                    reg.put("sam", registry.get("sam"))
+                if front is not None:
+                    reg.put(FRONT_ROLE[mode], models[front])
+                det = Detector(reg, front_settings(product), scorer=scorer)
+                if seg not in (None, "vit_b"):
+                    det._proposer = HFSamProposer(models[seg], self.device)
+                self.cases[name] = (det, mode, product)
+
+    def run(self, case: str) -> dict[str, Any]:
+        det, mode, product = self.cases[case]
+        res = det.detect(self.image, proposals=mode)
+        if product and (res.skipped or not res.detections):
+            raise BenchError(f"{case}: the product path did not run to the end ({res.reason!r})")
+        if not product and (not res.skipped or res.proposals):
+            raise BenchError(f"{case}: the mode's own gate did not skip the image ({res.reason!r})")
+        return {"proposals": res.proposals, "detections": len(res.detections), "timings": dict(res.timings),
+                "skipped": res.skipped}
+
+
+def run_front_ends(registry: ModelRegistry, image: Image.Image, models: dict[str, Any], scorer: ClipScorer,
+                   repeats: int, say: Callable[[str], None], warm: bool = True) -> dict[str, Any]:
+    """Every front-end case: with ``warm``, one warm-up for the product cases (the skip cases reuse
+    their warm models and shapes), then ``repeats`` interleaved timed runs. Returns ``{case: record}``; a case
+    that fails (a model or path problem) is recorded with its error and dropped from later rounds,
+    so it never costs the figures of the others."""
+    fb = FrontBench(registry, image, models, scorer)
+    names = list(fb.cases)
+    mem = {c: PeakMemory(fb.device) for c in names}
+    times: dict[str, list[float]] = {c: [] for c in names}
+    details: dict[str, list[Any]] = {c: [] for c in names}
+    errors: dict[str, str] = {}
+
+    def run(case: str, counted: bool) -> None:
+        if case in errors:
+            return
+        try:
+            with mem[case]:
+                t0 = time.perf_counter()
+                out = fb.run(case)
+                dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded and reported; the other cases go on
+            errors[case] = f"{type(e).__name__}: {e}"
+            say(f"  {case:<34} FAILED {errors[case][:200]}")
+            return
+        say(f"  {case:<34} {dt:9.3f} s" + ("" if counted else " (warm-up)"))
+        if counted:
+            times[case].append(dt)
+            details[case].append(out)
+
+    for c in names:
+        if warm and fb.cases[c][2]:
+            run(c, False)
+    for _ in range(repeats):
+        for c in names:
+            run(c, True)
+    out: dict[str, Any] = {}
+    for c in names:
+        det, mode, product = fb.cases[c]
+        path = "product" if product else "skip (prefilter off)"
+        if c in errors:
+            out[c] = {"mode": mode, "path": path, "error": errors[c]}
+            continue
+        out[c] = {**_median_details(details[c]), **stats(times[c]), "mode": mode, "path": path, **mem[c].record()}
+    return out

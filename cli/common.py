@@ -51,6 +51,9 @@ class OnConflict(str, Enum):
 class Proposals(str, Enum):
     guided = "guided"
     everything = "everything"
+    grounded = "grounded"
+    clipseg = "clipseg"
+    sam3 = "sam3"
 
 
 class Family(str, Enum):

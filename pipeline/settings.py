@@ -90,6 +90,9 @@ ROLES: tuple[str, ...] = (
     "lcm_lora",
     "tcd_lora",
     "hyper_lora",
+    "grounding",
+    "clipseg",
+    "sam3",
 )
 
 
@@ -227,6 +230,16 @@ class ModelsSettings(_Strict):
                                         licence="MIT")
     hyper_lora: ModelSource = ModelSource(repo="ByteDance/Hyper-SD", filename="Hyper-SD15-8steps-lora.safetensors",
                                           licence="openrail++")
+    # Detection front-ends (detect.proposals: grounded | clipseg | sam3), loaded only by their mode.
+    # grounding: any transformers zero-shot object detector (OWLv2, Grounding DINO, MM-Grounding-DINO);
+    # e.g. IDEA-Research/grounding-dino-tiny (Apache-2.0) works the same way.
+    grounding: ModelSource = ModelSource(repo="google/owlv2-base-patch16-ensemble", licence="Apache-2.0")
+    clipseg: ModelSource = ModelSource(repo="CIDAS/clipseg-rd64-refined", licence="Apache-2.0")
+    # SAM 3 (gated repo): Meta's custom "SAM License" (2025-11-19), not an open-source licence. It grants
+    # use incl. commercial, with attribution, prohibited end uses and trade-control terms: review it
+    # before commercial use (set commercial: false to have `commercial_use: true` refuse it).
+    sam3: ModelSource = ModelSource(repo="facebook/sam3", licence="SAM License (Meta, custom; review before "
+                                    "commercial use)")
 
     def source(self, role: str) -> ModelSource:
         if role not in ROLES:
@@ -325,7 +338,19 @@ class DetectSettings(_Strict):
     max_per_class: int = Field(5, ge=1)
     prefilter: bool = Field(True, description="cheap whole-image + tiles CLIP pass before SAM")
     prefilter_threshold: float = Field(0.2, ge=0.0, le=1.0)
-    proposals: Literal["guided", "everything"] = "guided"
+    proposals: Literal["guided", "everything", "grounded", "clipseg", "sam3"] = Field(
+        "guided", description="guided: CLIP-guided SAM points; everything: SAM's automatic generator; grounded: "
+        "zero-shot detector boxes (models.grounding) -> SAM box prompts; clipseg: CLIPSeg heatmap peaks "
+        "(models.clipseg) -> SAM point prompts; sam3: SAM 3 instance masks per class (models.sam3). CLIP "
+        "re-scores every proposal against classes and background in all modes but sam3")
+    box_threshold: float = Field(0.25, ge=0.0, le=1.0, description="grounded: detector box score to keep a box")
+    max_boxes: int = Field(16, ge=1, le=256, description="grounded: most boxes (best detector scores after box NMS) "
+                           "decoded by SAM and classified by CLIP")
+    heatmap_threshold: float = Field(0.4, ge=0.0, le=1.0, description="clipseg: a peak must be above this heatmap value")
+    heatmap_peaks: int = Field(3, ge=1, le=64, description="clipseg: most peaks (SAM point prompts) per class")
+    sam3_threshold: float = Field(0.5, ge=0.0, le=1.0, description="sam3: instance score (detection x presence)")
+    presence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="sam3: an image whose presence score is "
+                                      "below this for every class is skipped")
 
     @model_validator(mode="after")
     def _unique(self) -> "DetectSettings":

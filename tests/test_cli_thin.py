@@ -30,7 +30,10 @@ def _scene(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_enums_match_the_library():
+    from typing import get_args
+
     from pipeline.ops.actions import OPS
+    from pipeline.settings import DetectSettings
     from pipeline.io.outputs import OutputFolder
     from pipeline.models.samplers import SAMPLERS
 
@@ -38,7 +41,7 @@ def test_enums_match_the_library():
     assert [s.value for s in Sampler] == list(SAMPLERS)
     for p in OnConflict:
         OutputFolder(Path("unused"), p.value)  # each is a policy the writer knows
-    assert {p.value for p in Proposals} == {"guided", "everything"}
+    assert {p.value for p in Proposals} == set(get_args(DetectSettings.model_fields["proposals"].annotation))
 
 
 def test_edit_op_writes_stem_op_outputs_and_the_old_spelling_is_the_same(tmp_path):

@@ -8,6 +8,8 @@ Flow for one image (RGB, any size, EXIF orientation already applied by :mod:`pip
 2. **Proposals**: ``guided`` computes SAM's image embedding once and decodes masks only for
    point prompts inside the views where CLIP saw a class (tens of prompts instead of SAM
    "everything"'s 32x32 = 1024); ``everything`` runs segment-anything's automatic mask generator.
+   The text-grounded modes (``grounded``, ``clipseg``, ``sam3``) live in :mod:`pipeline.detect.fronts`;
+   ``sam3`` returns labelled instances itself and skips step 3.
 3. **Classification**: every proposal's box, padded with context, is cropped from the original
    image (background kept: a masked-out crop can still "look like" the class) and all crops go
    through CLIP in one batch. Softmax over classes *and* background prompts; a proposal is
@@ -36,6 +38,9 @@ from PIL import Image
 
 from pipeline.io.composite import bbox
 from pipeline.settings import DetectSettings, ProductClass
+from pipeline.detect.fronts import HFSamProposer, clipseg_points, grounded_boxes, sam3_instances
+from pipeline.detect.proposals import Proposals
+from pipeline.models.registry import HFSamBundle
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -93,6 +98,9 @@ class DetectResult:
     classified: int = 0  # proposals left after size filter and box NMS, each one CLIP crop
     proposal_mode: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    grounding: dict[str, Any] | None = None  # grounded: box count and best detector score
+    heatmap: dict[str, float] | None = None  # clipseg: best heatmap value per class
+    presence: dict[str, float] | None = None  # sam3: presence score per class
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -106,6 +114,8 @@ class DetectResult:
             "classified": self.classified,
             "proposal_mode": self.proposal_mode,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            **{k: v for k, v in (("grounding", self.grounding), ("heatmap", self.heatmap),
+                                 ("presence", self.presence)) if v is not None},
         }
 
 
@@ -402,19 +412,6 @@ class TextBank:
 # SAM proposals
 
 
-@dataclass
-class Proposals:
-    """Candidate masks. ``masks``: [M, h, w] bool at a working resolution; ``logits``: per
-    candidate low-res logits (guided) for exact full-res upsampling later, or None (everything,
-    whose masks are already full resolution)."""
-
-    masks: np.ndarray
-    boxes: np.ndarray  # [M, 4] float, full-resolution pixel coordinates
-    quality: np.ndarray  # [M] SAM predicted IoU
-    logits: Any = None
-    work_scale: float = 1.0  # working resolution / full resolution
-
-
 class SamProposer:
     """SAM image embedding once per image; masks decoded for batched point prompts."""
 
@@ -491,6 +488,35 @@ class SamProposer:
             b = bbox(m)
             boxes.append([v / scale for v in b] if b else [0, 0, 0, 0])
         return Proposals(work, np.array(boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
+
+    def propose_boxes(self, boxes: np.ndarray, work_long_side: int = 512, batch: int = 64) -> Proposals:
+        """Box prompts (``[B, 4]`` x0, y0, x1, y1 in original pixels) -> one mask each (single-mask
+        output, as segment-anything's predictor does for a box)."""
+        import torch
+
+        p = self.predictor
+        H, W = p.original_size
+        scale = min(1.0, work_long_side / max(H, W))
+        work_hw = (max(1, round(H * scale)), max(1, round(W * scale)))
+        keep_logits, keep_q = [], []
+        with torch.inference_mode():
+            for s in range(0, len(boxes), batch):
+                b = p.transform.apply_boxes(np.asarray(boxes[s : s + batch], np.float32), p.original_size)
+                bt = torch.as_tensor(b, dtype=torch.float32, device=self.device)
+                sparse, dense = self.sam.prompt_encoder(points=None, boxes=bt, masks=None)
+                low, iou = self.sam.mask_decoder(
+                    image_embeddings=p.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+                )
+                keep_logits.append(low[:, 0])
+                keep_q.append(iou[:, 0])
+        logits = torch.cat(keep_logits)[:, None]
+        work = (self._upsample(logits, work_hw)[:, 0] > self.sam.mask_threshold).cpu().numpy()
+        out_boxes = []
+        for m in work:
+            mb = bbox(m)
+            out_boxes.append([v / scale for v in mb] if mb else [0, 0, 0, 0])
+        return Proposals(work, np.array(out_boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
 
     def full_mask(self, logits: "torch.Tensor") -> np.ndarray:
         """Selected candidates' low-res logits [K, 1, 256, 256] -> their union, [H, W] bool at full
@@ -595,8 +621,19 @@ class Detector:
     @property
     def proposer(self) -> SamProposer:
         if self._proposer is None:
-            self._proposer = SamProposer(self.registry.get("sam"), self.registry.runtime.device)
+            bundle = self.registry.get("sam")
+            cls = HFSamProposer if isinstance(bundle, HFSamBundle) else SamProposer
+            self._proposer = cls(bundle, self.registry.runtime.device)
         return self._proposer
+
+    def model_roles(self, proposals: str | None = None, prefilter: bool | None = None) -> tuple[str, ...]:
+        """The registry roles a detection in ``proposals`` mode (default: the settings') uses: for
+        loading at start and for records' model provenance."""
+        mode = proposals or self.cfg.proposals
+        if mode == "sam3":
+            return ("clip", "sam3") if (self.cfg.prefilter if prefilter is None else prefilter) else ("sam3",)
+        extra = {"grounded": ("grounding",), "clipseg": ("clipseg",)}.get(mode, ())
+        return ("clip", *extra, "sam")
 
     # -- scoring ---------------------------------------------------------------------------------
     @property
@@ -667,13 +704,54 @@ class Detector:
 
         # 2. proposals
         t1 = time.perf_counter()
-        if mode == "everything":
+        if mode == "sam3":
+            return self._detect_sam3(rgb_img, classes, res, t0)
+        if mode == "everything" and not isinstance(self.proposer, SamProposer):
+            # a transformers segmenter: the same regular grid of single-point prompts
+            self._set_image(reduced, rgb_img)
+            res.timings["sam_embedding"] = time.perf_counter() - t1
+            props = self.proposer.propose(grid_points((0, 0, W, H), self.cfg.points_per_side),
+                                          self.cfg.pred_iou_thresh, self.cfg.stability_score_thresh)
+        elif mode == "everything":
             props = everything_proposals(self.registry.get("sam"), np.asarray(rgb_img), self.cfg)
+        elif mode == "grounded":
+            g = self.registry.get("grounding")
+            prompts = [p for c in classes for p in (c.name, *c.prompts)]
+            boxes, box_scores = grounded_boxes(g, self._view(rgb_img, reduced), prompts, self.cfg.box_threshold,
+                                               self.registry.runtime.device, self.cfg.max_boxes)
+            boxes = boxes * (W / self._view(rgb_img, reduced).size[0])
+            res.timings["grounding"] = time.perf_counter() - t1
+            res.grounding = {"boxes": len(boxes), "best_box_score": round(float(box_scores.max()), 4) if len(boxes) else 0.0}
+            if not len(boxes):
+                res.proposals, res.skipped = 0, True
+                res.reason = f"no product: the detector found no box at or above {self.cfg.box_threshold}"
+                res.timings["total"] = time.perf_counter() - t0
+                return res
+            t_e = time.perf_counter()
+            self._set_image(reduced, rgb_img)
+            res.timings["sam_embedding"] = time.perf_counter() - t_e
+            props = self.proposer.propose_boxes(boxes)
+        elif mode == "clipseg":
+            cs = self.registry.get("clipseg")
+            view = self._view(rgb_img, reduced)
+            prompts = [c.name for c in classes]
+            pts, heat = clipseg_points(cs, view, prompts, self.cfg.heatmap_threshold, self.cfg.heatmap_peaks,
+                                       self.registry.runtime.device)
+            pts = pts * (W / view.size[0])
+            res.timings["clipseg"] = time.perf_counter() - t1
+            res.heatmap = {n: round(float(h.max()), 4) for n, h in zip(prompts, heat)}
+            if not len(pts):
+                res.proposals, res.skipped = 0, True
+                res.reason = (f"no product: no CLIPSeg heatmap above {self.cfg.heatmap_threshold} "
+                              f"(best: {_fmt_scores(res.heatmap)})")
+                res.timings["total"] = time.perf_counter() - t0
+                return res
+            t_e = time.perf_counter()
+            self._set_image(reduced, rgb_img)
+            res.timings["sam_embedding"] = time.perf_counter() - t_e
+            props = self.proposer.propose(pts, self.cfg.pred_iou_thresh, self.cfg.stability_score_thresh)
         else:
-            if reduced.factor > 1:
-                self.proposer.set_image(reduced.image, (H, W))
-            else:
-                self.proposer.set_image(rgb_img)
+            self._set_image(reduced, rgb_img)
             res.timings["sam_embedding"] = time.perf_counter() - t1
             pts = np.concatenate([grid_points(v, 3) for v in positive_views])
             pts = dedupe_points(pts, 0.04 * max(W, H))
@@ -704,6 +782,61 @@ class Detector:
             res.skipped = True
             res.reason = (f"no product: none of {len(keep)} proposals passed class threshold and margin "
                           f"{self.cfg.margin} (best: {_fmt_scores(res.best_scores)})")
+        return res
+
+    def _set_image(self, reduced: ReducedCopy, rgb_img: Image.Image) -> None:
+        """The segmenter's image embedding, from the box-reduced copy of a large photo."""
+        if reduced.factor > 1:
+            self.proposer.set_image(reduced.image, (rgb_img.size[1], rgb_img.size[0]))
+        else:
+            self.proposer.set_image(rgb_img)
+
+    @staticmethod
+    def _view(rgb_img: Image.Image, reduced: ReducedCopy) -> Image.Image:
+        """What a text-grounded front-end sees: the box-reduced copy of a large photo (its models
+        take 768-1008 px inputs), the photo itself otherwise. Same aspect as the photo."""
+        return reduced.image if reduced.factor > 1 else rgb_img
+
+    def _detect_sam3(self, rgb_img: Image.Image, classes: Sequence[ProductClass], res: DetectResult,
+                     t0: float) -> DetectResult:
+        """SAM 3: instance masks per class prompt (vision features once); the presence score
+        decides the skip; instances go through the same merging, per-class limit and hole filling."""
+        t1 = time.perf_counter()
+        W, H = rgb_img.size
+        names = [c.name for c in classes]
+        per_class = sam3_instances(self.registry.get("sam3"), rgb_img, names, self.cfg.sam3_threshold,
+                                   self.registry.runtime.device, top_k=2 * self.cfg.max_per_class)
+        res.timings["sam3"] = time.perf_counter() - t1
+        res.presence = {n: round(r.presence, 4) for n, r in zip(names, per_class)}
+        for n, r in zip(names, per_class):
+            res.best_scores[n] = max(res.best_scores.get(n, 0.0), r.presence)
+        present = [i for i, r in enumerate(per_class) if r.presence >= self.cfg.presence_threshold]
+        masks, boxes, scores, labels = [], [], [], []
+        for i in present:
+            r = per_class[i]
+            for m, b, sc in zip(r.masks, r.boxes, r.scores):
+                masks.append(m), boxes.append(b), scores.append(sc), labels.append(i)
+        res.proposals = res.classified = len(masks)
+        if not present or not masks:
+            res.skipped = True
+            res.reason = (f"no product: SAM 3 presence below {self.cfg.presence_threshold} for every class "
+                          f"(presence: {_fmt_scores(res.presence)})" if not present else
+                          f"no product: SAM 3 found no instance at or above {self.cfg.sam3_threshold}")
+            res.timings["total"] = time.perf_counter() - t0
+            return res
+        props = Proposals(np.stack(masks), np.array(boxes, float), np.array(scores, float))
+        area = props.masks.reshape(len(masks), -1).mean(axis=1)
+        keep = np.nonzero((area >= self.cfg.min_mask_area) & (area > 0))[0]
+        lab = np.full(len(masks), -1)
+        lab[keep] = np.array(labels)[keep]
+        t3 = time.perf_counter()
+        res.detections = self._postprocess(props, np.arange(len(masks)), lab, props.quality,
+                                           np.zeros(len(masks)), names, (H, W), "sam3")
+        res.timings["masks"] = time.perf_counter() - t3
+        res.timings["total"] = time.perf_counter() - t0
+        if not res.detections:
+            res.skipped = True
+            res.reason = f"no product: none of {len(masks)} SAM 3 instances is large enough ({self.cfg.min_mask_area})"
         return res
 
     def _postprocess(self, props: Proposals, keep: np.ndarray, labels: np.ndarray, scores: np.ndarray,

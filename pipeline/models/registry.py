@@ -49,7 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # What each role is, for locating files (layout) and for humans (`models list`).
 ROLE_INFO: dict[str, tuple[str, str]] = {
     "clip": ("transformers", "CLIP image-text model (detection classifier)"),
-    "sam": ("sam", "segment-anything checkpoint (mask proposals)"),
+    "sam": ("sam", "segmenter (mask proposals): a segment-anything checkpoint, or a transformers SAM / SAM 2.1 / "
+            "EdgeTAM repo (config.json model_type)"),
     "base": ("diffusers", "Stable Diffusion text-to-image pipeline (LoRA training base)"),
     "inpaint": ("diffusers", "Stable Diffusion inpainting pipeline (enhance, hole filling)"),
     "inpaint_fill": ("torchscript", "LaMa big-lama TorchScript (hole filling, fill: lama)"),
@@ -62,6 +63,9 @@ ROLE_INFO: dict[str, tuple[str, str]] = {
     "lcm_lora": ("lora", "LCM-LoRA for SD 1.5 (sampler: lcm)"),
     "tcd_lora": ("lora", "TCD-LoRA for SD 1.5 (sampler: tcd)"),
     "hyper_lora": ("lora", "Hyper-SD 8-step LoRA for SD 1.5 (sampler: hyper)"),
+    "grounding": ("transformers", "zero-shot box detector: OWLv2 / Grounding DINO (detect.proposals: grounded)"),
+    "clipseg": ("transformers", "CLIPSeg text-prompted heatmaps (detect.proposals: clipseg)"),
+    "sam3": ("transformers", "SAM 3 concept segmentation (detect.proposals: sam3)"),
 }
 
 _SKIP_WEIGHT_MARKERS = (".fp16.", "non_ema", ".ema.", "onnx", "flax", "openvino")
@@ -169,7 +173,7 @@ def AutocastEncoder(encoder: Any, dtype: Any) -> Any:  # noqa: N802 (a class, bu
 
 def sam_dtype(bundle: Any) -> str:
     """``float32``, or ``float32 (encoder under bfloat16 autocast)``, for records and `models verify`."""
-    enc = bundle.model.image_encoder
+    enc = getattr(bundle.model, "image_encoder", None)  # None: a transformers SAM-family model
     if hasattr(enc, "encoder") and hasattr(enc, "dtype"):
         return f"float32 (encoder under {str(enc.dtype).replace('torch.', '')} autocast)"
     return "float32"
@@ -182,6 +186,35 @@ class SamBundle:
     model: Any
     model_type: str
     image_size: int
+
+
+# config.json model_type of the transformers segmenters the ``sam`` role accepts. SAM-HQ's decoder
+# needs the encoder's intermediate embeddings besides the image embedding (another contract), and
+# EdgeTAM's RepViT backbone needs timm: both are refused with that reason (see HF_SAM_REFUSED).
+HF_SAM_TYPES = ("sam", "sam2", "edgetam")
+HF_SAM_REFUSED = {
+    "sam_hq": "SAM-HQ's mask decoder needs the encoder's intermediate embeddings per prompt batch; "
+              "not supported as the `sam` role yet",
+}
+
+
+@dataclass
+class HFSamBundle:
+    """A transformers SAM-family model (eval, float32) and its processor; ``family`` is the
+    config's model_type (sam | sam2 | edgetam)."""
+
+    model: Any
+    processor: Any
+    family: str
+
+
+def hf_model_type(folder: Any) -> str | None:
+    """``model_type`` from ``folder/config.json``, or None when there is none (a segment-anything
+    checkpoint folder)."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("model_type")
 
 
 @dataclass
@@ -736,9 +769,11 @@ class ModelRegistry:
         model = CLIPModel.from_pretrained(loc, local_files_only=True)
         return ClipBundle(self._place(model), CLIPProcessor.from_pretrained(loc, local_files_only=True))
 
-    def _load_sam(self, loc: Path) -> SamBundle:
+    def _load_sam(self, loc: Path) -> Any:
         from pipeline.models.sam_loader import build_sam_from_state
 
+        if loc.is_dir() and (loc / "config.json").is_file():
+            return self._load_sam_hf(loc)
         if loc.is_dir():
             cands = sorted([*loc.glob("*.safetensors"), *loc.glob("*.pth")])
             if len(cands) != 1:
@@ -757,6 +792,33 @@ class ModelRegistry:
         if self.runtime.dtype == torch.bfloat16:
             model.image_encoder = AutocastEncoder(model.image_encoder, torch.bfloat16)
         return SamBundle(model, model_type, image_size)
+
+    def _load_sam_hf(self, loc: Path) -> Any:
+        """A transformers SAM-family repo as the ``sam`` role: the class its config.json's model_type
+        names (SamModel, Sam2Model, EdgeTamModel), float32 like segment-anything's SAM."""
+        import torch
+        import transformers
+
+        family = hf_model_type(loc)
+        if family in HF_SAM_REFUSED:
+            raise ModelLoadError("sam", str(loc), f"model_type {family}: {HF_SAM_REFUSED[family]}",
+                                 "use a SAM, SAM 2.1 or EdgeTAM repo, or a segment-anything checkpoint")
+        if family not in HF_SAM_TYPES:
+            raise ModelLoadError("sam", str(loc), f"config.json model_type {family!r} is not a SAM-family segmenter "
+                                 f"({', '.join(HF_SAM_TYPES)})", "point models.sam at a SAM-family repo")
+        cls = {"sam": "SamModel", "sam2": "Sam2Model", "edgetam": "EdgeTamModel"}[family]
+        model = getattr(transformers, cls).from_pretrained(loc, local_files_only=True)
+        proc = transformers.AutoProcessor.from_pretrained(loc, local_files_only=True)
+        return HFSamBundle(self._place(model, dtype=torch.float32), proc, family)
+
+    def _load_grounding(self, loc: Path) -> HFBundle:
+        return self._load_hf(loc, "AutoModelForZeroShotObjectDetection", "AutoProcessor")
+
+    def _load_clipseg(self, loc: Path) -> HFBundle:
+        return self._load_hf(loc, "CLIPSegForImageSegmentation", "CLIPSegProcessor")
+
+    def _load_sam3(self, loc: Path) -> HFBundle:
+        return self._load_hf(loc, "Sam3Model", "Sam3Processor")
 
     def _configure_pipeline(self, pipe: Any) -> Any:
         rt = self.runtime

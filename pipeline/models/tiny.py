@@ -47,16 +47,22 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def _clip_tokenizer():
-    """A real CLIP BPE tokenizer with a byte-level vocabulary and no merges (514 tokens)."""
+def _clip_tokenizer(specials_last: bool = False, max_length: int = 77):
+    """A real CLIP BPE tokenizer with a byte-level vocabulary and no merges (514 tokens).
+
+    ``specials_last``: start/end tokens at the end of the vocabulary, as in the real CLIP vocabulary
+    (OWLv2 treats a query whose first id is 0 as padding)."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
-    vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    body = chars + [c + "</w>" for c in chars]
+    vocab = body + specials if specials_last else specials + body
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         (Path(d) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(vocab=str(Path(d) / "vocab.json"), merges=str(Path(d) / "merges.txt"), model_max_length=77)
+        return CLIPTokenizer(vocab=str(Path(d) / "vocab.json"), merges=str(Path(d) / "merges.txt"),
+                             model_max_length=max_length)
 
 
 def _bert_tokenizer():
@@ -452,6 +458,142 @@ def make_matting(out: Path) -> None:
     VitMatteImageProcessor().save_pretrained(out)
 
 
+def _tiny_text(tok: Any, max_len: int) -> dict:
+    ids = tok.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    return dict(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=max_len, bos_token_id=ids[0], eos_token_id=ids[1],
+                pad_token_id=ids[1])
+
+
+def make_grounding(out: Path) -> None:
+    """transformers Owlv2ForObjectDetection + Owlv2Processor, the layout of
+    google/owlv2-base-patch16-ensemble (a zero-shot detector for ``detect.proposals: grounded``).
+    The box head's last layer is zeroed, so every patch predicts a box around itself (OWLv2's box
+    bias) instead of random degenerate boxes: the code path after the detector always runs."""
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    tok = _clip_tokenizer(specials_last=True, max_length=16)  # OWLv2's queries are 16 tokens
+    cfg = Owlv2Config(text_config=_tiny_text(tok, 16),
+                      vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=64, patch_size=16),
+                      projection_dim=TEXT_DIM)
+    _seeded(21)
+    model = Owlv2ForObjectDetection(cfg)
+    with torch.no_grad():
+        model.box_head.dense2.weight.zero_()
+        model.box_head.dense2.bias.zero_()
+    model.save_pretrained(out)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok).save_pretrained(out)
+
+
+def make_grounding_dino(out: Path) -> None:
+    """transformers GroundingDinoForObjectDetection + GroundingDinoProcessor (Swin backbone, BERT
+    text side), the layout of IDEA-Research/grounding-dino-tiny: the ``grounding`` role's other family."""
+    from transformers import (GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
+                              GroundingDinoProcessor)
+
+    tok = _bert_tokenizer()
+    tok.model_max_length = 256
+    cfg = GroundingDinoConfig(
+        backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                             window_size=4, out_indices=[2, 3, 4], image_size=64),
+        text_config=dict(model_type="bert", vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=20, encoder_n_points=2, decoder_n_points=2,
+        num_feature_levels=4)
+    _seeded(26)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(out)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                           tokenizer=tok).save_pretrained(out)
+
+
+def make_clipseg(out: Path) -> None:
+    """transformers CLIPSegForImageSegmentation + CLIPSegProcessor, the layout of
+    CIDAS/clipseg-rd64-refined (``detect.proposals: clipseg``)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    tok = _clip_tokenizer(specials_last=True)
+    cfg = CLIPSegConfig(text_config=_tiny_text(tok, 77),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=64, patch_size=16),
+                        projection_dim=PROJ_DIM, extract_layers=[0, 1], reduce_dim=16,
+                        decoder_num_attention_heads=2, decoder_intermediate_size=32)
+    _seeded(22)
+    CLIPSegForImageSegmentation(cfg).save_pretrained(out)
+    CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok).save_pretrained(out)
+
+
+def make_sam3(out: Path) -> None:
+    """transformers Sam3Model + Sam3Processor, the layout of facebook/sam3 (``detect.proposals:
+    sam3``): a 2-layer ViT at 112 px (patch 14, as SAM 3's 1008 px), one-layer DETR encoder and
+    decoder with 10 queries, presence head included."""
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    tok = _clip_tokenizer(specials_last=True, max_length=32)
+    side = 112
+    cfg = Sam3Config(
+        vision_config=dict(backbone_config=dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, image_size=side,
+                                                patch_size=14, window_size=4, global_attn_indexes=[1],
+                                                pretrain_image_size=56),
+                           fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]),
+        text_config={**_tiny_text(tok, 32), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                     "projection_dim": 32},
+        geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_decoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 num_queries=10),
+        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+    )
+    _seeded(23)
+    Sam3Model(cfg).save_pretrained(out)
+    Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": side, "width": side}), tokenizer=tok,
+                  target_size=side).save_pretrained(out)
+
+
+def make_sam_hf(out: Path) -> None:
+    """transformers SamModel + SamProcessor, the layout of facebook/sam-vit-base (the ``sam`` role
+    from a transformers repo instead of a segment-anything checkpoint)."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    cfg = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SAM_IMAGE, patch_size=16, window_size=4, global_attn_indexes=[1],
+                           mlp_dim=64, num_pos_feats=16),
+        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+    )
+    _seeded(24)
+    SamModel(cfg).save_pretrained(out)
+    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": SAM_IMAGE},
+                                                   pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+
+
+def make_sam2_hf(out: Path) -> None:
+    """transformers Sam2Model + Sam2Processor, the layout of facebook/sam2.1-hiera-tiny (Hiera
+    backbone, squashed square input)."""
+    from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model, Sam2Processor
+
+    cfg = Sam2Config(
+        vision_config=dict(backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1,
+                                                blocks_per_stage=[1, 2, 1, 1], embed_dim_per_stage=[16, 32, 64, 128],
+                                                num_attention_heads_per_stage=[1, 1, 1, 1],
+                                                window_size_per_stage=[4, 4, 4, 4], global_attention_blocks=[2],
+                                                image_size=[SAM_IMAGE, SAM_IMAGE]),
+                           backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=32,
+                           backbone_feature_sizes=[[SAM_IMAGE // 4] * 2, [SAM_IMAGE // 8] * 2, [SAM_IMAGE // 16] * 2]),
+        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+    )
+    _seeded(25)
+    Sam2Model(cfg).save_pretrained(out)
+    Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+
+
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "clip": ("clip", make_clip),
     "sam": ("sam/sam_tiny.safetensors", make_sam),
@@ -467,6 +609,18 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "lcm_lora": ("lcm_lora/pytorch_lora_weights.safetensors", _accel_lora_builder(11)),
     "tcd_lora": ("tcd_lora/pytorch_lora_weights.safetensors", _accel_lora_builder(12)),
     "hyper_lora": ("hyper_lora/Hyper-SD15-8steps-lora.safetensors", _accel_lora_builder(13)),
+    "grounding": ("grounding", make_grounding),
+    "clipseg": ("clipseg", make_clipseg),
+    "sam3": ("sam3", make_sam3),
+}
+
+# Other families a role can be pointed at, written next to the default ones when the role is built
+# (point models.<role>.path at the folder; tests and `python -m bench detect` do): the ``sam`` role
+# from a transformers SAM or SAM 2.1 repo instead of a segment-anything checkpoint, and the
+# ``grounding`` role as Grounding DINO instead of OWLv2.
+ALTERNATIVES: dict[str, list[tuple[str, Callable[[Path], None]]]] = {
+    "sam": [("sam_hf", make_sam_hf), ("sam2_hf", make_sam2_hf)],
+    "grounding": [("grounding_dino", make_grounding_dino)],
 }
 
 
@@ -504,6 +658,8 @@ def tiny_settings_dict(out: Path, family: str = "sd15", nested: bool = False) ->
             "background_prompts": [],
             "margin": 0.0, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
             "min_mask_area": 0.0, "prefilter_threshold": 0.0,
+            # the text-grounded front-ends keep every box, peak and instance of the random models
+            "box_threshold": 0.0, "heatmap_threshold": 0.0, "sam3_threshold": 0.0, "presence_threshold": 0.0,
         },
         "samplers": {"lcm": {"steps": 2, "guidance": 1.0}, "tcd": {"steps": 2, "guidance": 0.0, "eta": 0.3},
                      "hyper": {"steps": 2, "guidance": 0.0}},
@@ -550,6 +706,8 @@ def make_tiny_set(out: str | Path, roles: list[str] | None = None, family: str =
                 build(out / _family_rel(role, fam, nested), family=fam)
         else:
             build(out / rel)
+        for alt_rel, alt_build in ALTERNATIVES.get(role, []):
+            alt_build(out / alt_rel)
     rules = out / "rules.yaml"
     rules.write_text("# Rules for the tiny set: every stage runs offline in seconds (outputs are noise).\n"
                      + yaml.safe_dump(TINY_RULES, sort_keys=False))

@@ -30,6 +30,8 @@ from PIL import Image
 
 from pipeline.io.composite import bbox, dilate, extend_edges
 from pipeline.detect.detector import fill_holes
+from pipeline.detect.fronts import HFSamProposer
+from pipeline.models.registry import HFSamBundle
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.models.registry import ModelRegistry
@@ -94,7 +96,14 @@ def _sam_refine(rgb: np.ndarray, rough: np.ndarray, registry: "ModelRegistry", p
 
     H, W = rough.shape
     x0, y0, x1, y1 = bbox(rough, pad=pad)
-    predictor = SamPredictor(registry.get("sam").model)
+    bundle = registry.get("sam")
+    if isinstance(bundle, HFSamBundle):  # a transformers segmenter: its single box mask
+        prop = HFSamProposer(bundle, registry.runtime.device)
+        prop.set_image(np.ascontiguousarray(rgb))
+        cand = prop.propose_boxes(np.array([[x0, y0, x1, y1]], np.float32))
+        m = prop.full_mask(cand.logits[:1])
+        return m, _iou(m, rough)
+    predictor = SamPredictor(bundle.model)
     with torch.inference_mode():
         predictor.set_image(np.ascontiguousarray(rgb), image_format="RGB")
         # SAM's box convention: x0, y0, x1, y1 inclusive pixel coordinates.

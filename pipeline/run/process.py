@@ -99,11 +99,19 @@ class Processor:
         creation, heap growth), which costs ~6 s on a CPU (``python -m bench warm``). Returns
         seconds per step."""
         t0 = time.perf_counter()
-        self.registry.get("clip")
-        self.registry.get("sam")
+        for role in self._detect_roles(prefilter=False):
+            self.registry.get(role)
         t1 = time.perf_counter()
         self.detector.detect(handbag(640, 480), self.rules.classes, prefilter=False)
         return {"load": round(t1 - t0, 3), "detect": round(time.perf_counter() - t1, 3)}
+
+    def _detect_roles(self, **options: Any) -> tuple[str, ...]:
+        """The registry roles detection uses with ``options`` (its ``proposals`` mode); a detector
+        that does not say (an injected one) is taken to use CLIP and SAM, the default mode's."""
+        roles = getattr(self.detector, "model_roles", None)
+        if roles is None:
+            return ("clip", "sam")
+        return roles(**{k: v for k, v in options.items() if k in ("proposals", "prefilter")})
 
     def reload_rules(self, path: Path) -> str:
         """Validate and switch to the rules in ``path``; on error raise and keep the current ones."""
@@ -180,7 +188,8 @@ class Processor:
         if detect_only:
             return write_detect_outputs(outbox, stem, loaded, result, {
                 **base, "timings": timings, "classes": [c.model_dump() for c in cls],
-                "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else []})
+                "models": [self.registry.provenance(r) for r in self._detect_roles(**detect_options)]
+                if mask is None else []})
         if result.skipped:
             return write_detect_outputs(outbox, stem, loaded, result, {**base, "timings": timings})
 
@@ -282,7 +291,8 @@ class Processor:
             "profiles": profile_records,
             "checks_passed": all(p["check"]["passed"] for p in profile_records) if profile_records else None,
             "edit_pixels": int(edit_mask.sum()),
-            "models": [self.registry.provenance(r) for r in ("clip", "sam")] if mask is None else [],
+            "models": [self.registry.provenance(r) for r in self._detect_roles(**detect_options)]
+            if mask is None else [],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         return write_record(outbox, stem, record)

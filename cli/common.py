@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional, TypeVar, get_type_hints
 
 import click
 import typer
@@ -89,22 +92,62 @@ GpusPerActorOption = typer.Option(None, "--gpus-per-actor", help="with --engine 
                                   "when the cluster has GPUs, else 0; 0.5 puts two actors on a GPU)")
 
 
-def pool_options(engine: Engine | str, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor):
+@dataclasses.dataclass
+class PoolFlags:
+    """--engine and the Ray pool's flags as given (``run``, ``edit``, ``watch``; docs/ray.md)."""
+
+    engine: Engine = EngineOption
+    address: Optional[str] = AddressOption
+    actors: Optional[int] = ActorsOption
+    max_in_flight: Optional[int] = MaxInFlightOption
+    cpus_per_actor: Optional[float] = CpusPerActorOption
+    gpus_per_actor: Optional[float] = GpusPerActorOption
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_flags(name: str, group: type) -> Callable[[F], F]:
+    """Give a command the options of ``group`` (a dataclass whose field defaults are Typer
+    options), declared once for every command that takes them; the command receives them as one
+    ``name=group(...)`` argument. Typer reads the command's signature, so the wrapper's signature
+    is the command's own (without ``name``) plus the group's fields, keyword-only, at the end."""
+    hints = get_type_hints(group)
+    fields = dataclasses.fields(group)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+             for f in fields]
+
+    def decorate(command: F) -> F:
+        sig = inspect.signature(command, eval_str=True)
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields})
+            return command(**kwargs)
+
+        own = [p for p in sig.parameters.values() if p.name != name]
+        wrapper.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def pool_options(flags: PoolFlags):
     """The Ray pool's options from the flags; None for the local engine. Exits 2 on bad values or
     Ray flags given without ``--engine ray``. Imports nothing of Ray (that happens at pool start)."""
-    engine = Engine(engine)  # Typer has checked the flag; this is for callers in code
-    flags = {"--address": address, "--actors": actors, "--max-in-flight": max_in_flight,
-             "--cpus-per-actor": cpus_per_actor, "--gpus-per-actor": gpus_per_actor}
+    engine = Engine(flags.engine)  # Typer has checked the flag; this is for callers in code
+    given = {"--address": flags.address, "--actors": flags.actors, "--max-in-flight": flags.max_in_flight,
+             "--cpus-per-actor": flags.cpus_per_actor, "--gpus-per-actor": flags.gpus_per_actor}
     if engine is Engine.local:
-        stray = [k for k, v in flags.items() if v is not None]
+        stray = [k for k, v in given.items() if v is not None]
         if stray:
             raise fail(f"{', '.join(stray)} go with --engine ray", EXIT_CONFIG)
         return None
     from pipeline.engine.ray_engine import EngineError, PoolOptions
 
     try:
-        return PoolOptions(address=address, actors=actors, max_in_flight=max_in_flight, cpus_per_actor=cpus_per_actor,
-                           gpus_per_actor=gpus_per_actor)
+        return PoolOptions(address=flags.address, actors=flags.actors, max_in_flight=flags.max_in_flight,
+                           cpus_per_actor=flags.cpus_per_actor, gpus_per_actor=flags.gpus_per_actor)
     except EngineError as e:
         raise fail(str(e), EXIT_CONFIG) from None
 

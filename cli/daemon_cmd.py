@@ -10,9 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import (EXIT_CONFIG, EXIT_MODEL, ActorsOption, AddressOption, ConfigOption, CpusPerActorOption,
-                        Engine, EngineOption, GpusPerActorOption, MaxInFlightOption, console, fail, load_settings_or_exit,
-                        pool_options)
+from cli.common import (EXIT_CONFIG, EXIT_MODEL, ConfigOption, PoolFlags, console, fail, load_settings_or_exit,
+                        pool_options, with_flags)
 
 EXIT_LOCKED = 5  # another daemon already watches this inbox
 
@@ -52,6 +51,7 @@ def _daemon_settings(values: dict[str, Any]) -> Any:
         raise fail("; ".join(msgs), EXIT_CONFIG) from None
 
 
+@with_flags("pool_flags", PoolFlags)
 def watch_cmd(
     inbox: Optional[Path] = typer.Option(None, "--inbox", help="folder to watch (default: paths.inbox)"),
     outbox: Optional[Path] = typer.Option(None, "--outbox", help="results folder (default: paths.outbox)"),
@@ -81,13 +81,8 @@ def watch_cmd(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on this port "
                                                "(needs prometheus_client)"),
     metrics_host: Optional[str] = typer.Option(None, "--metrics-host", help="metrics bind address (default: 127.0.0.1)"),
-    engine: Engine = EngineOption,
-    address: Optional[str] = AddressOption,
-    actors: Optional[int] = ActorsOption,
-    max_in_flight: Optional[int] = MaxInFlightOption,
-    cpus_per_actor: Optional[float] = CpusPerActorOption,
-    gpus_per_actor: Optional[float] = GpusPerActorOption,
     config: Optional[Path] = ConfigOption,
+    pool_flags: PoolFlags = None,  # type: ignore[assignment]  # given by with_flags
 ) -> None:
     """Watch the inbox and process every image once: edited -> OUTBOX/STEM.*, skipped ->
     OUTBOX/skipped/STEM.json, failed -> OUTBOX/failed/STEM.json; inputs are then archived.
@@ -109,7 +104,7 @@ def watch_cmd(
     from daemon.service import Daemon
     from pipeline.settings import SettingsError
 
-    pool = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
+    pool = pool_options(pool_flags)
     s = load_settings_or_exit(config)
     _apply_paths(s, inbox, outbox, ledger)
     ds = _daemon_settings({

@@ -5,14 +5,14 @@ summary printed. ``run --op OP`` is the old spelling of ``edit OP`` (see cli/mai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from cli.common import (EXIT_CONFIG, EXIT_INPUT, ActorsOption, AddressOption, ConfigOption, CpusPerActorOption, Engine,
-                        EngineOption, GpusPerActorOption, MaxInFlightOption, OnConflict, Op, Sampler, console, fail,
-                        load_settings_or_exit, model_errors, pool_options)
+from cli.common import (EXIT_CONFIG, EXIT_INPUT, ConfigOption, OnConflict, Op, PoolFlags, Sampler, console, fail,
+                        load_settings_or_exit, model_errors, pool_options, with_flags)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,10 +32,22 @@ OutOption = typer.Option(None, "--out", "-o", help="output folder (default: the 
 PathsArgument = typer.Argument(..., help="images, folders (their images) or catalog CSVs")
 
 
+@dataclass
+class OutputFlags:
+    """Where and how `run` and `edit` write (one declaration for both commands)."""
+
+    dry_run: bool = DryRunOption
+    on_conflict: OnConflict = OnConflictOption
+    recursive: bool = RecursiveOption
+    out: Optional[Path] = OutOption
+
+
 # ------------------------------------------------------------------------------------------------
 # run (the rules)
 
 
+@with_flags("pool", PoolFlags)
+@with_flags("output", OutputFlags)
 def run_cmd(
     paths: List[Path] = PathsArgument,
     profile: Optional[List[str]] = ProfileOption,
@@ -43,17 +55,9 @@ def run_cmd(
                                              "class of the masks' products"),
     mask: Optional[Path] = MaskOption,
     rules: Optional[Path] = typer.Option(None, "--rules", help="rule file (default: paths.rules from the settings)"),
-    dry_run: bool = DryRunOption,
-    on_conflict: OnConflict = OnConflictOption,
-    recursive: bool = RecursiveOption,
-    out: Optional[Path] = OutOption,
-    engine: Engine = EngineOption,
-    address: Optional[str] = AddressOption,
-    actors: Optional[int] = ActorsOption,
-    max_in_flight: Optional[int] = MaxInFlightOption,
-    cpus_per_actor: Optional[float] = CpusPerActorOption,
-    gpus_per_actor: Optional[float] = GpusPerActorOption,
     config: Optional[Path] = ConfigOption,
+    output: OutputFlags = None,  # type: ignore[assignment]  # given by with_flags
+    pool: PoolFlags = None,  # type: ignore[assignment]
 ) -> None:
     """Run the rules over images, folders or a catalog CSV (path, optional class, action, sku
     columns). --mask gives the product instead of detecting it. --engine ray spreads the images
@@ -65,9 +69,8 @@ def run_cmd(
     error), skipped/STEM.json or failed/STEM.json, plus OUT/manifest.jsonl and OUT/report.html
     (contact sheet). Exit 0 when every input was processed (skipped counts), 4 if any failed."""
     s = load_settings_or_exit(config)
-    opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
-    _catalog(s, paths, rules=rules, class_name=class_name, mask=mask, profiles=profile, recursive=recursive,
-             out=out, on_conflict=on_conflict.value, dry_run=dry_run, pool=opts)
+    _catalog(s, paths, output, rules=rules, class_name=class_name, mask=mask, profiles=profile,
+             pool=pool_options(pool))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,6 +82,8 @@ OP_FLAGS = {"x": "--x", "y": "--y", "fill": "--fill", "loras": "--lora", "prompt
             "fill.sampler": "--sampler"}
 
 
+@with_flags("pool", PoolFlags)
+@with_flags("output", OutputFlags)
 def edit_cmd(
     op: Op = typer.Argument(..., help="the operation"),
     paths: List[Path] = PathsArgument,
@@ -101,17 +106,9 @@ def edit_cmd(
     param: Optional[List[str]] = typer.Option(None, "--param", help="any other parameter of OP (its own or its "
                                               "settings section's) as KEY=VALUE (repeatable), e.g. mode=blur, "
                                               "shadow=contact, aspect=4:5"),
-    dry_run: bool = DryRunOption,
-    on_conflict: OnConflict = OnConflictOption,
-    recursive: bool = RecursiveOption,
-    out: Optional[Path] = OutOption,
-    engine: Engine = EngineOption,
-    address: Optional[str] = AddressOption,
-    actors: Optional[int] = ActorsOption,
-    max_in_flight: Optional[int] = MaxInFlightOption,
-    cpus_per_actor: Optional[float] = CpusPerActorOption,
-    gpus_per_actor: Optional[float] = GpusPerActorOption,
     config: Optional[Path] = ConfigOption,
+    output: OutputFlags = None,  # type: ignore[assignment]  # given by with_flags
+    pool: PoolFlags = None,  # type: ignore[assignment]
 ) -> None:
     """One operation by hand on the --class product of each input: enhance, rotate, displace,
     background or frame. Each flag sets one parameter of the operation (an unknown one for OP is
@@ -148,9 +145,8 @@ def edit_cmd(
         where = "; ".join(f"{flags.get(f, flags.get(f.split('.')[0], f)) if f else 'edit'}: {r}"
                           for f, r in e.problems)
         raise fail(f"edit {op.value}: {where}", EXIT_CONFIG) from None
-    opts = pool_options(engine, address, actors, max_in_flight, cpus_per_actor, gpus_per_actor)
-    _catalog(s, paths, actions=actions, tag=op.value, class_name=class_name, mask=mask, profiles=profile,
-             recursive=recursive, out=out, on_conflict=on_conflict.value, dry_run=dry_run, pool=opts)
+    _catalog(s, paths, output, actions=actions, tag=op.value, class_name=class_name, mask=mask, profiles=profile,
+             pool=pool_options(pool))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,10 +174,9 @@ def _make_processor(s: Any, ruleset: Any, pool: Any) -> tuple[Any, int]:
     return proc, proc.concurrency
 
 
-def _catalog(s: Any, paths: List[Path], *, rules: Optional[Path] = None, actions: Any = None, tag: str = "",
-             class_name: Optional[str] = None, mask: Optional[Path] = None, profiles: Optional[List[str]] = None,
-             recursive: bool = False, extra_items: Any = (), out: Optional[Path] = None, on_conflict: str = "suffix",
-             dry_run: bool = False, pool: Any = None, note: str = "") -> None:
+def _catalog(s: Any, paths: List[Path], output: OutputFlags, *, rules: Optional[Path] = None, actions: Any = None,
+             tag: str = "", class_name: Optional[str] = None, mask: Optional[Path] = None,
+             profiles: Optional[List[str]] = None, extra_items: Any = (), pool: Any = None, note: str = "") -> None:
     """Plan, run (with a progress bar) and summarise one catalog run; exits 2/3/4 as documented."""
     import time
 
@@ -191,6 +186,7 @@ def _catalog(s: Any, paths: List[Path], *, rules: Optional[Path] = None, actions
     from pipeline.errors import BadInput
     from pipeline.settings import SettingsError
 
+    recursive, out, on_conflict, dry_run = output.recursive, output.out, output.on_conflict.value, output.dry_run
     try:
         ruleset, items = plan_catalog(s, paths, rules=rules, actions=actions, tag=tag, class_name=class_name,
                                       mask=mask, profiles=profiles, recursive=recursive, extra_items=extra_items)
@@ -287,7 +283,8 @@ def demo_cmd(
     shop = [CatalogItem(p, actions=white, mask=masks, product_class=c, tag="shop", profiles=["amazon-main"])
             for p, c in shots]
     console.print("4. running the pipeline over the inbox: detect (SAM + CLIP), then the tiny set's rules...")
-    _catalog(settings, [inbox], rules=root / "models" / "rules.yaml", out=outbox, extra_items=shop,
+    _catalog(settings, [inbox], OutputFlags(dry_run=False, on_conflict=OnConflict.suffix, recursive=False, out=outbox),
+             rules=root / "models" / "rules.yaml", extra_items=shop,
              note="Rows named *-shop: generated sample photos with their known masks, put on white and framed by "
                   "the amazon-main profile (no model involved: this is what the shop outputs look like). All other "
                   "rows: detection and edits by tiny RANDOM-weight models, so their labels, masks and edits are noise.")

@@ -460,34 +460,19 @@ class SamProposer:
         from segment_anything.utils.amg import calculate_stability_score
 
         p = self.predictor
-        H, W = p.original_size
-        scale = min(1.0, work_long_side / max(H, W))
-        work_hw = (max(1, round(H * scale)), max(1, round(W * scale)))
         keep_logits, keep_q = [], []
         with torch.inference_mode():
             for s in range(0, len(points), batch):
                 pts = p.transform.apply_coords(points[s : s + batch], p.original_size)
                 coords = torch.as_tensor(pts, dtype=torch.float32, device=self.device)[:, None, :]
                 labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
-                sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-                low, iou = self.sam.mask_decoder(
-                    image_embeddings=p.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-                )
+                low, iou = self._decode(points=(coords, labels), boxes=None, multimask=True)
                 low, iou = low.flatten(0, 1), iou.flatten()
                 stab = calculate_stability_score(low, self.sam.mask_threshold, 1.0)
                 ok = (iou >= pred_iou_thresh) & (stab >= stability_thresh)
                 keep_logits.append(low[ok])
                 keep_q.append(iou[ok])
-            if not keep_logits or sum(len(k) for k in keep_logits) == 0:
-                return Proposals(np.zeros((0, *work_hw), bool), np.zeros((0, 4)), np.zeros(0), None, scale)
-            logits = torch.cat(keep_logits)[:, None]
-            work = (self._upsample(logits, work_hw)[:, 0] > self.sam.mask_threshold).cpu().numpy()
-        boxes = []
-        for m in work:
-            b = bbox(m)
-            boxes.append([v / scale for v in b] if b else [0, 0, 0, 0])
-        return Proposals(work, np.array(boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
+            return self._proposals(keep_logits, keep_q, work_long_side)
 
     def propose_boxes(self, boxes: np.ndarray, work_long_side: int = 512, batch: int = 64) -> Proposals:
         """Box prompts (``[B, 4]`` x0, y0, x1, y1 in original pixels) -> one mask each (single-mask
@@ -495,28 +480,43 @@ class SamProposer:
         import torch
 
         p = self.predictor
-        H, W = p.original_size
-        scale = min(1.0, work_long_side / max(H, W))
-        work_hw = (max(1, round(H * scale)), max(1, round(W * scale)))
         keep_logits, keep_q = [], []
         with torch.inference_mode():
             for s in range(0, len(boxes), batch):
                 b = p.transform.apply_boxes(np.asarray(boxes[s : s + batch], np.float32), p.original_size)
                 bt = torch.as_tensor(b, dtype=torch.float32, device=self.device)
-                sparse, dense = self.sam.prompt_encoder(points=None, boxes=bt, masks=None)
-                low, iou = self.sam.mask_decoder(
-                    image_embeddings=p.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-                )
+                low, iou = self._decode(points=None, boxes=bt, multimask=False)
                 keep_logits.append(low[:, 0])
                 keep_q.append(iou[:, 0])
+            return self._proposals(keep_logits, keep_q, work_long_side)
+
+    def _decode(self, points: Any, boxes: Any, multimask: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """One batch of prompts through SAM's prompt encoder and mask decoder against the image
+        embedding: ``(low-res logits [B, M, 256, 256], predicted IoU [B, M])``."""
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+        return self.sam.mask_decoder(
+            image_embeddings=self.predictor.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+        )
+
+    def _proposals(self, keep_logits: list, keep_q: list, work_long_side: int) -> Proposals:
+        """The kept candidates' low-res logits ``[K, 256, 256]`` (per batch) -> :class:`Proposals`:
+        masks at the working resolution (long side ``work_long_side`` at most), boxes in original
+        pixels, the logits kept for the exact full-resolution mask later."""
+        import torch
+
+        H, W = self.predictor.original_size
+        scale = min(1.0, work_long_side / max(H, W))
+        work_hw = (max(1, round(H * scale)), max(1, round(W * scale)))
+        if sum(len(k) for k in keep_logits) == 0:
+            return Proposals(np.zeros((0, *work_hw), bool), np.zeros((0, 4)), np.zeros(0), None, scale)
         logits = torch.cat(keep_logits)[:, None]
         work = (self._upsample(logits, work_hw)[:, 0] > self.sam.mask_threshold).cpu().numpy()
-        out_boxes = []
+        boxes = []
         for m in work:
-            mb = bbox(m)
-            out_boxes.append([v / scale for v in mb] if mb else [0, 0, 0, 0])
-        return Proposals(work, np.array(out_boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
+            b = bbox(m)
+            boxes.append([v / scale for v in b] if b else [0, 0, 0, 0])
+        return Proposals(work, np.array(boxes, dtype=np.float64), torch.cat(keep_q).cpu().numpy(), logits, scale)
 
     def full_mask(self, logits: "torch.Tensor") -> np.ndarray:
         """Selected candidates' low-res logits [K, 1, 256, 256] -> their union, [H, W] bool at full

@@ -70,7 +70,7 @@ def product_mask(width: int, height: int) -> np.ndarray:
 
 
 def case_params(case: str, base: EnhanceSettings | None = None, steps: int = STEPS) -> EnhanceSettings:
-    """The enhance settings of one case: ``base`` (default: SD 1.5 defaults, resolution 512) with
+    """The enhance settings of one case: ``base`` (default: the defaults, resolution auto: 512 for SD 1.5) with
     ``steps`` steps, strength 1.0 (every step runs), ControlNet on, and the case's mode."""
     data = (base or EnhanceSettings()).model_dump()
     data.update(mode=case, steps=steps, strength=1.0, controlnet=True, seed=SEED, classes={})
@@ -257,7 +257,7 @@ def run_enhance(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, devic
         "image_size": [W, H],
         "product_box_share": round(float((x1 - x0) * (y1 - y0)) / (W * H), 3),
         "steps": steps, "strength": 1.0, "guidance": params["crop"].guidance,
-        "resolution": params["crop"].resolution,
+        "resolution": registry.work_resolution(params["crop"].resolution),
         "repeats": repeats,
         "whole_runs": len(times["whole"]),
         "whole_note": whole_note,

@@ -201,9 +201,9 @@ def run_fill(*, repeats: int = 3, size: tuple[int, int] = DEFAULT_SIZE, device: 
         f"{models}; {context['device']}; image {W}x{H}, hole box {x1 - x0}x{y1 - y0} px ({context['hole_share']:.0%} "
         f"of the photo after dilation {p.fill.mask_dilation}); LaMa crop {'x'.join(map(str, lama_crop.get('work_size', [])))} "
         f"at scale {cases['lama'].get('scale')}, padded to {'x'.join(map(str, cases['lama'].get('padded_size', [])))}.",
-        (f"SD fill at the shipped settings ({shipped.fill.steps} steps, guidance {shipped.fill.guidance:g}, {shipped.fill.resolution} px): "
+        (f"SD fill at the shipped settings ({shipped.fill.steps} steps, guidance {shipped.fill.guidance:g}, {registry.work_resolution(shipped.fill.resolution)} px): "
          f"{sd_how}; {rounds.note}." if tiny_dir is None else
-         f"tiny set: SD {sd_how} at {p.fill.resolution} px; a smoke run, the ratio means nothing."),
+         f"tiny set: SD {sd_how} at {registry.work_resolution(p.fill.resolution)} px; a smoke run, the ratio means nothing."),
     ]
     return {"benchmark": "fill", "context": context, "cases": cases,
             "ratios": {"sd/lama": {"value": value, "goal": 1.0, "met": value >= 1.0}}}

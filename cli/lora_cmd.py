@@ -290,8 +290,8 @@ def generate_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=500, help="default: settings enhance.steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, max=50.0,
                                              help="default: settings enhance.guidance"),
-    width: Optional[int] = typer.Option(None, "--width", help="default: settings enhance.resolution"),
-    height: Optional[int] = typer.Option(None, "--height", help="default: settings enhance.resolution"),
+    width: Optional[int] = typer.Option(None, "--width", help="default: settings enhance.resolution (auto: the base model's native size)"),
+    height: Optional[int] = typer.Option(None, "--height", help="default: settings enhance.resolution (auto: the base model's native size)"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (default: settings)"),
     sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="few-step LoRA samplers (default: settings "
                                               "enhance.sampler)"),

@@ -54,8 +54,8 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
     ``loras``: checked files (:func:`lora.apply.parse_lora`). ``tag`` defaults to the first LoRA's
     activation tag (from its manifest or kohya metadata).
     ``steps``, ``guidance``, ``negative_prompt`` and the size default to ``settings.enhance``
-    (size: ``resolution`` square). ``sampler``: default ``settings.enhance.sampler``; a few-step
-    sampler (:mod:`pipeline.models.samplers`) adds its acceleration LoRA before ``loras`` and swaps the
+    (size: ``resolution`` square; ``auto``: the base model's native size). ``sampler``: default
+    ``settings.enhance.sampler``; a few-step sampler (:mod:`pipeline.models.samplers`) adds its acceleration LoRA before ``loras`` and swaps the
     scheduler for this call, with its own steps and guidance unless given. Returns one :class:`Generated` per image, in seed order.
     Raises LoraError for a LoRA that does not fit the base model, ValueError for other bad
     arguments, ModelLoadError if the base model cannot load."""
@@ -67,8 +67,10 @@ def generate_images(registry: "ModelRegistry", settings: "Settings", label: str,
                         settings.samplers)
     steps = steps or plan.steps
     guidance = plan.guidance if guidance is None else guidance
-    width = width or enh.resolution
-    height = height or enh.resolution
+    # auto: the base model's native size (SD 1.5 512, SDXL 1024), read from its files.
+    size = None if width and height else registry.work_resolution(enh.resolution, "base")
+    width = width or size
+    height = height or size
     for side, v in (("width", width), ("height", height)):
         if v % 8 or not 32 <= v <= 2048:
             raise ValueError(f"{side} {v} must be a multiple of 8 within 32..2048")

@@ -361,6 +361,40 @@ class DetectSettings(_Strict):
         return self
 
 
+# A diffusion work size: ``auto`` (the default) is the inpaint model's native size, read from its
+# files when the work size is planned (:meth:`pipeline.models.registry.ModelRegistry.work_resolution`),
+# so pointing the inpaint role at an SDXL checkpoint works at 1024 px without touching the sizes.
+AUTO_RESOLUTION = "auto"
+RESOLUTION_RANGE = (64, 2048)
+RESOLUTION_HELP = ("long side of the work size, px (a multiple of 8 within 64..2048), or auto: the inpaint "
+                   "model's native size (SD 1.5 and SD 2 inpainting 512, SDXL 1024)")
+
+
+def check_resolution(v: Any) -> int | str:
+    """A ``resolution`` setting: ``"auto"`` or a whole number of px, a multiple of 8 within
+    :data:`RESOLUTION_RANGE` (a digit string, as a ``--param`` gives it, is taken as its number).
+    Returns ``"auto"`` or the int. Raises ValueError (one message naming both forms)."""
+    if v == AUTO_RESOLUTION:
+        return v
+    if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*", v):
+        v = int(v)
+    elif isinstance(v, float) and v.is_integer():
+        v = int(v)
+    lo, hi = RESOLUTION_RANGE
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"resolution must be auto (the inpaint model's native size) or a number of px, "
+                         f"a multiple of 8 within {lo}..{hi}")
+    if not lo <= v <= hi:
+        raise ValueError(f"resolution must lie within {lo}..{hi} px (or be auto)")
+    if v % 8:
+        raise ValueError("resolution must be a multiple of 8 (or auto)")
+    return v
+
+
+# ``resolution: auto`` or ``resolution: 768`` (see :func:`check_resolution`).
+Resolution = Annotated[Union[int, Literal["auto"]], BeforeValidator(check_resolution)]
+
+
 class EnhanceSettings(_Strict):
     """Restyle or clean up a detected product in place (:mod:`pipeline.ops.enhance`): SD inpainting with
     ControlNet depth on a crop around the product; only the dilated product mask is written back."""
@@ -403,7 +437,7 @@ class EnhanceSettings(_Strict):
     controlnet_scale: float = Field(0.8, ge=0.0, le=5.0)
     mode: Literal["crop", "whole"] = Field("crop", description="crop: product box + margin at `resolution`; "
                                            "whole: the whole photo at its own size (up to whole_max_side)")
-    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the crop mode work size")
+    resolution: Resolution = Field(AUTO_RESOLUTION, description="crop mode: " + RESOLUTION_HELP)
     whole_max_side: int = Field(2048, ge=64, le=8192, multiple_of=8, description="whole mode: longer photos are "
                                 "scaled down to this long side")
     mask_dilation: int = Field(8, ge=0, le=512, description="px the edited region grows beyond the product mask")
@@ -488,7 +522,7 @@ class FillSettings(_Strict):
     strength: float = Field(1.0, ge=0.0, le=1.0, description="sd fill: share of the schedule re-noised")
     prompt: str = Field("", description="sd fill prompt; empty removes best")
     negative_prompt: str = ""
-    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="long side of the SD fill crop")
+    resolution: Resolution = Field(AUTO_RESOLUTION, description="sd fill crop: " + RESOLUTION_HELP)
     crop_margin: float = Field(0.5, ge=0.0, le=4.0, description="context around the hole, share of its box size")
     lama_resolution: int = Field(1024, ge=64, le=4096, multiple_of=8, description="LaMa works on the hole's crop at "
                                  "the photo's own scale up to this long side; larger crops are scaled down to it")
@@ -737,7 +771,7 @@ class BackgroundSettings(_Strict):
     steps: int = Field(30, ge=1, le=500)
     guidance: float = Field(7.0, ge=0.0, le=50.0)
     controlnet: bool = Field(True, description="generate: ControlNet depth keeps the scene's layout")
-    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description="generate: long side of the work size")
+    resolution: Resolution = Field(AUTO_RESOLUTION, description="generate: " + RESOLUTION_HELP)
     loras: list[str | dict[str, Any]] = Field(default_factory=list, description="generate: LoRA files")
     seed: int = 0
 

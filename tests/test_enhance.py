@@ -183,18 +183,18 @@ def test_crop_plan_long_side_multiple_of_8_aspect_kept():
     big[300:700, 400:650] = True  # 250 x 400 product
     region = dilate(big, 8)
     p = EnhanceSettings()
-    crop = plan_work(region, p)
+    crop = plan_work(region, p, 512)  # resolution auto: SD 1.5's native 512, resolved by the registry
     cw, ch = crop.size
     assert max(crop.work_size) == 512 and all(v % 8 == 0 for v in crop.work_size)
     assert crop.work_h == 512 and abs(crop.work_w / crop.work_h - cw / ch) < 8 / 512
     x0, y0, x1, y1 = crop.box
     assert x0 <= 400 - 8 and y0 <= 300 - 8 and x1 >= 650 + 8 and y1 >= 700 + 8  # holds the region
     assert cw < 1024 and ch < 1024  # context margin, not the whole photo
-    whole = plan_work(region, p.model_copy(update={"mode": "whole"}))
+    whole = plan_work(region, p.model_copy(update={"mode": "whole"}), None)
     assert whole.box == (0, 0, 1024, 1024) and whole.work_size == (1024, 1024)
     huge = np.zeros((3000, 4000), bool)
     huge[1000:2000, 1000:2000] = True
-    w2 = plan_work(huge, p.model_copy(update={"mode": "whole"}))
+    w2 = plan_work(huge, p.model_copy(update={"mode": "whole"}), None)
     assert w2.box == (0, 0, 4000, 3000) and w2.work_size == (2048, 1536)
 
 
@@ -295,6 +295,21 @@ def test_same_seed_same_output_other_seed_differs(registry):
     assert a.record["seed"] == 7 and c.record["seed"] == 8
     e = enhance(img, m, "handbag", params(seed=7), registry, prompt="a red {label}")
     assert not (np.asarray(a.image) == np.asarray(e.image)).all() and e.record["prompt"] == "a red handbag"
+
+
+def test_auto_resolution_is_the_inpaint_models_native_size_and_bit_identical_to_it(registry, tiny_settings):
+    # The tiny SD 1.5 inpaint model's native size: UNet sample_size 32 x the tiny VAE's downscale 2.
+    assert registry.native_resolution("inpaint") == 64
+    assert tiny_settings.enhance.resolution == "auto"  # the tiny settings rely on it
+    img, m = scene()
+    auto = enhance(img, m, "handbag", params(resolution="auto"), registry)
+    fixed = enhance(img, m, "handbag", params(resolution=64), registry)
+    assert np.array_equal(np.asarray(auto.image), np.asarray(fixed.image))
+    assert auto.record["resolution"] == fixed.record["resolution"] == 64
+    assert auto.record["params"]["resolution"] == "auto" and auto.record["crop"] == fixed.record["crop"]
+    # an explicit size wins over the native one
+    big = enhance(img, m, "handbag", params(resolution=96), registry)
+    assert big.record["resolution"] == 96 and max(big.record["crop"]["work_size"]) == 96
 
 
 def test_depth_conditions_the_controlnet(tiny_settings, monkeypatch):

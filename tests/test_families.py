@@ -88,8 +88,54 @@ def test_registry_loads_the_family_pipeline_with_every_text_encoder(fam_dir, fam
     assert reg.verify("controlnet_depth")["class"] == "ControlNetModel"
     v = reg.verify("inpaint")
     assert v["class"] == cls and v["family"] == family
-    # the tiny settings work at 64 px: verify points at the family's native size
-    assert f"works natively at {1024 if family == 'sdxl' else 512} px" in v["note"]
+    # the tiny families' toy native sizes (UNet sample_size x the VAE's downscale): SDXL's is twice
+    # SD's, as for the real models; the tiny settings leave every size at auto, so nothing to note
+    assert v["native_resolution"] == NATIVE[family] and "note" not in v
+
+
+NATIVE = {"sd15": 64, "sd2": 64, "sdxl": 128}  # the tiny sets' native work sizes
+
+
+def test_native_resolution_is_read_from_the_checkpoint_configs():
+    from pipeline.models.families import FAMILIES, native_resolution
+
+    vae = {"block_out_channels": [128, 256, 512, 512]}  # the SD VAE: downscale 8
+    assert native_resolution({"sample_size": 64}, vae, FAMILIES["sd15"]) == 512  # SD 1.5, SD 2 inpainting
+    assert native_resolution({"sample_size": 96}, vae, FAMILIES["sd2"]) == 768  # SD 2.x 768-v
+    assert native_resolution({"sample_size": 128}, vae, FAMILIES["sdxl"]) == 1024  # SDXL (inpainting 0.1)
+    assert native_resolution({}, vae, FAMILIES["sdxl"]) == 1024  # no sample_size: the family's usual size
+
+
+@pytest.mark.parametrize("preset", ["sd2", "sdxl"])
+def test_presets_leave_the_work_sizes_to_the_checkpoint(preset):
+    from pathlib import Path
+
+    from pipeline.settings import load_settings
+
+    s = load_settings(Path(__file__).resolve().parents[1] / "conf" / "presets" / f"{preset}.yaml")
+    assert (s.enhance.resolution, s.displace.fill.resolution, s.rotate.fill.resolution,
+            s.background.resolution) == ("auto",) * 4
+
+
+def test_verify_notes_only_explicit_sizes_that_differ_from_the_native_one(fam_dir, tmp_path):
+    data = yaml.safe_load(open(_cfg(fam_dir, "sdxl")))
+    data["root"] = str(fam_dir)
+    data["enhance"]["resolution"] = 64  # differs from the tiny SDXL's 128
+    data["displace"]["fill"]["resolution"] = 128  # the native size: nothing to say
+    data["background"] = {"resolution": "auto"}
+    cfg = tmp_path / "sizes.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["config", "check", "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["models", "verify", "--config", str(cfg), "--role", "inpaint"], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "SDXL checkpoint works natively at 128 px; set explicitly: enhance.resolution 64" in out
+    assert "displace.fill.resolution" not in out and "rotate.fill.resolution" not in out
+    data["enhance"]["resolution"] = "huge"
+    cfg.write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["config", "check", "--config", str(cfg)])
+    assert r.exit_code == 2 and "enhance.resolution" in r.output and "auto" in r.output, r.output
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
@@ -106,6 +152,9 @@ def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_pa
     rec = json.loads((tmp_path / "e" / "p-enhance.json").read_text())["actions"][0]["record"]
     want = "StableDiffusionXLControlNetInpaintPipeline" if family == "sdxl" else "StableDiffusionControlNetInpaintPipeline"
     assert rec["pipeline"] == want and rec["family"] == family and rec["controlnet"] is True
+    # the settings set no size: the crop works at the checkpoint's native one
+    assert rec["params"]["resolution"] == "auto" and rec["resolution"] == NATIVE[family]
+    assert max(rec["crop"]["work_size"]) == NATIVE[family]
 
     r = runner.invoke(app, ["edit", "displace", str(tmp_path / "p.png"), "--class", "handbag", "--x", "40",
                             "--mask", str(tmp_path / "m.png"), "--fill", "sd", "--param", "fill.recheck=false",
@@ -117,6 +166,56 @@ def test_enhance_and_sd_displace_on_family_keep_background_exact(fam_dir, tmp_pa
     assert np.array_equal(res[30:66, 60:96], src[30:66, 20:56])  # the product, moved, exact
     fill = json.loads((tmp_path / "d" / "p-displace.json").read_text())["actions"][0]["record"]["fill"]
     assert fill["used"] == "sd" and fill["tries"][0]["fill"]["backend"] == "sd"
+    assert fill["tries"][0]["fill"]["resolution"] == NATIVE[family]
+    assert max(fill["tries"][0]["fill"]["crop"]["work_size"]) == NATIVE[family]
+
+
+def test_sdxl_settings_without_sizes_work_at_its_native_size_and_an_explicit_one_wins(fam_dir, tmp_path):
+    """A settings file that only points the diffusion roles at SDXL checkpoints (no resolution
+    anywhere): enhance and background generate work at the SDXL model's native size; a size set
+    in the file or by the action wins."""
+    src = _scene(tmp_path)
+    data = yaml.safe_load(open(_cfg(fam_dir, "sdxl")))
+    data["root"] = str(fam_dir)
+    for section in (data["enhance"], data["displace"]["fill"], data.get("rotate", {}).get("fill", {}),
+                    data.get("background", {})):
+        assert "resolution" not in section
+    cfg = tmp_path / "plain.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+
+    def enhance_rec(out: str, *extra: str) -> dict:
+        r = runner.invoke(app, ["edit", "enhance", str(tmp_path / "p.png"), "--class", "handbag", "--mask",
+                                str(tmp_path / "m.png"), "--out", str(tmp_path / out), "--config", str(cfg), *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads((tmp_path / out / "p-enhance.json").read_text())["actions"][0]["record"]
+
+    rec = enhance_rec("auto", "--param", "controlnet=false")
+    assert rec["family"] == "sdxl" and rec["resolution"] == 128 and max(rec["crop"]["work_size"]) == 128
+    rec = enhance_rec("param", "--param", "controlnet=false", "--param", "resolution=64")
+    assert rec["resolution"] == 64 and max(rec["crop"]["work_size"]) == 64
+    data["enhance"]["resolution"] = 96
+    cfg.write_text(yaml.safe_dump(data))
+    rec = enhance_rec("file", "--param", "controlnet=false")
+    assert rec["resolution"] == 96 and rec["params"]["resolution"] == 96
+
+    from edit_helpers import run_action
+    from pipeline.models.registry import ModelRegistry
+    from pipeline.settings import load_settings
+
+    settings = load_settings(cfg)
+    reg = ModelRegistry(settings)
+    img = Image.fromarray(src)
+    mask = np.zeros(src.shape[:2], bool)
+    mask[30:66, 20:56] = True
+    # a 128x96 photo, capped at the native 128 px: works at its own size
+    edit = run_action("background", img, mask, "handbag", {"mode": "generate", "steps": 2, "controlnet": False},
+                      settings, reg)
+    gen = edit.record["generate"]
+    assert gen["resolution"] == 128 and gen["crop"]["work_size"] == [128, 96]
+    assert np.array_equal(np.asarray(edit.image)[mask], src[mask])
+    edit = run_action("background", img, mask, "handbag", {"mode": "generate", "steps": 2, "controlnet": False,
+                                                           "resolution": 64}, settings, reg)
+    assert edit.record["generate"]["resolution"] == 64 and edit.record["generate"]["crop"]["work_size"] == [64, 48]
 
 
 def test_rotate_with_sdxl_fill(fam_dir, tmp_path):
@@ -131,6 +230,7 @@ def test_rotate_with_sdxl_fill(fam_dir, tmp_path):
     assert np.array_equal(res[~edit], src[~edit])
     rec = json.loads((tmp_path / "r" / "p-rotate.json").read_text())["actions"][0]["record"]
     assert rec["fill"]["used"] == "sd" and rec["fill"]["tries"][0]["fill"]["backend"] == "sd"
+    assert rec["fill"]["tries"][0]["fill"]["resolution"] == NATIVE["sdxl"]
     assert rec["models"]["inpaint"]["source"].endswith("sdxl/inpaint")
 
 

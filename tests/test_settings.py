@@ -68,6 +68,9 @@ def test_relative_paths_resolve_against_root_next_to_file(tmp_path):
         ("detect:\n  classes:\n    - {name: bag}\n    - {name: bag}\n", "detect", "unique", 1),
         ("detect:\n  classes:\n    - {name: 'b@g'}\n", "detect.classes.0.name", "letters", 3),
         ("enhance:\n  resolution: 500\n", "enhance.resolution", "multiple of 8", 2),
+        ("enhance:\n  resolution: big\n", "enhance.resolution", "auto", 2),
+        ("background:\n  resolution: 4096\n", "background.resolution", "64..2048", 2),
+        ("rotate:\n  fill:\n    resolution: true\n", "rotate.fill.resolution", "auto", 3),
         ("limits: {max_pixels: -1}\n", "limits.max_pixels", "greater than 0", 1),
     ],
 )
@@ -170,6 +173,23 @@ def test_bad_nested_fill_field_names_file_line_and_field(tmp_path, text, field, 
         load_settings(p)
     assert [(f, n) for f, _, n in ei.value.problems] == [(field, line)]
     assert f"{p}:{line}: {field}: " in str(ei.value)
+
+
+def test_resolutions_default_to_auto_and_an_explicit_size_is_kept(tmp_path):
+    s = load_settings(write(tmp_path, ""))
+    assert (s.enhance.resolution, s.displace.fill.resolution, s.rotate.fill.resolution,
+            s.background.resolution) == ("auto",) * 4
+    assert load_settings(REPO / "conf" / "settings.yaml").background == Settings().background
+    s = load_settings(write(tmp_path, "enhance: {resolution: 768}\ndisplace: {fill: {resolution: auto}}\n"
+                                      "rotate: {fill: {resolution: 640}}\nbackground: {resolution: '1024'}\n"))
+    assert (s.enhance.resolution, s.displace.fill.resolution, s.rotate.fill.resolution,
+            s.background.resolution) == (768, "auto", 640, 1024)
+    from pipeline.ops.actions import parse_action
+
+    a = parse_action("enhance", {"resolution": "auto"}, s)  # an action may go back to auto
+    assert a.params.settings.resolution == "auto"
+    a = parse_action("displace", {"x": 5, "fill.resolution": 256}, s)
+    assert a.params.settings.fill.resolution == 256
 
 
 def test_action_overrides_reach_the_fill():

@@ -8,6 +8,10 @@ The family is read from the files, never guessed from a repo name:
   and size/crop time ids), SD 2.x ``use_linear_projection: true`` (OpenCLIP-H text encoder,
   1024-wide cross attention), SD 1.x neither (CLIP ViT-L, 768-wide).
 
+A checkpoint's native work size (:func:`native_resolution`) comes from its files too: the UNet's
+``sample_size`` times the VAE's downscale, as diffusers' pipelines default their height and width.
+The ``resolution: auto`` settings resolve to it (:meth:`pipeline.models.registry.ModelRegistry.work_resolution`).
+
 A ControlNet or LoRA made for another family fails in the middle of a generation with a matrix
 shape error; :func:`check_controlnet` and :func:`check_lora` refuse it when it is loaded, naming
 both sides (``controlnet cross_attention_dim 768 (sd15) vs inpaint 2048 (sdxl)``).
@@ -25,7 +29,7 @@ from typing import Any
 from pipeline.errors import ModelLoadError
 
 __all__ = ["FAMILIES", "Family", "check_controlnet", "check_lora", "family_of_config", "family_of_dir",
-           "lora_family_facts", "read_unet_config"]
+           "lora_family_facts", "native_resolution", "read_unet_config", "read_vae_config"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Family:
     base: str  # text-to-image pipeline class (role ``base``, LoRA training)
     inpaint: str  # inpainting pipeline class (role ``inpaint``)
     controlnet_inpaint: str  # ControlNet-inpaint pipeline class (enhance with controlnet: true)
-    resolution: int  # the model's native work size (long side)
+    resolution: int  # the family's usual native work size (long side); a checkpoint's own: native_resolution
     components: tuple[str, ...]  # loaded subfolders of the diffusers layout
 
     @property
@@ -71,6 +75,26 @@ def family_of_config(cfg: dict[str, Any], class_name: str = "") -> Family:
 def read_unet_config(loc: Path) -> dict[str, Any]:
     """``loc/unet/config.json`` of a diffusers pipeline folder. Raises FileNotFoundError/ValueError."""
     return json.loads((Path(loc) / "unet" / "config.json").read_text())
+
+
+def read_vae_config(loc: Path) -> dict[str, Any]:
+    """``loc/vae/config.json`` of a diffusers pipeline folder. Raises FileNotFoundError/ValueError."""
+    return json.loads((Path(loc) / "vae" / "config.json").read_text())
+
+
+def native_resolution(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], family: Family) -> int:
+    """The long side, px, a checkpoint was trained at: the UNet's ``sample_size`` (latent px) times
+    the VAE's downscale ``2 ** (len(block_out_channels) - 1)``, the rule diffusers' SD pipelines use
+    for their default height and width (SD 1.5 and SD 2 inpainting: 64 x 8 = 512; SDXL: 128 x 8 =
+    1024; SD 2.x 768-v: 96 x 8 = 768). ``family.resolution`` when a config lacks either field."""
+    sample = unet_cfg.get("sample_size")
+    if isinstance(sample, (list, tuple)) and sample:
+        sample = max(sample)
+    blocks = vae_cfg.get("block_out_channels")
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0 \
+            or not isinstance(blocks, (list, tuple)) or not blocks:
+        return family.resolution
+    return int(sample) * 2 ** (len(blocks) - 1)
 
 
 def family_of_dir(loc: Path) -> tuple[Family, str, dict[str, Any]]:

@@ -35,12 +35,13 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 from pipeline.errors import ModelLoadError
 from pipeline.io.hashing import file_sha256
 from pipeline.io.imageio import atomic_path
-from pipeline.settings import ROLES, ModelSource, Settings
+from pipeline.settings import AUTO_RESOLUTION, ROLES, ModelSource, Settings
 from pipeline.models.allocator import keep_freed_memory
 from pipeline.models.hub import (KNOWN_SHA256, LockEntry, LockFileError, cached_commit, fetch_plan,
                                  hub_cache_dir, plan_role, read_lock, snapshot_dir, write_lock_entry)
 from pipeline.models.lora_weights import LoraAdapters, load_spec
-from pipeline.models.families import check_controlnet, check_lora, family_of_dir, read_unet_config
+from pipeline.models.families import (check_controlnet, check_lora, family_of_config, family_of_dir, native_resolution,
+                                      read_unet_config, read_vae_config)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -878,6 +879,32 @@ class ModelRegistry:
             raise ModelLoadError(role, self.source(role).describe(), f"cannot read its model_index.json / "
                                  f"unet/config.json: {e}") from None
 
+    def native_resolution(self, role: str = "inpaint") -> int:
+        """The long side, px, the diffusers SD ``role`` (``inpaint`` or ``base``) works at natively
+        (:func:`pipeline.models.families.native_resolution`: UNet ``sample_size`` x the VAE's
+        downscale). Read from the loaded pipeline when the role is loaded (or was :meth:`put`),
+        else from its files without loading it. Raises ModelLoadError."""
+        obj = self._cache.get(role)
+        if obj is not None and hasattr(obj, "unet") and hasattr(obj, "vae"):
+            unet_cfg = dict(obj.unet.config)
+            return native_resolution(unet_cfg, dict(obj.vae.config), family_of_config(unet_cfg, type(obj).__name__))
+        loc = self.locate(role)
+        try:
+            fam, _, unet_cfg = family_of_dir(loc)
+            vae_cfg = read_vae_config(loc)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(role, self.source(role).describe(), f"cannot read its model_index.json / "
+                                 f"unet/config.json / vae/config.json: {e}") from None
+        return native_resolution(unet_cfg, vae_cfg, fam)
+
+    def work_resolution(self, setting: int | str, role: str = "inpaint") -> int:
+        """The work size (long side, px) a ``resolution`` setting means
+        (:data:`pipeline.settings.Resolution`): a number as given, ``auto`` the ``role``'s
+        :meth:`native_resolution` (the files are read only then). Raises ModelLoadError."""
+        if setting == AUTO_RESOLUTION:
+            return self.native_resolution(role)
+        return int(setting)
+
     def _inpaint_unet_config(self) -> tuple[dict[str, Any], str]:
         """(the inpaint role's UNet config, its source) read from disk without loading the role."""
         src = self.source("inpaint").describe()
@@ -1023,16 +1050,20 @@ class ModelRegistry:
         if role in ("inpaint", "base"):
             fam = self.family(role)
             extra["family"] = fam.name
+            native = self.native_resolution(role)
+            extra["native_resolution"] = native
             if role == "inpaint":
-                # The family's native size vs the configured work sizes (the presets set them).
+                # The sizes left at auto work at the native size; only explicit ones that differ
+                # are worth a word.
                 st = self.settings
                 sizes = {"enhance.resolution": st.enhance.resolution,
                          "displace.fill.resolution": st.displace.fill.resolution,
-                         "rotate.fill.resolution": st.rotate.fill.resolution}
-                off = [f"{k} {v}" for k, v in sizes.items() if v != fam.resolution]
+                         "rotate.fill.resolution": st.rotate.fill.resolution,
+                         "background.resolution": st.background.resolution}
+                off = [f"{k} {v}" for k, v in sizes.items() if v != AUTO_RESOLUTION and v != native]
                 if off:
-                    extra["note"] = (f"{fam.title} works natively at {fam.resolution} px; configured: "
-                                     f"{', '.join(off)} (see conf/presets/)")
+                    extra["note"] = (f"{fam.title} checkpoint works natively at {native} px; set explicitly: "
+                                     f"{', '.join(off)} (auto, the default, uses the native size)")
         return {**extra,
             "role": role,
             "class": type(getattr(obj, "model", obj)).__name__,

@@ -167,6 +167,13 @@ def _family_unet_kwargs(family: str) -> dict[str, Any]:
     raise ValueError(f"unknown Stable Diffusion family {family!r} (one of: {', '.join(FAMILY_NAMES)})")
 
 
+def _family_sample_size(family: str) -> int:
+    """The tiny UNet's ``sample_size`` (latent px): times the tiny VAE's downscale of 2 this is the
+    family's toy native size (pipeline.models.families.native_resolution), 64 px, and 128 px for
+    SDXL, twice SD 1.x's as for the real models (1024 vs 512), so ``resolution: auto`` picks it."""
+    return 64 if family == "sdxl" else 32
+
+
 def _sd_components(unet_in: int, cross_dim: int = CROSS_DIM, family: str = "sd15"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -175,7 +182,8 @@ def _sd_components(unet_in: int, cross_dim: int = CROSS_DIM, family: str = "sd15
     if family == "sd15":
         kw["cross_attention_dim"] = cross_dim
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=unet_in, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=_family_sample_size(family), in_channels=unet_in,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=8, norm_num_groups=32, **kw,
     )
@@ -663,9 +671,10 @@ def tiny_settings_dict(out: Path, family: str = "sd15", nested: bool = False) ->
         },
         "samplers": {"lcm": {"steps": 2, "guidance": 1.0}, "tcd": {"steps": 2, "guidance": 0.0, "eta": 0.3},
                      "hyper": {"steps": 2, "guidance": 0.0}},
-        "enhance": {"steps": 2, "resolution": 64},
-        "displace": {"fill": {"steps": 2, "resolution": 64}},
-        "rotate": {"steps": 2, "view_size": 64, "fill": {"resolution": 64}},
+        # The diffusion work sizes stay at auto: the family's toy native size (64 px; SDXL 128).
+        "enhance": {"steps": 2},
+        "displace": {"fill": {"steps": 2}},
+        "rotate": {"steps": 2, "view_size": 64},
     }
 
 

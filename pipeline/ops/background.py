@@ -233,8 +233,10 @@ def _generate(image: Image.Image, m: np.ndarray, label: str, s: BackgroundSettin
     if registry is None:
         raise ValueError("background generate needs a model registry (roles inpaint, controlnet_depth, depth)")
     base = settings.enhance if settings is not None else EnhanceSettings()
+    # auto: the inpaint model's native size (SD 1.5 512, SDXL 1024), read from its files.
+    resolution = registry.work_resolution(s.resolution)
     params = base.model_copy(update=dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, strength=1.0, controlnet=s.controlnet,
-                                         mode="whole", whole_max_side=s.resolution, mask_dilation=0, mask_feather=0,
+                                         mode="whole", whole_max_side=resolution, mask_dilation=0, mask_feather=0,
                                          negative_prompt=s.negative_prompt, seed=s.seed, classes={}))
     bases = (None, getattr(settings, "base_dir", None))
     try:
@@ -245,6 +247,7 @@ def _generate(image: Image.Image, m: np.ndarray, label: str, s: BackgroundSettin
     gen = np.asarray(edit.image).copy()
     rec = {k: edit.record[k] for k in ("prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "controlnet",
                                        "pipeline", "crop", "loras", "models", "runtime", "timings")}
+    rec["resolution"] = resolution
     return gen, rec
 
 

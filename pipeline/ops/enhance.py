@@ -5,8 +5,10 @@ Steps for one product (image PIL RGB, mask HxW bool at full resolution):
 1. **Region**: the product mask dilated by ``mask_dilation`` px. It is ``Edit.edit_mask``: every
    pixel outside it is bit-identical to the input.
 2. **Work crop** (``mode: crop``): the region's box plus ``crop_margin`` x its size of context,
-   resized so the long side is ``resolution`` (512 for SD 1.5; both sides multiples of 8, aspect
-   kept; :func:`pipeline.ops.inpaint.plan_crop`). The cost depends on the product, not the photo.
+   resized so the long side is ``resolution`` (``auto``, the default: the inpaint model's native
+   size, 512 for SD 1.5, 1024 for SDXL; :meth:`pipeline.models.registry.ModelRegistry.work_resolution`)
+   with both sides multiples of 8 and the aspect kept (:func:`pipeline.ops.inpaint.plan_crop`). The
+   cost depends on the product, not the photo.
    ``mode: whole`` uses the whole photo at its own size instead (long side capped at
    ``whole_max_side``).
 3. **Depth** (``controlnet: true``): :func:`pipeline.ops.depth.depth_map` of the work crop (near =
@@ -123,15 +125,19 @@ def class_loras(params: EnhanceSettings, label: str, base_dir: str | Path | None
     return [parse_lora(t, bases=(base_dir,)) for t in style.loras]
 
 
-def plan_work(region: np.ndarray, params: EnhanceSettings) -> CropBox:
-    """The part of the image the model sees and its work size (see the module docstring)."""
+def plan_work(region: np.ndarray, params: EnhanceSettings, resolution: int | None) -> CropBox:
+    """The part of the image the model sees and its work size (see the module docstring).
+    ``resolution``: the crop mode's long side, px: ``params.resolution`` resolved
+    (:meth:`pipeline.models.registry.ModelRegistry.work_resolution`); whole mode ignores it."""
     H, W = region.shape
     if params.mode == "whole":
         long_side = max(W, H)
         res = min(params.whole_max_side, max(64, long_side - long_side % 8))
         return plan_crop((0, 0, W, H), (W, H), margin=0.0, resolution=res)
+    if resolution is None:
+        raise ValueError("enhance mode crop needs the work resolution (ModelRegistry.work_resolution)")
     box = bbox(region)
-    return plan_crop(box, (W, H), margin=params.crop_margin, resolution=params.resolution)
+    return plan_crop(box, (W, H), margin=params.crop_margin, resolution=resolution)
 
 
 def _check_args(image: Image.Image, mask: np.ndarray, params: EnhanceSettings, seed: Any) -> np.ndarray:
@@ -235,7 +241,9 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
 
     W, H = image.size
     region = dilate(m, params.mask_dilation)
-    crop = plan_work(region, params)
+    # auto: the inpaint model's native size, read from its files (the model is not loaded for it).
+    resolution = registry.work_resolution(params.resolution) if params.mode == "crop" else None
+    crop = plan_work(region, params, resolution)
     timings: dict[str, float] = {}
 
     # -- models from here on -----------------------------------------------------------------------
@@ -292,7 +300,7 @@ def enhance(image: Image.Image, mask: np.ndarray, label: str, params: EnhanceSet
         "seed": seed, "steps": plan.steps, "guidance": plan.guidance, "strength": params.strength,
         "sampler": sampler_rec,
         "controlnet": params.controlnet, "controlnet_scale": params.controlnet_scale if params.controlnet else None,
-        "pipeline": type(pipe).__name__, "family": _family_name(pipe), "crop": crop.to_record(), "resolution": params.resolution,
+        "pipeline": type(pipe).__name__, "family": _family_name(pipe), "crop": crop.to_record(), "resolution": resolution,
         "mask_dilation": params.mask_dilation, "mask_feather": params.mask_feather,
         "mask_pixels": int(m.sum()), "edit_pixels": int(region.sum()),
         "loras": lora_records, "models": provenance, "runtime": _runtime_record(registry, pipe),

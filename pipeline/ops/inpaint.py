@@ -11,9 +11,10 @@ Three backends:
   wrapper calls it: ``model(image, mask)`` with image float32 ``Bx3xHxW`` RGB in [0, 1] and mask
   float32 ``Bx1xHxW`` in {0, 1} (1 = fill), returning ``Bx3xHxW`` RGB in [0, 1].
 * ``"sd"``: the registry's ``inpaint`` role (a diffusers ``StableDiffusionInpaintPipeline``) run
-  on a crop around the hole (mask box + context margin), resized so its long side equals the
-  model resolution with both sides multiples of 8 and the aspect ratio kept (the crop is widened
-  rather than the content stretched). Seeded with a CPU ``torch.Generator`` so a seed gives the
+  on a crop around the hole (mask box + context margin), resized so its long side equals
+  ``resolution`` (``auto``: the inpaint model's native size, 512 for SD 1.5, 1024 for SDXL) with
+  both sides multiples of 8 and the aspect ratio kept (the crop is widened rather than the
+  content stretched). Seeded with a CPU ``torch.Generator`` so a seed gives the
   same noise on every device. Removal defaults (empty prompt, guidance ~2, strength 1.0, a mask
   dilated by ~20 px) come from the callers' settings.
 * ``"classical"``: OpenCV's ``cv2.inpaint``, no weights; also the callers' fallback. Navier-Stokes
@@ -310,7 +311,9 @@ def fill(image: Image.Image, mask: np.ndarray, settings: FillSettings, registry:
     else:
         if registry is None:
             raise ValueError("the 'sd' fill backend needs a model registry (role 'inpaint')")
-        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=s.resolution)
+        # auto: the inpaint model's native size (SD 1.5 512, SDXL 1024), read from its files.
+        resolution = registry.work_resolution(s.resolution)
+        crop = plan_crop(bbox(hole), (W, H), margin=crop_margin, resolution=resolution)
         # The inpaint role's UNet is shared with enhance, which switches LoRA adapters on it for
         # one generation: its lock keeps this fill from ever running with them on.
         plan = plan_sampler(s.sampler, s.steps, s.guidance, registry.settings.samplers)
@@ -324,7 +327,7 @@ def fill(image: Image.Image, mask: np.ndarray, settings: FillSettings, registry:
         crop.crop_array(generated)[...] = np.asarray(crop.from_work(work))
         srec.pop("loras", None)
         rec.update(seed=int(seed), steps=int(plan.steps), guidance=float(plan.guidance), strength=float(s.strength),
-                   sampler=srec, prompt=s.prompt, negative_prompt=s.negative_prompt, resolution=int(s.resolution),
+                   sampler=srec, prompt=s.prompt, negative_prompt=s.negative_prompt, resolution=resolution,
                    crop_margin=float(crop_margin), crop=crop.to_record())
     blend = max(0, min(int(s.blend), int(dilation)))
     alpha = inner_feather_alpha(hole, blend, core=m)

@@ -50,6 +50,7 @@ def _photo(tmp_path: Path) -> Path:
     ("clipseg", None, "clipseg"),
     ("sam3", None, "sam3"),
     ("guided", "sam_hf", "sam"),
+    ("guided", "sam_hq_hf", "sam"),
     ("grounded", "sam2_hf", "grounding"),
     pytest.param("guided", "edgetam_hf", "sam", marks=pytest.mark.skipif(
         importlib.util.find_spec("timm") is None, reason="EdgeTAM needs timm (the edgetam extra)")),
@@ -137,7 +138,7 @@ def test_sam3_vision_features_once_for_all_classes(tiny_settings, monkeypatch):
     assert calls == {"vision": 1, "decode": 2}  # two classes
 
 
-@pytest.mark.parametrize("family", ["sam_hf", "sam2_hf", pytest.param("edgetam_hf", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("family", ["sam_hf", "sam_hq_hf", "sam2_hf", pytest.param("edgetam_hf", marks=pytest.mark.skipif(
     importlib.util.find_spec("timm") is None, reason="EdgeTAM needs timm (the edgetam extra)"))])
 def test_transformers_segmenter_contract(tiny_settings, tiny_dir, family):
     """The sam role from a transformers repo: chosen by config.json, embedding once per image,
@@ -148,8 +149,9 @@ def test_transformers_segmenter_contract(tiny_settings, tiny_dir, family):
     registry = ModelRegistry(s)
     bundle = registry.get("sam")
     assert isinstance(bundle, HFSamBundle)
-    assert bundle.family == {"sam_hf": "sam", "sam2_hf": "sam2", "edgetam_hf": "edgetam"}[family]
-    assert registry.verify("sam")["class"] == {"sam_hf": "SamModel", "sam2_hf": "Sam2Model",
+    assert bundle.family == {"sam_hf": "sam", "sam_hq_hf": "sam_hq", "sam2_hf": "sam2",
+                             "edgetam_hf": "edgetam"}[family]
+    assert registry.verify("sam")["class"] == {"sam_hf": "SamModel", "sam_hq_hf": "SamHQModel", "sam2_hf": "Sam2Model",
                                                "edgetam_hf": "EdgeTamModel"}[family]
     det = Detector(registry, s.detect)
     assert isinstance(det.proposer, HFSamProposer)

@@ -192,23 +192,19 @@ class SamBundle:
 # config.json model_type of the transformers segmenters the ``sam`` role accepts, and the image model
 # class each loads into. The published SAM 2.1 and EdgeTAM repos (facebook/sam2.1-hiera-*,
 # facebook/EdgeTAM) are saved from the video models (``sam2_video``, ``edgetam_video``); their image
-# models load from them, dropping the video memory weights (transformers' own ignore list). SAM-HQ's
-# decoder needs the encoder's intermediate embeddings besides the image embedding (another
-# contract): refused with that reason (see HF_SAM_REFUSED). EdgeTAM's RepViT backbone needs ``timm``
-# (the ``edgetam`` extra).
-HF_SAM_CLASSES = {"sam": "SamModel", "sam2": "Sam2Model", "sam2_video": "Sam2Model",
+# models load from them, dropping the video memory weights (transformers' own ignore list). SAM-HQ
+# (syscv-community/sam-hq-vit-*) decodes with the encoder's intermediate embeddings as well as the
+# image embedding; the proposer keeps both. EdgeTAM's RepViT backbone needs ``timm`` (the
+# ``edgetam`` extra).
+HF_SAM_CLASSES = {"sam": "SamModel", "sam_hq": "SamHQModel", "sam2": "Sam2Model", "sam2_video": "Sam2Model",
                   "edgetam": "EdgeTamModel", "edgetam_video": "EdgeTamModel"}
 HF_SAM_TYPES = tuple(HF_SAM_CLASSES)
-HF_SAM_REFUSED = {
-    "sam_hq": "SAM-HQ's mask decoder needs the encoder's intermediate embeddings per prompt batch; "
-              "not supported as the `sam` role yet",
-}
 
 
 @dataclass
 class HFSamBundle:
     """A transformers SAM-family model (eval, float32) and its processor; ``family`` is the
-    config's model_type (sam | sam2 | edgetam)."""
+    config's model_type (sam | sam_hq | sam2 | edgetam)."""
 
     model: Any
     processor: Any
@@ -802,14 +798,11 @@ class ModelRegistry:
 
     def _load_sam_hf(self, loc: Path) -> Any:
         """A transformers SAM-family repo as the ``sam`` role: the class its config.json's model_type
-        names (SamModel, Sam2Model, EdgeTamModel), float32 like segment-anything's SAM."""
+        names (SamModel, SamHQModel, Sam2Model, EdgeTamModel), float32 like segment-anything's SAM."""
         import torch
         import transformers
 
         family = hf_model_type(loc)
-        if family in HF_SAM_REFUSED:
-            raise ModelLoadError("sam", str(loc), f"model_type {family}: {HF_SAM_REFUSED[family]}",
-                                 "use a SAM, SAM 2.1 or EdgeTAM repo, or a segment-anything checkpoint")
         if family not in HF_SAM_TYPES:
             raise ModelLoadError("sam", str(loc), f"config.json model_type {family!r} is not a SAM-family segmenter "
                                  f"({', '.join(HF_SAM_TYPES)})", "point models.sam at a SAM-family repo")

@@ -573,6 +573,25 @@ def make_sam_hf(out: Path) -> None:
                                                    pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
 
 
+def make_sam_hq_hf(out: Path) -> None:
+    """transformers SamHQModel + SamHQProcessor, the layout of syscv-community/sam-hq-vit-base (SAM
+    with the HQ output token, fed the encoder's intermediate embeddings)."""
+    from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamImageProcessor
+
+    cfg = SamHQConfig(
+        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SAM_IMAGE, patch_size=16, window_size=4, global_attn_indexes=[1],
+                           mlp_dim=64, num_pos_feats=16),
+        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32, vit_dim=32),
+    )
+    _seeded(25)
+    SamHQModel(cfg).save_pretrained(out)
+    SamHQProcessor(image_processor=SamImageProcessor(size={"longest_edge": SAM_IMAGE},
+                                                     pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+
+
 def make_sam2_hf(out: Path) -> None:
     """transformers Sam2Model + Sam2Processor, the layout of facebook/sam2.1-hiera-tiny (Hiera
     backbone, squashed square input)."""
@@ -672,7 +691,8 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
 # ``grounding`` role as Grounding DINO instead of OWLv2. An alternative whose package is missing
 # (EdgeTAM without ``timm``, the ``edgetam`` extra) is left out of the set.
 ALTERNATIVES: dict[str, list[tuple[str, Callable[[Path], None]]]] = {
-    "sam": [("sam_hf", make_sam_hf), ("sam2_hf", make_sam2_hf), ("edgetam_hf", make_edgetam_hf)],
+    "sam": [("sam_hf", make_sam_hf), ("sam_hq_hf", make_sam_hq_hf), ("sam2_hf", make_sam2_hf),
+            ("edgetam_hf", make_edgetam_hf)],
     "grounding": [("grounding_dino", make_grounding_dino)],
 }
 ALTERNATIVE_NEEDS = {"edgetam_hf": "timm"}

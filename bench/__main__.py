@@ -28,6 +28,16 @@ def _repeats(text: str) -> int:
     return n
 
 
+def _front(text: str) -> str:
+    from bench.detect import select_front_cases
+
+    try:
+        select_front_cases(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _images(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -56,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--images", type=_images, default=None, metavar="N",
                     help="images per kind for warm (default 4 product and 40 no-product images; 2 and 12 with "
                          "--quick) and for daemon (default 200; 100 with --quick)")
+    ap.add_argument("--points-per-side", type=_repeats, default=None, metavar="N",
+                    help="detect: the baseline's SAM-everything grid (default 32, the seed's 32x32 = 1,024 prompts; "
+                         "fewer understate the baseline, which the report says)")
+    ap.add_argument("--front", type=_front, default=None, metavar="CASES",
+                    help="detect: only these front-end / segmenter cases, comma-separated as the table names them "
+                         "(e.g. guided+edgetam,guided+sam2.1-tiny; 'none' for none; default: all)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                     help="ops: runtime.dtype of the models (default auto: the product's choice, bf16 diffusion "

@@ -105,3 +105,29 @@ def test_cli_quick_and_docs(tmp_path, monkeypatch):
     # A missing section is an error (exit 2), not a silent no-op.
     assert bm.main(["detect", "--tiny", "--quick", "--size", "64x48", "--out", str(tmp_path / "res"),
                     "--docs", "gpu", "--stock-malloc"]) == 2
+
+
+def test_front_case_selection():
+    from bench.detect import front_case_models, select_front_cases
+
+    assert select_front_cases(None) is None and select_front_cases("none") == []
+    assert select_front_cases("guided+edgetam, guided+sam2.1-tiny") == ["guided+edgetam", "guided+sam2.1-tiny"]
+    with pytest.raises(ValueError, match="guided\\+nothing"):
+        select_front_cases("guided+nothing")
+    # only the models the chosen cases use are built (SAM 3 at full size takes minutes)
+    assert front_case_models(["guided+edgetam"]) == {"edgetam"}
+    assert front_case_models(["clipseg+sam2.1-tiny"]) == {"sam2.1-tiny", "clipseg-rd64"}
+
+
+def test_only_the_chosen_front_cases_run(tiny_dir):
+    pytest.importorskip("timm")
+    cases = ["guided+edgetam", "guided+sam2.1-tiny"]
+    r = run_detect(tiny_dir=tiny_dir, repeats=1, size=(96, 64), device="cpu", points_per_side=4,
+                   front_cases=cases, front_warm=False)
+    assert set(r["front_ends"]) == set(cases)  # in the table's order
+    for name in cases:
+        c = r["front_ends"][name]
+        assert "error" not in c, c.get("error")
+        assert c["path"] == "product" and c["median_s"] > 0 and c["detections"] > 0
+        assert c["timings"]["sam_embedding"] > 0
+        assert f"ours_product/{name}" in r["ratios"]

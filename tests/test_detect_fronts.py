@@ -1,6 +1,7 @@
 """Detection front-ends (detect.proposals grounded | clipseg | sam3) and the transformers SAM-family
 segmenter, end to end on the tiny sets (loaded through the registry like real weights)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -49,7 +50,10 @@ def _photo(tmp_path: Path) -> Path:
     ("clipseg", None, "clipseg"),
     ("sam3", None, "sam3"),
     ("guided", "sam_hf", "sam"),
+    ("guided", "sam_hq_hf", "sam"),
     ("grounded", "sam2_hf", "grounding"),
+    pytest.param("guided", "edgetam_hf", "sam", marks=pytest.mark.skipif(
+        importlib.util.find_spec("timm") is None, reason="EdgeTAM needs timm (the edgetam extra)")),
 ])
 def test_cli_detect_each_front_end_writes_masks_and_records(tiny_dir, tmp_path, mode, sam, role):
     cfg = _variant(tiny_dir, tmp_path, sam=sam)
@@ -134,16 +138,21 @@ def test_sam3_vision_features_once_for_all_classes(tiny_settings, monkeypatch):
     assert calls == {"vision": 1, "decode": 2}  # two classes
 
 
-@pytest.mark.parametrize("family", ["sam_hf", "sam2_hf"])
+@pytest.mark.parametrize("family", ["sam_hf", "sam_hq_hf", "sam2_hf", pytest.param("edgetam_hf", marks=pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None, reason="EdgeTAM needs timm (the edgetam extra)"))])
 def test_transformers_segmenter_contract(tiny_settings, tiny_dir, family):
     """The sam role from a transformers repo: chosen by config.json, embedding once per image,
-    prompts decoded in batches, masks at the photo's resolution."""
+    prompts decoded in batches, masks at the photo's resolution. EdgeTAM's repo is a video
+    checkpoint (as facebook/EdgeTAM's): its image model loads from it."""
     s = tiny_settings.model_copy(deep=True)
     s.models.sam = s.models.sam.model_copy(update={"path": tiny_dir / family, "model_type": None})
     registry = ModelRegistry(s)
     bundle = registry.get("sam")
-    assert isinstance(bundle, HFSamBundle) and bundle.family == {"sam_hf": "sam", "sam2_hf": "sam2"}[family]
-    assert registry.verify("sam")["class"] == {"sam_hf": "SamModel", "sam2_hf": "Sam2Model"}[family]
+    assert isinstance(bundle, HFSamBundle)
+    assert bundle.family == {"sam_hf": "sam", "sam_hq_hf": "sam_hq", "sam2_hf": "sam2",
+                             "edgetam_hf": "edgetam"}[family]
+    assert registry.verify("sam")["class"] == {"sam_hf": "SamModel", "sam_hq_hf": "SamHQModel", "sam2_hf": "Sam2Model",
+                                               "edgetam_hf": "EdgeTamModel"}[family]
     det = Detector(registry, s.detect)
     assert isinstance(det.proposer, HFSamProposer)
     calls = []

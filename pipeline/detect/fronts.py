@@ -3,7 +3,7 @@ text-grounded proposal modes (``detect.proposals``: ``grounded``, ``clipseg``, `
 
 Room: detect (with :mod:`pipeline.detect.detector`, which owns the decision logic and post-processing).
 
-- :class:`HFSamProposer`: a transformers SAM-family model (``SamModel``, ``Sam2Model``,
+- :class:`HFSamProposer`: a transformers SAM-family model (``SamModel``, ``SamHQModel``, ``Sam2Model``,
   ``EdgeTamModel``) behind the same contract as :class:`pipeline.detect.detector.SamProposer`: the image
   embedding once per image (``set_image``), then point or box prompts decoded in batches, low-res
   logits kept for the exact full-resolution mask later (``full_mask``).
@@ -47,6 +47,7 @@ class HFSamProposer:
         self.mask_threshold = 0.0
         self.original_size: tuple[int, int] = (0, 0)
         self._emb: Any = None
+        self._inter: Any = None  # SAM-HQ: the encoder's intermediate embeddings, used by its HQ decoder
         self._input_hw: tuple[int, int] | None = None  # resized image inside the padded input (SAM)
         self._pad_hw: tuple[int, int] = (0, 0)
 
@@ -73,7 +74,9 @@ class HFSamProposer:
         r = batch.get("reshaped_input_sizes")
         self._input_hw = (int(r[0][0]), int(r[0][1])) if r is not None else None
         with torch.inference_mode():
-            self._emb = self.model.get_image_embeddings(pixel_values=pix)
+            emb = self.model.get_image_embeddings(pixel_values=pix)
+        # SamHQModel returns (image embedding, intermediate embeddings); the others the embedding
+        self._emb, self._inter = emb if isinstance(emb, tuple) else (emb, None)
 
     def _scale_xy(self) -> tuple[float, float]:
         H, W = self.original_size
@@ -81,6 +84,8 @@ class HFSamProposer:
         return w / W, h / H
 
     def _decode(self, **prompts: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+        if self._inter is not None:
+            prompts["intermediate_embeddings"] = self._inter
         out = self.model(image_embeddings=self._emb, **prompts)
         return out.pred_masks[0], out.iou_scores[0]  # [P, M, h, w], [P, M]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -189,20 +190,22 @@ class SamBundle:
     image_size: int
 
 
-# config.json model_type of the transformers segmenters the ``sam`` role accepts. SAM-HQ's decoder
-# needs the encoder's intermediate embeddings besides the image embedding (another contract), and
-# EdgeTAM's RepViT backbone needs timm: both are refused with that reason (see HF_SAM_REFUSED).
-HF_SAM_TYPES = ("sam", "sam2", "edgetam")
-HF_SAM_REFUSED = {
-    "sam_hq": "SAM-HQ's mask decoder needs the encoder's intermediate embeddings per prompt batch; "
-              "not supported as the `sam` role yet",
-}
+# config.json model_type of the transformers segmenters the ``sam`` role accepts, and the image model
+# class each loads into. The published SAM 2.1 and EdgeTAM repos (facebook/sam2.1-hiera-*,
+# facebook/EdgeTAM) are saved from the video models (``sam2_video``, ``edgetam_video``); their image
+# models load from them, dropping the video memory weights (transformers' own ignore list). SAM-HQ
+# (syscv-community/sam-hq-vit-*) decodes with the encoder's intermediate embeddings as well as the
+# image embedding; the proposer keeps both. EdgeTAM's RepViT backbone needs ``timm`` (the
+# ``edgetam`` extra).
+HF_SAM_CLASSES = {"sam": "SamModel", "sam_hq": "SamHQModel", "sam2": "Sam2Model", "sam2_video": "Sam2Model",
+                  "edgetam": "EdgeTamModel", "edgetam_video": "EdgeTamModel"}
+HF_SAM_TYPES = tuple(HF_SAM_CLASSES)
 
 
 @dataclass
 class HFSamBundle:
     """A transformers SAM-family model (eval, float32) and its processor; ``family`` is the
-    config's model_type (sam | sam2 | edgetam)."""
+    config's model_type (sam | sam_hq | sam2 | edgetam)."""
 
     model: Any
     processor: Any
@@ -796,21 +799,22 @@ class ModelRegistry:
 
     def _load_sam_hf(self, loc: Path) -> Any:
         """A transformers SAM-family repo as the ``sam`` role: the class its config.json's model_type
-        names (SamModel, Sam2Model, EdgeTamModel), float32 like segment-anything's SAM."""
+        names (SamModel, SamHQModel, Sam2Model, EdgeTamModel), float32 like segment-anything's SAM."""
         import torch
         import transformers
 
         family = hf_model_type(loc)
-        if family in HF_SAM_REFUSED:
-            raise ModelLoadError("sam", str(loc), f"model_type {family}: {HF_SAM_REFUSED[family]}",
-                                 "use a SAM, SAM 2.1 or EdgeTAM repo, or a segment-anything checkpoint")
         if family not in HF_SAM_TYPES:
             raise ModelLoadError("sam", str(loc), f"config.json model_type {family!r} is not a SAM-family segmenter "
                                  f"({', '.join(HF_SAM_TYPES)})", "point models.sam at a SAM-family repo")
-        cls = {"sam": "SamModel", "sam2": "Sam2Model", "edgetam": "EdgeTamModel"}[family]
+        if family.startswith("edgetam") and importlib.util.find_spec("timm") is None:
+            raise ModelLoadError("sam", str(loc), "EdgeTAM's RepViT image encoder needs the `timm` package",
+                                 "pip install 'product-studio[edgetam]' (or timm), or choose another segmenter")
+        cls = HF_SAM_CLASSES[family]
         model = getattr(transformers, cls).from_pretrained(loc, local_files_only=True)
         proc = transformers.AutoProcessor.from_pretrained(loc, local_files_only=True)
-        return HFSamBundle(self._place(model, dtype=torch.float32), proc, family)
+        # a video repo's processor (Sam2VideoProcessor) preprocesses a single image as Sam2Processor does
+        return HFSamBundle(self._place(model, dtype=torch.float32), proc, family.removesuffix("_video"))
 
     def _load_grounding(self, loc: Path) -> HFBundle:
         return self._load_hf(loc, "AutoModelForZeroShotObjectDetection", "AutoProcessor")

@@ -13,10 +13,11 @@ output. Detection thresholds in the written settings are permissive so every sta
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from pipeline.models.registry import file_sha256, quiet_libraries
 
 # Kept small so that the whole set builds in a few seconds and every forward pass is cheap.
@@ -580,6 +581,25 @@ def make_sam_hf(out: Path) -> None:
                                                    pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
 
 
+def make_sam_hq_hf(out: Path) -> None:
+    """transformers SamHQModel + SamHQProcessor, the layout of syscv-community/sam-hq-vit-base (SAM
+    with the HQ output token, fed the encoder's intermediate embeddings)."""
+    from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamImageProcessor
+
+    cfg = SamHQConfig(
+        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SAM_IMAGE, patch_size=16, window_size=4, global_attn_indexes=[1],
+                           mlp_dim=64, num_pos_feats=16),
+        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32, vit_dim=32),
+    )
+    _seeded(25)
+    SamHQModel(cfg).save_pretrained(out)
+    SamHQProcessor(image_processor=SamImageProcessor(size={"longest_edge": SAM_IMAGE},
+                                                     pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+
+
 def make_sam2_hf(out: Path) -> None:
     """transformers Sam2Model + Sam2Processor, the layout of facebook/sam2.1-hiera-tiny (Hiera
     backbone, squashed square input)."""
@@ -600,6 +620,57 @@ def make_sam2_hf(out: Path) -> None:
     _seeded(25)
     Sam2Model(cfg).save_pretrained(out)
     Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+
+
+def edgetam_backbone_config(embed_dim: Sequence[int] | None = None, depth: Sequence[int] | None = None) -> Any:
+    """timm RepViT-M1 as EdgeTAM's backbone, features only (4 stages, strides 4-32), as transformers'
+    EdgeTAM conversion writes it (``timm/repvit_m1.dist_in1k`` with ``features_only`` and
+    ``out_indices`` 0-3). ``embed_dim`` / ``depth`` shrink it (tiny sets); the default is the real
+    M1 (48, 96, 192, 384 channels; 2, 2, 14, 2 blocks). Note transformers' own default backbone is
+    not RepViT (its default keyword is misspelt), so EdgeTAM is always built with this config."""
+    from transformers import TimmWrapperConfig
+
+    args: dict[str, Any] = {"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]}
+    if embed_dim is not None:
+        args["embed_dim"] = list(embed_dim)
+    if depth is not None:
+        args["depth"] = list(depth)
+    return TimmWrapperConfig(architecture="repvit_m1", model_args=args)
+
+
+def make_edgetam_hf(out: Path) -> None:
+    """transformers EdgeTAM in the layout of facebook/EdgeTAM's transformers weights: an
+    ``EdgeTamVideoModel`` checkpoint (``model_type: edgetam_video``, video memory modules included)
+    with a ``Sam2VideoProcessor``; the ``sam`` role loads its image model (``EdgeTamModel``) from it.
+    RepViT backbone (timm) at 4 small stages, squashed square input like SAM 2."""
+    from transformers import (EdgeTamVideoConfig, EdgeTamVideoModel, EdgeTamVisionConfig, Sam2ImageProcessor,
+                              Sam2VideoProcessor, Sam2VideoVideoProcessor)
+
+    side = SAM_IMAGE
+    chans = [8, 16, 32, 64]
+    vision = EdgeTamVisionConfig(backbone_config=edgetam_backbone_config(chans, [1, 1, 1, 1]),
+                                 backbone_channel_list=chans[::-1], fpn_hidden_size=32,
+                                 backbone_feature_sizes=[[side // 4] * 2, [side // 8] * 2, [side // 16] * 2])
+    emb = side // 16
+    cfg = EdgeTamVideoConfig(
+        vision_config=vision, image_size=side,
+        prompt_encoder_config=dict(hidden_size=32, image_size=side, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+        memory_attention_hidden_size=32, memory_attention_num_layers=1, memory_attention_mlp_hidden_size=64,
+        memory_attention_rope_feat_sizes=[emb, emb], memory_attention_rope_k_sizes=[4, 4],
+        perceiver_resampler_num_latents=16, perceiver_resampler_num_latents_2d=16,
+        perceiver_resampler_hidden_size=16, perceiver_resampler_mlp_intermediate_size=32,
+        perceiver_resampler_attention_head_dim=16, perceiver_resampler_num_layers=1,
+        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
+        memory_fuser_intermediate_dim=64, memory_fuser_embed_dim=32, memory_fuser_num_layers=1,
+        enable_temporal_pos_encoding_for_object_pointers=False, enable_occlusion_spatial_embedding=False,
+    )
+    _seeded(26)
+    EdgeTamVideoModel(cfg).save_pretrained(out)
+    size = {"height": side, "width": side}
+    Sam2VideoProcessor(image_processor=Sam2ImageProcessor(size=size),
+                       video_processor=Sam2VideoVideoProcessor(size=size)).save_pretrained(out)
 
 
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
@@ -624,12 +695,15 @@ BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 # Other families a role can be pointed at, written next to the default ones when the role is built
 # (point models.<role>.path at the folder; tests and `python -m bench detect` do): the ``sam`` role
-# from a transformers SAM or SAM 2.1 repo instead of a segment-anything checkpoint, and the
-# ``grounding`` role as Grounding DINO instead of OWLv2.
+# from a transformers SAM, SAM 2.1 or EdgeTAM repo instead of a segment-anything checkpoint, and the
+# ``grounding`` role as Grounding DINO instead of OWLv2. An alternative whose package is missing
+# (EdgeTAM without ``timm``, the ``edgetam`` extra) is left out of the set.
 ALTERNATIVES: dict[str, list[tuple[str, Callable[[Path], None]]]] = {
-    "sam": [("sam_hf", make_sam_hf), ("sam2_hf", make_sam2_hf)],
+    "sam": [("sam_hf", make_sam_hf), ("sam_hq_hf", make_sam_hq_hf), ("sam2_hf", make_sam2_hf),
+            ("edgetam_hf", make_edgetam_hf)],
     "grounding": [("grounding_dino", make_grounding_dino)],
 }
+ALTERNATIVE_NEEDS = {"edgetam_hf": "timm"}
 
 
 # The roles whose models belong to one SD family (built per family; the others are shared).
@@ -716,7 +790,9 @@ def make_tiny_set(out: str | Path, roles: list[str] | None = None, family: str =
         else:
             build(out / rel)
         for alt_rel, alt_build in ALTERNATIVES.get(role, []):
-            alt_build(out / alt_rel)
+            need = ALTERNATIVE_NEEDS.get(alt_rel)
+            if need is None or importlib.util.find_spec(need) is not None:
+                alt_build(out / alt_rel)
     rules = out / "rules.yaml"
     rules.write_text("# Rules for the tiny set: every stage runs offline in seconds (outputs are noise).\n"
                      + yaml.safe_dump(TINY_RULES, sort_keys=False))

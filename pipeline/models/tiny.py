@@ -565,39 +565,41 @@ def make_sam3(out: Path) -> None:
 def make_sam_hf(out: Path) -> None:
     """transformers SamModel + SamProcessor, the layout of facebook/sam-vit-base (the ``sam`` role
     from a transformers repo instead of a segment-anything checkpoint)."""
-    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    from transformers import SamConfig, SamModel, SamProcessor
 
-    cfg = SamConfig(
+    _seeded(24)
+    SamModel(SamConfig(**_tiny_sam_parts())).save_pretrained(out)
+    SamProcessor(image_processor=_tiny_sam_image_processor()).save_pretrained(out)
+
+
+def _tiny_sam_parts(**decoder: Any) -> dict[str, dict[str, Any]]:
+    """The sub-configs of a toy transformers SAM (ViT encoder, prompt encoder, mask decoder), shared
+    by the SAM and SAM-HQ layouts; ``decoder``: extra mask-decoder fields (SAM-HQ's ``vit_dim``)."""
+    return dict(
         vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
                            image_size=SAM_IMAGE, patch_size=16, window_size=4, global_attn_indexes=[1],
                            mlp_dim=64, num_pos_feats=16),
         prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE, patch_size=16, mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=32),
+                                 iou_head_hidden_dim=32, **decoder),
     )
-    _seeded(24)
-    SamModel(cfg).save_pretrained(out)
-    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": SAM_IMAGE},
-                                                   pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+
+
+def _tiny_sam_image_processor() -> Any:
+    from transformers import SamImageProcessor
+
+    return SamImageProcessor(size={"longest_edge": SAM_IMAGE}, pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})
 
 
 def make_sam_hq_hf(out: Path) -> None:
     """transformers SamHQModel + SamHQProcessor, the layout of syscv-community/sam-hq-vit-base (SAM
     with the HQ output token, fed the encoder's intermediate embeddings)."""
-    from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamImageProcessor
+    from transformers import SamHQConfig, SamHQModel, SamHQProcessor
 
-    cfg = SamHQConfig(
-        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=SAM_IMAGE, patch_size=16, window_size=4, global_attn_indexes=[1],
-                           mlp_dim=64, num_pos_feats=16),
-        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=32, vit_dim=32),
-    )
     _seeded(25)
-    SamHQModel(cfg).save_pretrained(out)
-    SamHQProcessor(image_processor=SamImageProcessor(size={"longest_edge": SAM_IMAGE},
-                                                     pad_size={"height": SAM_IMAGE, "width": SAM_IMAGE})).save_pretrained(out)
+    # vit_dim: the encoder width the HQ decoder reads its intermediate embeddings at
+    SamHQModel(SamHQConfig(**_tiny_sam_parts(vit_dim=32))).save_pretrained(out)
+    SamHQProcessor(image_processor=_tiny_sam_image_processor()).save_pretrained(out)
 
 
 def make_sam2_hf(out: Path) -> None:
